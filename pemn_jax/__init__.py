@@ -1,0 +1,1 @@
+"""pemn-jax: Parameter-Efficient Masking Networks in JAX/Flax."""
