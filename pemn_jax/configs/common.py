@@ -1,0 +1,80 @@
+"""Every configuration field, with its default. The experiment configs start from here.
+
+Fields:
+  seed: derives the score/BN init key and the frozen random-weight key (``build.model_keys``)
+    and the data order.
+  model.name: 'convmixer' | 'resnet' | 'vit' | 'mlp'.
+  model.masked: True = PEMN (frozen random weights + learned masks); False = dense baseline.
+  model.dim, depth, kernel_size, patch_size, num_classes: architecture (see ``pemn_jax.models``).
+  model.num_heads, mlp_ratio (vit), hidden_dims (mlp), width (resnet base width).
+  model.dtype: 'float32' | 'bfloat16' compute dtype (scores, BN and optimizer stay float32).
+  model.conv_impl: 'auto' | 'xla' | 'fast' (see ``pemn_jax.ops``).
+  model.input_shape: (H, W, C) override; default from the dataset.
+  strategy.name: 'mask' | 'one_layer' | 'max_layer_padding' | 'random_vector_padding'.
+  strategy.rp_ratio: r of random vector padding, in (0, 1].
+  strategy.keep_fraction: fraction of each layer's weights KEPT by the mask, in (0, 1].
+  strategy.score_abs: rank |score| (reference code) or the raw score (paper's equation).
+  data.*: see ``pemn_jax.data.pipeline``.
+  train.*: see ``pemn_jax.train``.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (a masked ConvMixer-256/8, RP 1e-3, on CIFAR-10)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'convmixer'
+  c.model.masked = True
+  c.model.dim = 256
+  c.model.depth = 8
+  c.model.kernel_size = 5
+  c.model.patch_size = 2
+  c.model.num_classes = 10
+  c.model.num_heads = config_dict.placeholder(int)
+  c.model.mlp_ratio = 2.0
+  c.model.hidden_dims = (100, 100, 100)
+  c.model.width = 16
+  c.model.dtype = 'float32'
+  c.model.conv_impl = 'auto'
+  c.model.input_shape = config_dict.placeholder(tuple)
+
+  c.strategy = ml_collections.ConfigDict()
+  c.strategy.name = 'random_vector_padding'
+  c.strategy.rp_ratio = 1e-3
+  c.strategy.keep_fraction = 0.5
+  c.strategy.score_abs = True
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = 'cifar10_jpeg'
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.source_dir = config_dict.placeholder(str)
+  c.data.source_path = config_dict.placeholder(str)
+  c.data.augment = config_dict.placeholder(bool)
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 512
+  c.train.eval_batch_size = 1000
+  c.train.num_epochs = 100
+  c.train.num_steps = config_dict.placeholder(int)   # overrides num_epochs when set
+  c.train.optimizer = 'adamw'
+  c.train.peak_lr = 0.05
+  c.train.weight_decay = 0.005
+  c.train.b1 = 0.9
+  c.train.b2 = 0.999
+  c.train.eps = 1e-8
+  # piecewise-linear lr: 0 -> peak at warmup_fraction -> peak * final_lr_scale at
+  # decay_fraction -> 0 at the end (the reference's 0 / 0.4 / 0.8 / 1.0 knots)
+  c.train.warmup_fraction = 0.4
+  c.train.decay_fraction = 0.8
+  c.train.final_lr_scale = 0.05
+  c.train.checkpoint_every_steps = 500
+  c.train.max_checkpoints = 2
+  c.train.log_every_steps = 50
+  c.train.eval_every_epochs = 1
+  c.train.progress = True
+  return c

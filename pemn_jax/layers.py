@@ -1,0 +1,169 @@
+"""Linen layers: masked layers on frozen random weights, and their trainable dense twins.
+
+``MaskedDense`` and ``MaskedConv`` keep
+
+* ``params/scores``: one learned score per weight (trainable, ``U(-1/sqrt(fan_in), +)``);
+* ``frozen/kernel``: the fixed random weights, plain Kaiming normal ``N(0, 2 / fan_in)``, drawn
+  from the ``'frozen'`` rng stream in PyTorch layout and transposed into Flax layout (so that
+  every weight strategy places values in the reference's order). This collection is NOT
+  ``params``: no optimizer ever sees it, and it is regenerated from a key, never stored.
+
+The effective weight is ``frozen * topk_mask(scores)`` (see ``masking``). ``Dense`` and ``Conv``
+are the trainable baselines with the same call signature (PyTorch default init), so one model
+definition builds both by injecting the layer classes. Use them like any Linen layer::
+
+    class Net(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        x = MaskedConv(32, (3, 3), keep_fraction=0.5)(x)
+        return MaskedDense(10)(x.mean((1, 2)))
+
+    variables = Net().init({'params': k1, 'frozen': k2}, x)   # {'params', 'frozen'}
+    logits = Net().apply(variables, x)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pemn_jax import masking, ops
+
+FROZEN = 'frozen'  # collection and rng stream of the fixed random weights
+Dtype = Any
+
+
+def torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
+  """PyTorch layout of a Flax kernel shape: dense (in, out) -> (out, in); conv HWIO -> OIHW."""
+  if len(flax_shape) == 2:
+    return (flax_shape[1], flax_shape[0])
+  if len(flax_shape) == 4:
+    kh, kw, i, o = flax_shape
+    return (o, i, kh, kw)
+  raise ValueError(f'kernel must be 2-D (dense) or 4-D (conv), got shape {tuple(flax_shape)}')
+
+
+def to_flax_layout(w_torch):
+  """Transposes a PyTorch-layout kernel (OI or OIHW) into Flax layout (IO or HWIO)."""
+  if w_torch.ndim == 2:
+    return w_torch.T
+  return w_torch.transpose(2, 3, 1, 0)
+
+
+def to_torch_layout(w_flax):
+  """Inverse of ``to_flax_layout``."""
+  if w_flax.ndim == 2:
+    return w_flax.T
+  return w_flax.transpose(3, 2, 0, 1)
+
+
+def fan_in(flax_shape: Sequence[int]) -> int:
+  """(in_channels / groups) * kh * kw for a conv, in_features for a dense kernel."""
+  return int(np.prod(flax_shape[:-1]))
+
+
+def kaiming_normal_frozen(key, flax_shape, dtype=jnp.float32):
+  """Plain (untruncated) Kaiming normal, drawn in PyTorch layout, returned in Flax layout."""
+  std = np.sqrt(2.0 / fan_in(flax_shape))
+  w = jax.random.normal(key, torch_shape(flax_shape), dtype) * jnp.asarray(std, dtype)
+  return to_flax_layout(w)
+
+
+def uniform_fan_in(key, shape, dtype=jnp.float32):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): edge-popup's score init and PyTorch's default init."""
+  bound = 1.0 / np.sqrt(fan_in(shape))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _trainable_kernel(module: nn.Module, shape) -> jax.Array:
+  """An ordinary trainable kernel in ``params``."""
+  return module.param('kernel', uniform_fan_in, shape)
+
+
+def _masked_kernel(module: nn.Module, shape) -> jax.Array:
+  """Frozen random kernel x straight-through top-k mask of the module's trainable scores."""
+  masking.validate_keep_fraction(module.keep_fraction)
+  frozen = module.variable(FROZEN, 'kernel',
+                           lambda: kaiming_normal_frozen(module.make_rng(FROZEN), shape)).value
+  scores = module.param('scores', uniform_fan_in, shape)
+  mask = masking.score_mask(scores, module.keep_fraction, module.score_abs)
+  return jax.lax.stop_gradient(frozen) * mask.astype(frozen.dtype)
+
+
+class _DenseBase(nn.Module):
+  features: int
+  use_bias: bool = False
+  dtype: Dtype | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.effective_kernel((x.shape[-1], self.features))
+    dtype = self.dtype or x.dtype
+    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
+    return y
+
+
+class _ConvBase(nn.Module):
+  features: int
+  kernel_size: Sequence[int] = (3, 3)
+  strides: Sequence[int] = (1, 1)
+  padding: Any = 'SAME'
+  feature_group_count: int = 1
+  use_bias: bool = False
+  dtype: Dtype | None = None
+  conv_impl: str = 'auto'
+
+  @nn.compact
+  def __call__(self, x):
+    cin = x.shape[-1]
+    g = self.feature_group_count
+    if cin % g or self.features % g:
+      raise ValueError(f'feature_group_count={g} must divide input channels ({cin}) and '
+                       f'features ({self.features})')
+    shape = (*self.kernel_size, cin // g, self.features)
+    kernel = self.effective_kernel(shape)
+    dtype = self.dtype or x.dtype
+    y = ops.conv(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), self.padding,
+                 g, self.conv_impl)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
+    return y
+
+
+class Dense(_DenseBase):
+  """Trainable dense layer (the dense baseline), no bias by default."""
+
+  def effective_kernel(self, shape):
+    return _trainable_kernel(self, shape)
+
+
+class Conv(_ConvBase):
+  """Trainable 2-D conv (the dense baseline), NHWC / HWIO, no bias by default."""
+
+  def effective_kernel(self, shape):
+    return _trainable_kernel(self, shape)
+
+
+class MaskedDense(_DenseBase):
+  """Dense layer on a frozen random kernel with a learned top-k mask."""
+  keep_fraction: float = 0.5
+  score_abs: bool = True
+
+  def effective_kernel(self, shape):
+    return _masked_kernel(self, shape)
+
+
+class MaskedConv(_ConvBase):
+  """2-D conv on a frozen random kernel with a learned top-k mask (groups, strides, padding)."""
+  keep_fraction: float = 0.5
+  score_abs: bool = True
+
+  def effective_kernel(self, shape):
+    return _masked_kernel(self, shape)

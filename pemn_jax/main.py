@@ -1,0 +1,157 @@
+"""The ``pemn`` command: the only module that parses flags.
+
+  pemn inspect  --config CONFIG.py [--config.FIELD=VALUE ...] [--json]
+  pemn train    --config CONFIG.py [--config.FIELD=VALUE ...] --workdir DIR
+  pemn evaluate --workdir DIR [--best] [--json]    |   --artifact MODEL.pemn [--json]
+  pemn export   --workdir DIR [--best] --out MODEL.pemn
+  pemn inspect  --artifact MODEL.pemn [--json]
+
+Multi-host: ``--coordinator_address HOST:PORT --num_processes N --process_id I`` (or the cluster
+environment JAX detects by itself: Slurm, Open MPI, TPU pods) initialise JAX's distributed
+runtime before anything else touches a device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+SUBCOMMANDS = ('inspect', 'train', 'evaluate', 'export')
+
+config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
+flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
+flags.DEFINE_bool('best', False, 'Use the best checkpoint (by test accuracy), not the latest.')
+flags.DEFINE_string('artifact', None, 'A .pemn artifact file (evaluate, inspect).')
+flags.DEFINE_string('out', None, 'Output artifact path (export).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
+flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
+flags.DEFINE_string('cpu_collectives', None, "CPU collectives for multi-process CPU runs: 'gloo'.")
+
+FLAGS = flags.FLAGS
+
+
+class UsageError(Exception):
+  """A command-line mistake: reported as one line on stderr, exit status 2."""
+
+
+def _require(flag: str):
+  value = getattr(FLAGS, flag)
+  if value is None:
+    raise UsageError(f'--{flag} is required for this command')
+  return value
+
+
+def maybe_initialize_distributed() -> None:
+  """Starts JAX's distributed runtime when flags or a known cluster environment ask for it."""
+  import os
+
+  import jax
+
+  if FLAGS.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)
+  if FLAGS.coordinator_address or FLAGS.num_processes:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  elif any(v in os.environ for v in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+                                     'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize()
+
+
+def cmd_inspect() -> int:
+  if FLAGS.artifact:
+    from pemn_jax import artifact
+
+    info = artifact.inspect(FLAGS.artifact)
+    print(json.dumps(info, indent=2) if FLAGS.json else artifact.format_inspect(info))
+    return 0
+  config = _require('config')
+  from pemn_jax import build
+
+  summary = build.summarize(config)
+  if FLAGS.json:
+    summary.pop('storage_table')
+    print(json.dumps(summary, indent=2))
+    return 0
+  print(f"model {config.model.name} ({'masked' if summary['masked'] else 'dense baseline'})")
+  print(f"  {'layer':40s} {'Flax shape':>20s} {'size':>10s}")
+  for layer in summary['layers']:
+    print(f"  {layer['path']:40s} {str(tuple(layer['shape'])):>20s} {layer['size']:>10,}")
+  print(f"masked weights {summary['masked_weights']:,}; unique random values "
+        f"{summary['unique_values']:,}; norm values {summary['norm_values']:,}; trainable "
+        f"parameters {summary['trainable_params']:,}")
+  print(summary['storage_table'])
+  return 0
+
+
+def cmd_train() -> int:
+  from pemn_jax import train
+
+  maybe_initialize_distributed()
+  train.train_and_evaluate(_require('config'), _require('workdir'))
+  return 0
+
+
+def cmd_evaluate() -> int:
+  if FLAGS.artifact:
+    from pemn_jax import artifact
+
+    result = artifact.evaluate(FLAGS.artifact, FLAGS.config)
+  else:
+    from pemn_jax import train
+
+    maybe_initialize_distributed()
+    result = train.evaluate_workdir(_require('workdir'), best=FLAGS.best)
+  if FLAGS.json:
+    print(json.dumps(result))
+  else:
+    print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
+          f"examples {result['num_examples']}  step {result['step']}")
+  return 0
+
+
+def cmd_export() -> int:
+  from pemn_jax import artifact
+
+  info = artifact.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
+  print(json.dumps(info) if FLAGS.json else
+        f"wrote {FLAGS.out}: {info['file_bytes']:,} bytes "
+        f"({info['dense_fp32_bytes'] / info['file_bytes']:.1f}x smaller than dense fp32)")
+  return 0
+
+
+def main(argv) -> int:
+  commands = {'inspect': cmd_inspect, 'train': cmd_train, 'evaluate': cmd_evaluate,
+              'export': cmd_export}
+  if len(argv) != 2 or argv[1] not in commands:
+    print(f'usage: pemn {{{",".join(SUBCOMMANDS)}}} [flags]  (see pemn --helpfull)',
+          file=sys.stderr)
+    return 2
+  try:
+    return commands[argv[1]]()
+  except UsageError as e:
+    print(f'pemn {argv[1]}: {e}', file=sys.stderr)
+    return 2
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    # Configuration and input errors: one line, no traceback. Everything else keeps its trace.
+    logging.debug('error', exc_info=True)
+    print(f'pemn {argv[1]}: error: {e}', file=sys.stderr)
+    return 1
+
+
+def run():
+  """Console-script entry point."""
+  import logging as std_logging
+
+  # JAX probes for a TPU on every start and logs the miss at INFO: noise on CPU and GPU hosts.
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+  app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == '__main__':
+  run()

@@ -1,0 +1,36 @@
+"""A multilayer perceptron, e.g. the paper's [784, 100, 100, 100, 10] illustration.
+
+Flatten; for every hidden width: dense (no bias), BN, ReLU; then the dense classifier.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from pemn_jax import layers
+
+ModuleDef = Any
+
+
+class MLP(nn.Module):
+  """Dense - BN - ReLU per hidden width, then a dense classifier."""
+  hidden_dims: Sequence[int] = (100, 100, 100)
+  num_classes: int = 10
+  dense: ModuleDef = layers.Dense
+  conv: ModuleDef = layers.Conv  # unused; accepted so every model takes the same attributes
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                             epsilon=1e-5, dtype=self.dtype)
+    x = x.reshape(x.shape[0], -1)
+    for i, width in enumerate(self.hidden_dims):
+      x = self.dense(width, dtype=self.dtype, name=f'dense{i}')(x)
+      x = nn.relu(norm(name=f'bn{i}')(x))
+    return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
