@@ -111,5 +111,10 @@ def score_mask(scores: jax.Array, keep_fraction: float, score_abs: bool = True) 
     score_abs: rank by ``|score|`` (reference code; gradient ``sign(s) * g``) or by the raw
       score (paper's equation; gradient ``g``).
   """
-  ranked = jnp.abs(scores) if score_abs else scores
+  if score_abs:
+    # |s| written as s * sign(s) so that the gradient is exactly sign(s): 0 at s = 0, as in
+    # METHOD.md and PyTorch's abs backward (JAX's own abs has gradient 1 at 0).
+    ranked = scores * jax.lax.stop_gradient(jnp.sign(scores))
+  else:
+    ranked = scores
   return straight_through_topk(ranked, keep_fraction)
