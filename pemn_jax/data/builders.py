@@ -11,11 +11,14 @@ Three `tfds.core.GeneratorBasedBuilder` subclasses turn local files into TFDS da
 Why this works without TensorFlow: images are stored as `tfds.features.Tensor(shape=(H, W, C),
 dtype=uint8)` (the `Image` feature would need `tf.image.encode_png` to write), labels as
 `ClassLabel`, and the files are written with `file_format='array_record'`, whose writer and reader
-(`array_record`, `builder.as_data_source()`) need no TensorFlow. TFDS writes into a
-`incomplete.*` directory and renames it only after `dataset_info.json` is written, so a reader never
-sees a half-written dataset; two processes preparing at once would still race on that rename, so
-`prepare_builder` serialises preparation with an exclusive `fcntl` file lock in the data dir and
-re-checks under the lock (the second process finds the dataset ready and only reads it).
+(`array_record`, `builder.as_data_source()`) need no TensorFlow. Records keep the order of the
+source files (`disable_shuffling`): record i of a split is example i of the source file.
+
+TFDS writes into an `incomplete.*` directory and renames it only after `dataset_info.json` is
+written, so a reader never sees a half-written dataset; two processes preparing at once would still
+race on that rename, so `prepare_builder` serialises preparation with an exclusive `fcntl` file
+lock in the data dir and re-checks under the lock (the second process finds the dataset ready and
+only reads it).
 
 The IDX reader/writer here is also used by `experiments/make_embedded_dataset.py`, so the shipped
 subset and the full official files go through one code path.
@@ -192,6 +195,7 @@ class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             description=self._DESCRIPTION,
             features=_image_label_features((28, 28, 1), FASHION_MNIST_CLASSES),
             supervised_keys=("image", "label"),
+            disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
             homepage="https://github.com/zalandoresearch/fashion-mnist",
         )
 
@@ -246,6 +250,7 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
             ),
             features=_image_label_features((32, 32, 3), CIFAR10_CLASSES),
             supervised_keys=("image", "label"),
+            disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
         )
 
     def _split_generators(self, dl_manager):
