@@ -428,3 +428,13 @@ def test_make_embedded_dataset_is_reproducible(tmp_path):
     np.testing.assert_array_equal(shipped_images, images[keep])
     np.testing.assert_array_equal(shipped_labels, labels[keep])
     assert os.path.getsize(builders.embedded_source_dir() / "train-images-idx3-ubyte.gz") < 5e6
+
+
+def test_jax_augmentation_matches_numpy(cifar_like):
+    u = A.example_uniforms(1, 0, np.arange(len(cifar_like)))
+    mean, std = pipeline.KNOWN_STATS["cifar10"]
+    ours = A.augment_batch(cifar_like, u, mean, std)
+    on_device = np.asarray(A.augment_batch_jax(cifar_like, u, mean, std))
+    assert on_device.shape == ours.shape and on_device.dtype == np.float32
+    # same uniforms, same recipe: equal up to float32 rounding
+    assert np.mean(np.abs(on_device - ours) > 1e-3) < 0.01
