@@ -128,6 +128,9 @@ def cmd_export() -> int:
 def main(argv) -> int:
   commands = {'inspect': cmd_inspect, 'train': cmd_train, 'evaluate': cmd_evaluate,
               'export': cmd_export}
+  if not FLAGS['verbosity'].present:
+    # orbax logs every checkpoint step at INFO; our own progress goes to stdout.
+    logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in commands:
     print(f'usage: pemn {{{",".join(SUBCOMMANDS)}}} [flags]  (see pemn --helpfull)',
           file=sys.stderr)

@@ -1,0 +1,109 @@
+"""orbax-checkpoint plumbing: save, keep the latest few plus the best, restore onto any mesh.
+
+A checkpoint holds the TRAINABLE state only (step, params, batch_stats, optimizer state) and a
+JSON ``meta`` item: the frozen-weight fingerprint, the model/strategy/seed config it belongs
+to, and the run's best test accuracy so far. The frozen random weights are never stored: they
+are regenerated from the seed and strategy, and the fingerprint proves the regeneration matches.
+
+Preservation: the latest ``train.max_checkpoints`` checkpoints plus the one with the best test
+accuracy (an orbax ``AnyPreservationPolicy`` of ``LatestN`` and ``BestN``). orbax writes each
+checkpoint into a temporary directory and renames it when complete, so a process killed at any
+moment leaves the previous checkpoints intact and no half-written one that reads as valid.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+# Config fields that must agree between a workdir's checkpoints and a run that resumes them.
+IDENTITY_FIELDS = ('seed', 'model', 'strategy')
+
+
+def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+  """The run's CheckpointManager over ``workdir/checkpoints``."""
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=max_to_keep),
+      pp.BestN(get_metric_fn=lambda m: m['accuracy'], n=1,
+               keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, create=not read_only, read_only=read_only,
+      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
+                               options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
+         accuracy: float | None = None) -> None:
+  """Saves (asynchronously) the state and meta; ``accuracy`` makes it a best-candidate."""
+  metrics = None if accuracy is None else {'accuracy': float(accuracy)}
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                          meta=ocp.args.JsonSave(meta)),
+            metrics=metrics, force=True)
+
+
+def best_step(mngr: ocp.CheckpointManager) -> int | None:
+  """The kept step with the highest recorded test accuracy (None if no step has one)."""
+  best, best_acc = None, -1.0
+  for info in mngr._checkpoints:  # noqa: SLF001 - orbax exposes metrics only on this record
+    if info.metrics and info.metrics.get('accuracy', -1.0) > best_acc:
+      best, best_acc = info.step, info.metrics['accuracy']
+  return best
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  """Restores ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying shardings).
+
+  Raises:
+    ValueError: the checkpoint is unreadable or does not fit this model; the message says which
+      step and directory, and the checkpoints are left untouched.
+  """
+  try:
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+  except Exception as e:  # orbax raises many types; the user needs one clear message
+    raise ValueError(
+        f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
+        f'{str(e).splitlines()[0] if str(e) else ""}. The checkpoint is corrupted or belongs '
+        'to a different model; it was left untouched. Use a new --workdir, or delete that '
+        'step directory to resume from an earlier one.') from e
+  return restored['state'], restored['meta']
+
+
+def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of ``tree`` with ``sharding`` attached (restore onto any device count)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def identity(config) -> dict:
+  """The config fields that define which network a checkpoint belongs to (JSON-ready)."""
+  return {k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
+          for k in IDENTITY_FIELDS}
+
+
+def check_identity(saved: dict, current: dict, where: str) -> None:
+  """Raises ValueError naming every field that differs between a workdir and this run."""
+  diffs = []
+
+  def walk(a, b, prefix):
+    for k in sorted(set(a) | set(b)):
+      va, vb = a.get(k), b.get(k)
+      if isinstance(va, dict) and isinstance(vb, dict):
+        walk(va, vb, f'{prefix}{k}.')
+      elif _norm(va) != _norm(vb):
+        diffs.append(f'{prefix}{k}: checkpoint {va!r} vs config {vb!r}')
+
+  walk(saved, current, '')
+  if diffs:
+    raise ValueError(f'{where} holds checkpoints of a different model ('
+                     + '; '.join(diffs) + '). Use a new --workdir, or the matching config. '
+                     'The existing checkpoints were left untouched.')
+
+
+def _norm(v):
+  return list(v) if isinstance(v, tuple) else v
