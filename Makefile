@@ -1,0 +1,41 @@
+# pemn-jax: every target creates .venv from requirements.txt when it is missing or stale.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/demo
+
+.PHONY: help demo test lint bench bench-codec bench-input clean-demo
+
+help:
+	@echo "make demo   - set up .venv and train the demo (masked ConvMixer, RP, embedded Fashion-MNIST)"
+	@echo "make test   - set up .venv, lint with ruff, run the whole test suite"
+	@echo "make bench  - the train-step benchmark (experiments/bench_step.py)"
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pemn_jax tests experiments
+
+test: lint
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/python experiments/demo.py --workdir $(WORKDIR)
+
+clean-demo:
+	rm -rf $(WORKDIR)
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_step.py
+
+bench-codec: $(STAMP)
+	$(BIN)/python experiments/bench_codec.py
+
+bench-input: $(STAMP)
+	$(BIN)/python experiments/bench_input.py
