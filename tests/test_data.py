@@ -86,6 +86,17 @@ def test_embedded_builder_prepares_and_reads(embedded_dir):
     assert info.image_shape == (28, 28, 1) and info.augment is False
 
 
+def test_default_config_needs_no_setup(tmp_path, monkeypatch):
+    cfg = pipeline.default_data_config()
+    assert cfg.name == "fashion_mnist_embedded"
+    assert cfg.data_dir is None and cfg.source_dir is None and cfg.source_path is None
+    assert cfg.augment is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    info = pipeline.prepare(cfg)  # prepared on first use into the user cache
+    assert info.data_dir == str(tmp_path / "pemn_jax" / "tensorflow_datasets")
+    assert (tmp_path / "pemn_jax" / "tensorflow_datasets" / "fashion_mnist_embedded").is_dir()
+
+
 def test_concurrent_preparation_from_two_processes(tmp_path):
     code = (
         "import sys; from pemn_jax.data import pipeline as p; "
@@ -310,6 +321,9 @@ def test_bad_config_errors_name_the_field(tmp_path, monkeypatch):
 
 def test_batch_size_errors_name_train_batch_size(embedded_dir):
     cfg = _cfg(data_dir=embedded_dir)
+    with pytest.raises(ValueError, match="data.augment"):
+        pipeline.prepare({"name": "fashion_mnist_embedded", "data_dir": embedded_dir,
+                          "augment": "yes"})  # fmt: skip
     with pytest.raises(ValueError, match="train.batch_size"):
         pipeline.train_batches(cfg, global_batch_size=10, seed=0, epoch=0,
                                process_index=0, process_count=4)  # fmt: skip

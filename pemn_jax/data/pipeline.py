@@ -125,13 +125,15 @@ def default_data_config() -> ml_collections.ConfigDict:
         erase_prob) and `prefetch`.
     """
     opts = augment_lib.AugmentOptions()
+    # Typed placeholders (value None) so that `--config.data.augment=True` etc. parse on the CLI.
+    placeholder = ml_collections.config_dict.placeholder
     return ml_collections.ConfigDict(
         {
             "name": DEFAULT_NAME,
-            "data_dir": None,
-            "source_dir": None,
-            "source_path": None,
-            "augment": None,
+            "data_dir": placeholder(str),
+            "source_dir": placeholder(str),
+            "source_path": placeholder(str),
+            "augment": placeholder(bool),
             "augment_options": dataclasses.asdict(opts),
             "prefetch": 2,
         }
@@ -292,6 +294,8 @@ def _open_cached(key: tuple) -> _Opened:
     tfds_name = builder.name
     mean, std = KNOWN_STATS.get(tfds_name) or _estimate_stats(train, shape)
     augment = _field(cfg, "augment")
+    if augment is not None and not isinstance(augment, bool | np.bool_):
+        raise ValueError(f"data.augment must be True, False or None (dataset default), {augment!r}")
     if augment is None:
         augment = tfds_name in ("cifar10", "cifar10_jpeg", "cifar100") or (
             tfds_name not in KNOWN_STATS and shape[-1] == 3
