@@ -126,13 +126,16 @@ def kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Pa
 
 
 def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
-                   shape: tuple[int, ...] | None = None) -> dict[str, Any]:
+                   shape: tuple[int, ...] | None = None, *,
+                   frozen_key: jax.Array | None = None) -> dict[str, Any]:
   """All variables of a fresh model, with the weight strategy applied to ``frozen``.
 
   Args:
     model: from ``build_model(config)``.
     config: supplies ``seed`` and ``strategy``.
     shape: (H, W, C) of one example; default ``input_shape(config)``.
+    frozen_key: the key of the frozen random weights; default ``model_keys(config.seed)[1]``
+      (an artifact passes the key it recorded).
 
   Returns:
     ``{'params': ..., 'batch_stats': ..., 'frozen': ...}`` (``frozen`` only for masked models).
@@ -140,7 +143,8 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
   shape = tuple(shape or input_shape(config))
   order = kernel_order(model, shape)
   s = config.strategy
-  params_key, frozen_key = model_keys(config.seed)
+  params_key, seed_frozen_key = model_keys(config.seed)
+  frozen_key = seed_frozen_key if frozen_key is None else frozen_key
 
   @jax.jit
   def init(pk, fk):

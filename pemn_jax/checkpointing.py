@@ -31,9 +31,11 @@ def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.
       pp.BestN(get_metric_fn=lambda m: m['accuracy'], n=1,
                keep_checkpoints_without_metrics=False),
   ])
+  # Readers (evaluate, export) open the manager without create and without tmp clean-up, so
+  # they never touch the directory; orbax's own read_only mode only adds warnings.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, read_only=read_only,
-      enable_async_checkpointing=True, cleanup_tmp_directories=True)
+      preservation_policy=policy, create=not read_only, enable_async_checkpointing=True,
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
                                options=options)
 

@@ -121,7 +121,7 @@ def cmd_export() -> int:
   info = artifact.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
   print(json.dumps(info) if FLAGS.json else
         f"wrote {FLAGS.out}: {info['file_bytes']:,} bytes "
-        f"({info['dense_fp32_bytes'] / info['file_bytes']:.1f}x smaller than dense fp32)")
+        f"(dense fp32 weights / file = {info['ratio_vs_dense_fp32']:.2f}x)")
   return 0
 
 
