@@ -50,12 +50,13 @@ def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
-  """The kept step with the highest recorded test accuracy (None if no step has one)."""
-  best, best_acc = None, -1.0
-  for info in mngr._checkpoints:  # noqa: SLF001 - orbax exposes metrics only on this record
-    if info.metrics and info.metrics.get('accuracy', -1.0) > best_acc:
-      best, best_acc = info.step, info.metrics['accuracy']
-  return best
+  """The kept step with the highest test accuracy, as recorded in the latest checkpoint's meta."""
+  latest = mngr.latest_step()
+  if latest is None:
+    return None
+  meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  step = meta.get('best_step')
+  return step if step in mngr.all_steps() else None
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
