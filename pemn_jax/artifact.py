@@ -72,8 +72,8 @@ def masks_of(config: ml_collections.ConfigDict, params: dict) -> dict[tuple[str,
   out = {}
   for path, leaf in _tree_items(params):
     if path[-1] == 'scores':
-      ranked = jnp.abs(leaf) if score_abs else leaf
-      out[path] = np.asarray(jax.device_get(masking.topk_mask(ranked, k))).astype(bool)
+      mask = masking.score_mask(leaf, k, score_abs)  # the forward pass's own function
+      out[path] = np.asarray(jax.device_get(mask)).astype(bool)
   return out
 
 
