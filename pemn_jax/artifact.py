@@ -94,6 +94,8 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
     ``inspect``'s summary of the written file.
   """
   masked = config.model.get('masked', True)
+  sparse_method = None if masked else config.model.get('sparsity_method')
+  has_frozen = masked or sparse_method == 'random'  # random sparse masks are regenerated too
   if frozen_key is None:
     frozen_key = build.model_keys(config.seed)[1]
   entries, chunks, offset = [], [], 0
@@ -114,6 +116,16 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
     for path, leaf in _tree_items(variables.get(collection, {})):
       if collection == 'params' and path[-1] == 'scores':
         continue
+      if sparse_method and collection == 'params' and path[-1] == 'kernel':
+        # A sparse baseline's kernel is stored as what the forward pass uses: the kept values
+        # (float32) and their positions (the codec's mask), i.e. values + index information.
+        w = np.asarray(jax.device_get(_sparse_effective(config, variables, path, leaf)))
+        nz = w != 0
+        pos = codec.encode_mask(nz)
+        vals = np.ascontiguousarray(w[nz]).astype('<f4').tobytes()
+        add('sparse', ('params', *path), pos + vals, shape=list(w.shape), ones=int(nz.sum()),
+            positions_length=len(pos), dtype='float32')
+        continue
       a = np.asarray(jax.device_get(leaf))
       add('array', (collection, *path), np.ascontiguousarray(a).astype(a.dtype.newbyteorder('<'))
           .tobytes(), shape=list(a.shape), dtype=a.dtype.name)
@@ -121,12 +133,11 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
       'format_version': FORMAT_VERSION,
       'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
       'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
-      'config': {k: v for k, v in config.to_dict().items() if k in ('seed', 'model', 'strategy',
-                                                                      'data')},
+      'config': config.to_dict(),
       'step': int(step),
       'key': ({'impl': str(jax.random.key_impl(frozen_key)),
                'data': [int(x) for x in np.asarray(jax.random.key_data(frozen_key))]}
-              if masked else None),
+              if has_frozen else None),
       'frozen_fingerprint': fingerprint,
       'entries': entries,
   }
@@ -146,12 +157,24 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
   return inspect(out_path)
 
 
+def _sparse_effective(config, variables, path, kernel):
+  """The kernel a sparse baseline's forward pass uses (kernel x its mask)."""
+  keep = 1.0 - config.model.sparsity
+  if config.model.sparsity_method == 'random':
+    mask = strategies.get_path(variables[layers.FROZEN], path[:-1] + ('mask',))
+  else:
+    mask = masking.topk_mask(jnp.abs(kernel), keep)
+  return kernel * mask.astype(kernel.dtype)
+
+
 def export_workdir(workdir: str, out_path: str, best: bool = False) -> dict:
   """Exports a training workdir's latest (or best) checkpoint; see ``export``."""
   from pemn_jax import train  # train imports the data stack; the artifact reader does not need it
 
   config, s, state, step = train.restore_workdir(workdir, best)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  if s.frozen is not None:
+    variables[layers.FROZEN] = s.frozen
   return export(config, variables, out_path, step=step, fingerprint=s.fingerprint)
 
 
@@ -221,6 +244,15 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
     if e['kind'] == 'mask':
       mask = codec.decode_mask(data, tuple(e['shape']))
       _set(variables['params'], e['path'], jnp.asarray(mask, jnp.float32))
+    elif e['kind'] == 'sparse':
+      nz = codec.decode_mask(data[:e['positions_length']], tuple(e['shape']))
+      vals = np.frombuffer(data[e['positions_length']:], dtype='<f4')
+      if vals.size != int(nz.sum()):
+        raise ArtifactError(f"{path}: sparse entry {'/'.join(e['path'])} has {vals.size} "
+                            f'values for {int(nz.sum())} positions')
+      w = np.zeros(e['shape'], np.float32)
+      w[nz] = vals
+      _set(variables['params'], e['path'][1:], jnp.asarray(w))
     else:
       a = np.frombuffer(data, dtype=np.dtype(e['dtype']).newbyteorder('<')).reshape(e['shape'])
       _set(variables[e['path'][0]], e['path'][1:], jnp.asarray(a.astype(e['dtype'])))
@@ -312,7 +344,8 @@ def inspect(path: str) -> dict:
   arrays = [e for e in header['entries'] if e['kind'] == 'array']
   masked_weights = sum(int(np.prod(e['shape'])) for e in masks)
   mask_bytes = sum(e['length'] for e in masks)
-  kernels = [e for e in arrays if e['path'][-1] == 'kernel']
+  sparse_entries = [e for e in header['entries'] if e['kind'] == 'sparse']
+  kernels = [e for e in arrays if e['path'][-1] == 'kernel'] + sparse_entries
   dense_weights = masked_weights or sum(int(np.prod(e['shape'])) for e in kernels)
   norm = sum(2 * int(np.prod(e['shape'])) for e in arrays if e['path'][-1] == 'scale')
   s = cfg['strategy']
@@ -320,7 +353,8 @@ def inspect(path: str) -> dict:
       'path': path, 'file_bytes': file_bytes, 'format_version': header['format_version'],
       'created': header['created'], 'versions': header['versions'], 'step': header['step'],
       'model': cfg['model'], 'masked': bool(masks), 'strategy': s['name'] if masks else 'dense',
-      'rp_ratio': s.get('rp_ratio') if s['name'] == 'random_vector_padding' else None,
+      'rp_ratio': (s.get('rp_ratio') if masks and s['name'] == 'random_vector_padding'
+                   else None),
       'keep_fraction': s['keep_fraction'] if masks else 1.0, 'seed': cfg['seed'],
       'key': header['key'], 'masked_weights': masked_weights,
       'dense_fp32_bytes': dense_weights * 4, 'mask_bytes': mask_bytes,
@@ -334,6 +368,13 @@ def inspect(path: str) -> dict:
                   'bytes': e['length'], 'keep': e['ones'] / max(1, int(np.prod(e['shape'])))}
                  for e in masks],
   }
+  if sparse_entries:
+    m = cfg['model']
+    info['strategy'] = f"sparse_{m['sparsity_method']}"
+    info['sparsity'] = m['sparsity']
+    info['sparse_kernel_bytes'] = sum(e['length'] for e in sparse_entries)
+    info['csr_bytes'] = storage.csr_bits([tuple(e['shape']) for e in sparse_entries],
+                                         m['sparsity']) / 8
   info['ratio_vs_dense_fp32'] = info['dense_fp32_bytes'] / file_bytes
   info['ratio_vs_dense_fp32_with_bn'] = (info['dense_fp32_bytes'] + 4 * norm) / file_bytes
   if masks:
@@ -361,6 +402,10 @@ def format_inspect(info: dict) -> str:
                    f"{layer['codec']:>9s} {layer['bytes']:>9,} {layer['keep']:6.3f}")
     lines.append(f"  masks: {info['mask_bytes']:,} bytes = {info['mask_bits_per_entry']:.4f} "
                  f"bits/entry (entropy bound {info['mask_entropy_bits_per_entry']:.4f})")
+  if 'csr_bytes' in info:
+    lines.append(f"  sparse kernels ({info['sparsity']:.0%} removed): "
+                 f"{info['sparse_kernel_bytes']:,} bytes as values + coded positions; "
+                 f"{info['csr_bytes']:,.0f} bytes in CSR (32-bit values and indices)")
   lines.append(f"  other arrays (BN/LN and any dense leaf): {info['other_bytes']:,} bytes")
   lines.append(f"  dense fp32 weights: {info['dense_fp32_bytes']:,} bytes -> this file is "
                f"{info['ratio_vs_dense_fp32']:.2f}x smaller "

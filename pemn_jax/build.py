@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pemn_jax import layers, masking, ops, strategies
+from pemn_jax import layers, masking, ops, sparse, strategies
 from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT
 
 MODEL_NAMES = ('convmixer', 'resnet', 'vit', 'mlp')
@@ -63,6 +63,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     dims = m.get('hidden_dims', (100, 100, 100))
     if not all(isinstance(d, int) and d > 0 for d in dims):
       raise ValueError(f'model.hidden_dims must be positive integers, got {dims!r}')
+  method = m.get('sparsity_method')
+  if method is not None and m.get('masked', True):
+    raise ValueError('model.sparsity_method is for the dense sparse baselines: set '
+                     'model.masked=False with it')
+  sparse.validate(method, m.get('sparsity'))
   s = config.strategy
   masking.validate_keep_fraction(s.keep_fraction, 'strategy.keep_fraction')
   strategies.validate(s.name, s.get('rp_ratio'))
@@ -90,6 +95,10 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                              score_abs=s.get('score_abs', True), conv_impl=impl)
     dense = functools.partial(layers.MaskedDense, keep_fraction=s.keep_fraction,
                               score_abs=s.get('score_abs', True))
+  elif m.get('sparsity_method'):
+    conv = functools.partial(sparse.SparseConv, method=m.sparsity_method, sparsity=m.sparsity,
+                             conv_impl=impl)
+    dense = functools.partial(sparse.SparseDense, method=m.sparsity_method, sparsity=m.sparsity)
   else:
     conv = functools.partial(layers.Conv, conv_impl=impl)
     dense = layers.Dense
@@ -150,7 +159,7 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
   def init(pk, fk):
     v = model.init({'params': pk, layers.FROZEN: fk}, jnp.zeros((1, *shape), jnp.float32))
     v = dict(v)
-    if layers.FROZEN in v:
+    if layers.FROZEN in v and config.model.get('masked', True):
       v[layers.FROZEN] = strategies.apply_strategy(v[layers.FROZEN], order, s.name,
                                                    s.get('rp_ratio'))
     return v
@@ -206,7 +215,7 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) 
     variables = init_variables(model, config, shape)
   masked = config.model.get('masked', True)
   s = config.strategy
-  if masked:
+  if masked:  # the masked kernels are the frozen ones (sparse baselines keep masks there)
     order = kernel_order(model, shape)
     kernels = [strategies.get_path(variables[layers.FROZEN], p) for p in order]
   else:
@@ -235,6 +244,10 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) 
                               key_only_bits=rep.dense_fp32_bits,
                               entropy_bits=float(rep.dense_fp32_bits))
     out['unique_values'] = out['masked_weights']
+    if config.model.get('sparsity_method'):
+      out['sparsity'] = config.model.sparsity
+      out['csr_bits'] = storage.csr_bits(shapes, config.model.sparsity)
+      out['csr_ratio'] = rep.dense_fp32_bits / out['csr_bits']
   out['storage'] = rep.as_dict()
   out['storage_table'] = storage.format_table(rep)
   return out

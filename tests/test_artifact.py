@@ -169,3 +169,34 @@ def test_fingerprint_mismatch_is_refused(trained, tmp_path, monkeypatch):
   monkeypatch.setattr(build, 'frozen_fingerprint', lambda frozen: 'not-' + real(frozen))
   with pytest.raises(artifact.ArtifactError, match='fingerprint'):
     artifact.load(path)
+
+
+@pytest.mark.parametrize('method', ['random', 'magnitude'])
+def test_sparse_baselines_export_exactly_and_keep_the_right_count(tmp_path, method):
+  config = _config(**{'model.masked': False, 'model.sparsity_method': method,
+                      'model.sparsity': 0.9})
+  model = build.build_model(config)
+  variables = build.init_variables(model, config)
+  x = jax.random.normal(jax.random.key(5), (4, 28, 28, 1))
+  # Train-mode forward updates nothing we need; the effective kernels must keep ceil(0.1 n).
+  for path, leaf in artifact._tree_items(variables['params']):  # noqa: SLF001
+    if path[-1] == 'kernel':
+      eff = artifact._sparse_effective(config, variables, path, leaf)  # noqa: SLF001
+      assert int(jnp.sum(eff != 0)) == -(-leaf.size // 10)
+  out = str(tmp_path / f'{method}.pemn')
+  info = artifact.export(config, variables, out,
+                         fingerprint=(build.frozen_fingerprint(variables[layers.FROZEN])
+                                      if layers.FROZEN in variables else None))
+  assert info['strategy'] == f'sparse_{method}' and info['csr_bytes'] > 0
+  _, model2, v2, _ = artifact.load(out)
+  np.testing.assert_array_equal(_logits(model, variables, x), _logits(model2, v2, x))
+
+
+def test_sparse_config_errors_name_the_field():
+  with pytest.raises(ValueError, match='model.sparsity_method'):
+    build.build_model(_config(**{'model.masked': False, 'model.sparsity_method': 'lottery'}))
+  with pytest.raises(ValueError, match='model.sparsity'):
+    build.build_model(_config(**{'model.masked': False, 'model.sparsity_method': 'random',
+                                 'model.sparsity': 1.0}))
+  with pytest.raises(ValueError, match='model.masked=False'):
+    build.build_model(_config(**{'model.sparsity_method': 'random'}))

@@ -7,6 +7,9 @@ Fields:
   model.masked: True = PEMN (frozen random weights + learned masks); False = dense baseline.
   model.dim, depth, kernel_size, patch_size, num_classes: architecture (see ``pemn_jax.models``).
   model.num_heads, mlp_ratio (vit), hidden_dims (mlp), width (resnet base width).
+  model.sparsity_method, model.sparsity: the paper's sparse baselines (``pemn_jax.sparse``):
+    a dense model (masked=False) keeping 1 - sparsity of its weights, chosen at random or by
+    magnitude; accounted in CSR.
   model.dtype: 'float32' | 'bfloat16' compute dtype (scores, BN and optimizer stay float32).
   model.conv_impl: 'auto' | 'xla' | 'fast' (see ``pemn_jax.ops``).
   model.input_shape: (H, W, C) override; default from the dataset.
@@ -39,6 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.mlp_ratio = 2.0
   c.model.hidden_dims = (100, 100, 100)
   c.model.width = 16
+  c.model.sparsity_method = config_dict.placeholder(str)  # 'random' | 'magnitude' (dense only)
+  c.model.sparsity = 0.9
   c.model.dtype = 'float32'
   c.model.conv_impl = 'auto'
   c.model.input_shape = config_dict.placeholder(tuple)
