@@ -55,19 +55,45 @@ FMNIST_BASE = {
 }
 
 
-def _grid(base, config, seeds):
+VIT_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask', 'MP', 'RP 1e-2', 'RP 1e-4')]
+RESNET_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-1', 'RP 1e-2')] + [
+    (f'{method.capitalize()} {s:.0%}', {'model.masked': False, 'model.sparsity_method': method,
+                                        'model.sparsity': s})
+    for method in ('random', 'magnitude') for s in (0.90, 0.92, 0.94, 0.96)]
+KEEP_POINTS = [(f'k={k:g}', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2,
+                             'strategy.keep_fraction': k}) for k in (0.5, 0.3, 0.1, 0.05)]
+CIFAR_VIT_BASE = {
+    'model.dim': 128, 'model.depth': 4, 'model.patch_size': 4, 'model.mlp_ratio': 2.0,
+    'train.batch_size': 128, 'train.num_epochs': 6, 'train.peak_lr': 1e-3,
+    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
+    'data.name': 'cifar10_jpeg',
+}
+CIFAR_RESNET_BASE = {
+    'model.depth': 20, 'train.batch_size': 128, 'train.num_epochs': 6, 'train.peak_lr': 0.01,
+    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
+    'data.name': 'cifar10_jpeg',
+}
+
+
+def _slug(label):
+  return label.lower().replace(' ', '').replace('-', '_').replace('%', '').replace('=', '')
+
+
+def _grid(base, config, seeds, points=STRATEGY_POINTS):
   runs = []
   for seed in seeds:
-    for label, over in STRATEGY_POINTS:
-      name = f"{label.lower().replace(' ', '').replace('-', '_')}_s{seed}"
-      runs.append({'name': name, 'label': label, 'seed': seed, 'config': config,
-                   'overrides': {**base, **over, 'seed': seed}})
+    for label, over in points:
+      runs.append({'name': f'{_slug(label)}_s{seed}', 'label': label, 'seed': seed,
+                   'config': config, 'overrides': {**base, **over, 'seed': seed}})
   return runs
 
 
 GRIDS = {
     'cifar_convmixer': lambda: _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1)),
     'fmnist_convmixer': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0, 1)),
+    'cifar_vit': lambda: _grid(CIFAR_VIT_BASE, 'vit_cifar10.py', (0,), VIT_POINTS),
+    'cifar_resnet': lambda: _grid(CIFAR_RESNET_BASE, 'resnet_cifar10.py', (0,), RESNET_POINTS),
+    'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
 }
 DATASET_LABELS = {
     'cifar10_jpeg': 'CIFAR-10 (JPEG-q75 mirror), 50,000 train / 10,000 test',
@@ -87,7 +113,7 @@ def machine() -> str:
 
 
 def command(run, workdir, extra) -> list[str]:
-  cmd = [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'train',
+  cmd = [os.path.join('.venv', 'bin', 'pemn'), 'train',
          f"--config={os.path.join('pemn_jax', 'configs', run['config'])}", f'--workdir={workdir}']
   for k, v in {**run['overrides'], **extra}.items():
     cmd.append(f'--config.{k}={v}')
@@ -100,7 +126,7 @@ def do_run(args) -> int:
     runs = [r for r in runs if r['name'] in args.only.split(',')]
   extra = {}
   if args.cifar_npz:
-    extra['data.source_path'] = os.path.abspath(args.cifar_npz)
+    extra['data.source_path'] = os.path.relpath(os.path.abspath(args.cifar_npz), ROOT)
   outdir = os.path.join(RESULTS, args.grid, 'runs')
   os.makedirs(outdir, exist_ok=True)
   for run in runs:
@@ -108,7 +134,7 @@ def do_run(args) -> int:
     if os.path.exists(record_path):
       print(f"[grid] {run['name']}: done already ({record_path})", flush=True)
       continue
-    workdir = os.path.join(args.workroot, args.grid, run['name'])
+    workdir = os.path.relpath(os.path.join(args.workroot, args.grid, run['name']), ROOT)
     run_extra = dict(extra) if 'cifar10' in run['overrides'].get('data.name', '') else {}
     cmd = command(run, workdir, run_extra)
     print(f"[grid] {run['name']}: {shlex.join(cmd)}", flush=True)
@@ -117,13 +143,19 @@ def do_run(args) -> int:
     if proc.returncode != 0:
       print(f"[grid] {run['name']}: exit {proc.returncode}; stopping the grid", flush=True)
       return proc.returncode
-    with open(os.path.join(workdir, 'summary.json')) as f:
+    with open(os.path.join(ROOT, workdir, 'summary.json')) as f:
       summary = json.load(f)
     inspect = subprocess.run(
         [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', '--json',
          *[a for a in cmd[2:] if not a.startswith('--workdir')]],
         cwd=ROOT, check=True, capture_output=True, text=True)
     info = json.loads(inspect.stdout)
+    art_path = os.path.join(ROOT, workdir, 'model.pemn')
+    subprocess.run([os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'export', f'--workdir={workdir}',
+                    '--best', f'--out={art_path}'], cwd=ROOT, check=True, capture_output=True)
+    art = json.loads(subprocess.run(
+        [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', f'--artifact={art_path}',
+         '--json'], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
     record = {
         'grid': args.grid, 'run': run['name'], 'label': run['label'], 'seed': run['seed'],
         'command': shlex.join(cmd), 'cwd': ROOT,
@@ -135,6 +167,11 @@ def do_run(args) -> int:
         'final_accuracy': summary['final_accuracy'], 'steps': summary['total_steps'],
         'masked_weights': info['masked_weights'], 'unique_values': info['unique_values'],
         'storage': info['storage'],
+        'csr_bits': info.get('csr_bits'),
+        'artifact': {k: art.get(k) for k in ('file_bytes', 'dense_fp32_bytes', 'mask_bytes',
+                                              'mask_bits_per_entry', 'other_bytes',
+                                              'ratio_vs_dense_fp32', 'sparse_kernel_bytes',
+                                              'csr_bytes')},
     }
     tmp = record_path + '.tmp'
     with open(tmp, 'w') as f:
@@ -162,7 +199,8 @@ def do_report(args) -> int:
   if not records:
     print(f'no records for grid {args.grid}', file=sys.stderr)
     return 1
-  labels = [lbl for lbl, _ in STRATEGY_POINTS if any(r['label'] == lbl for r in records)]
+  order = [lbl for pts in (STRATEGY_POINTS, RESNET_POINTS, KEEP_POINTS) for lbl, _ in pts]
+  labels = list(dict.fromkeys(lbl for lbl in order if any(r['label'] == lbl for r in records)))
   rows, means, spreads = [], [], []
   for lbl in labels:
     rs = [r for r in records if r['label'] == lbl]
@@ -171,18 +209,23 @@ def do_report(args) -> int:
     st = rs[0]['storage']
     means.append(best.mean())
     spreads.append(best.std() if len(best) > 1 else 0.0)
+    art = rs[0].get('artifact') or {}
+    paper = (st['dense_fp32_bits'] / rs[0]['csr_bits'] if rs[0].get('csr_bits')
+             else st['ratio_paper'])
     rows.append(f"| {lbl} | {len(rs)} | {best.mean():.2f} ± {spreads[-1]:.2f} | "
                 f"{final.mean():.2f} ± {(final.std() if len(final) > 1 else 0):.2f} | "
-                f"{rs[0]['unique_values']:,} | {st['ratio_paper']:.2f}x | "
-                f"{st['ratio_entropy']:.2f}x |")
+                f"{rs[0]['unique_values']:,} | {paper:.2f}x | {st['ratio_entropy']:.2f}x | "
+                f"{art.get('file_bytes', 0):,} |")
   r0 = records[0]
   md = [f'# Grid `{args.grid}`', '',
         f"Dataset: {r0['dataset']}. Machine: {r0['machine']}.", '',
         'Accuracy in % (mean ± std over seeds); best = best epoch (as the reference reports), '
         'final = last epoch. Compression vs dense fp32 weights, BN excluded.', '',
+        'Sparse baselines: the paper-convention column is CSR (32-bit values and indices).',
+        '',
         '| strategy | seeds | best acc | final acc | unique random values | paper convention '
-        '| ours (key + entropy-coded masks) |',
-        '|---|---|---|---|---|---|---|', *rows, '',
+        '| ours (key + entropy-coded masks, bound) | .pemn file bytes (seed 0) |',
+        '|---|---|---|---|---|---|---|---|', *rows, '',
         '## Commands (one per run, exactly as executed; cwd = repository root)', '']
   for r in records:
     md.append(f"- `{r['run']}` ({r['date']}, {r['wall_seconds']:.0f} s): `{r['command']}`")
