@@ -12,8 +12,9 @@ File layout (format version 1)::
     8 bytes   magic b'PEMNJAX\\n'
     4 bytes   format version, uint32 little-endian
     8 bytes   header length H, uint64 little-endian
-    H bytes   header: UTF-8 JSON (config, key, versions, and one entry per stored item with its
-              offset and length in the payload, its shape, dtype and, for masks, the codec)
+    H bytes   header: zlib-compressed UTF-8 JSON (config, key, versions, and one entry per
+              stored item with its offset and length in the payload, its shape, dtype and, for
+              masks, the codec)
     payload   the items, back to back
     32 bytes  sha256 of everything before it
 
@@ -34,6 +35,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from typing import Any
 
 import flax
@@ -141,7 +143,7 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
       'frozen_fingerprint': fingerprint,
       'entries': entries,
   }
-  hdr = json.dumps(header, sort_keys=True).encode()
+  hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hdr)) + hdr + b''.join(chunks)
   blob = body + hashlib.sha256(body).digest()
   tmp = f'{out_path}.tmp-{os.getpid()}'
@@ -208,8 +210,8 @@ def read(path: str) -> tuple[dict, bytes]:
   if hashlib.sha256(body).digest() != digest:
     raise ArtifactError(f'{path} is corrupted or truncated (sha256 checksum mismatch)')
   try:
-    header = json.loads(body[_PREFIX.size:_PREFIX.size + hlen])
-  except ValueError as e:
+    header = json.loads(zlib.decompress(body[_PREFIX.size:_PREFIX.size + hlen]))
+  except (ValueError, zlib.error) as e:
     raise ArtifactError(f'{path} has an unreadable header: {e}') from None
   payload = body[_PREFIX.size + hlen:]
   end = max((e['offset'] + e['length'] for e in header['entries']), default=0)
