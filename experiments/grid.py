@@ -49,7 +49,7 @@ CIFAR_BASE = {
 }
 FMNIST_BASE = {
     'model.dim': 64, 'model.depth': 4, 'model.kernel_size': 5, 'model.patch_size': 2,
-    'train.batch_size': 128, 'train.num_epochs': 3, 'train.peak_lr': 0.01,
+    'train.batch_size': 128, 'train.num_epochs': 2, 'train.peak_lr': 0.01,
     'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
     'data.name': 'fashion_mnist', 'data.augment': False,
 }
