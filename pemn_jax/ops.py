@@ -18,6 +18,7 @@ gradients) in ``tests/test_ops.py``. Layouts are Flax's: inputs NHWC, kernels HW
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -43,14 +44,11 @@ def conv_xla(x, kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=feature_group_count)
 
 
-def depthwise_shift_add(x, kernel, strides=(1, 1), padding: Padding = 'SAME'):
-  """Depthwise conv (kernel ``(kh, kw, 1, C)``) as ``kh * kw`` shifted multiply-adds."""
+def _shift_add(xp, kernel, out_hw, strides):
+  """sum_ij window_ij(xp) * kernel[i, j, 0]: the forward of a depthwise conv on a padded input."""
   kh, kw, _, c = kernel.shape
   sh, sw = strides
-  (ph0, ph1), (pw0, pw1) = _pads(x.shape[1:3], (kh, kw), strides, padding)
-  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
-  out_h = (xp.shape[1] - kh) // sh + 1
-  out_w = (xp.shape[2] - kw) // sw + 1
+  out_h, out_w = out_hw
   out = None
   for i in range(kh):
     for j in range(kw):
@@ -60,6 +58,109 @@ def depthwise_shift_add(x, kernel, strides=(1, 1), padding: Padding = 'SAME'):
       term = window * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
+
+
+# Batch rows per step of the depthwise kernel-gradient scan: small enough that a chunk of the
+# padded input and of the cotangent stay in L2 while its kh*kw products are reduced.
+DW_GRAD_CHUNK_BYTES = 1 << 20
+
+
+def _batch_chunk(n: int, row_bytes: int, budget: int) -> int:
+  """Largest divisor of ``n`` whose rows fit in ``budget`` bytes (at least 1)."""
+  best = 1
+  for d in range(1, n + 1):
+    if n % d == 0 and d * row_bytes <= budget:
+      best = d
+  return best
+
+
+def _depthwise_kernel_grad(xp, g, kh, kw):
+  """d(depthwise conv, stride 1)/d(kernel): sum_{n,h,w} window_ij(xp) * g, in fp32.
+
+  XLA:CPU reduces the (N, H, W) axes of an NHWC product slowly when it streams the whole batch
+  (every reduction misses cache), so the batch is scanned in chunks that fit L2 and the
+  ``kh * kw`` reductions of a chunk read the same cached rows.
+  """
+  n, h, w, c = g.shape
+  acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
+
+  def partial(xc, gc):
+    return jnp.stack([
+        jnp.sum((lax.slice(xc, (0, i, j, 0), (xc.shape[0], i + h, j + w, c)) * gc)
+                .astype(acc_dtype), axis=(0, 1, 2))
+        for i in range(kh) for j in range(kw)])
+
+  row_bytes = (xp[0].size + g[0].size) * xp.dtype.itemsize
+  chunk = _batch_chunk(n, row_bytes, DW_GRAD_CHUNK_BYTES)
+  if chunk == n:
+    total = partial(xp, g)
+  else:
+    xs = xp.reshape(n // chunk, chunk, *xp.shape[1:])
+    gs = g.reshape(n // chunk, chunk, *g.shape[1:])
+    total, _ = lax.scan(lambda acc, a: (acc + partial(*a), None),
+                        jnp.zeros((kh * kw, c), acc_dtype), (xs, gs))
+  return total.reshape(kh, kw, 1, c)
+
+
+def _pad_or_crop(a, hw_pads):
+  """Pads (positive) or crops (negative) the H and W axes of an NHWC array.
+
+  Crops are taken as slices so that every ``lax.pad`` width is non-negative.
+  """
+  (h0, h1), (w0, w1) = hw_pads
+  n, h, w, c = a.shape
+  a = lax.slice(a, (0, max(-h0, 0), max(-w0, 0), 0), (n, h - max(-h1, 0), w - max(-w1, 0), c))
+  return lax.pad(a, jnp.zeros((), a.dtype),
+                 ((0, 0, 0), (max(h0, 0), max(h1, 0), 0), (max(w0, 0), max(w1, 0), 0), (0, 0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_s1(x, kernel, pads):
+  """Stride-1 depthwise conv with explicit ``pads`` and a hand-written, cache-friendly VJP."""
+  (ph0, ph1), (pw0, pw1) = pads
+  kh, kw = kernel.shape[:2]
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
+  return _shift_add(xp, kernel, (xp.shape[1] - kh + 1, xp.shape[2] - kw + 1), (1, 1))
+
+
+def _depthwise_s1_fwd(x, kernel, pads):
+  return _depthwise_s1(x, kernel, pads), (x, kernel)
+
+
+def _depthwise_s1_bwd(pads, res, g):
+  x, kernel = res
+  (ph0, ph1), (pw0, pw1) = pads
+  kh, kw = kernel.shape[:2]
+  h, w = x.shape[1:3]
+  # dx: the "full" correlation of g with the flipped kernel, cropped to x (a shift-add again).
+  gp = _pad_or_crop(g, ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1)))
+  dx = _shift_add(gp, kernel[::-1, ::-1], (h, w), (1, 1))
+  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
+  dk = _depthwise_kernel_grad(xp, g, kh, kw).astype(kernel.dtype)
+  return dx.astype(x.dtype), dk
+
+
+_depthwise_s1.defvjp(_depthwise_s1_fwd, _depthwise_s1_bwd)
+
+
+def depthwise_shift_add(x, kernel, strides=(1, 1), padding: Padding = 'SAME'):
+  """Depthwise conv (kernel ``(kh, kw, 1, C)``) as ``kh * kw`` shifted multiply-adds.
+
+  Stride 1 (ConvMixer's case) has its own VJP: the input gradient is the same shift-add on the
+  padded cotangent with the flipped kernel, and the kernel gradient a chunked reduction
+  (``_depthwise_kernel_grad``); autodiff of the shift-add would instead materialise one padded
+  copy of the cotangent per tap and reduce each over the whole batch. Other strides use autodiff.
+  """
+  kh, kw, _, c = kernel.shape
+  strides = tuple(strides)
+  pads = tuple(tuple(p) for p in _pads(x.shape[1:3], (kh, kw), strides, padding))
+  if strides == (1, 1) and all(p >= 0 for pp in pads for p in pp):
+    return _depthwise_s1(x, kernel, pads)
+  (ph0, ph1), (pw0, pw1) = pads
+  xp = jnp.pad(x, ((0, 0), (ph0, ph1), (pw0, pw1), (0, 0)))
+  out_h = (xp.shape[1] - kh) // strides[0] + 1
+  out_w = (xp.shape[2] - kw) // strides[1] + 1
+  return _shift_add(xp, kernel, (out_h, out_w), strides)
 
 
 def pointwise_dot(x, kernel):

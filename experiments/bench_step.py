@@ -1,0 +1,320 @@
+"""Train-step benchmark: masked vs dense, against this CPU's FLOP floor and the PyTorch reference.
+
+  python experiments/bench_step.py [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
+                                   [--steps N] [--json]
+
+Default: ConvMixer-256/8 (``pemn_jax/configs/convmixer_cifar10.py``) on synthetic CIFAR-shaped
+input (32x32x3), batch 128, plus a small row (``--small-config``, default the demo config:
+ConvMixer-96/4 on 28x28x1) unless ``--config`` is given or ``--small-config ''``.
+
+For each config, in one process:
+  * the masked model and the dense model of the same definition (``model.masked`` False) are
+    built, initialised, and jitted with the library's own step (``train.make_train_step`` +
+    ``train.make_optimizer``, sharded and donated as ``train.train_and_evaluate`` does);
+  * compile time (trace + lower + compile) of each step;
+  * XLA cost-analysis FLOPs of the compiled steps;
+  * median step time over ``--steps`` steps after two warm-up steps, masked and dense ALTERNATED
+    step by step so that load from other processes on this shared machine hits both alike;
+  * peak RSS of a separate process that trains ONLY the masked model (``--_rss-child``).
+Then the fp32 matmul peak of this device (best of a few large ``jnp.dot``), timed in the same
+run, and ``floor_ratio = masked_step_s / (flops_per_step / matmul_peak_flops)``.
+
+With ``--json``, one JSON object; keys (stable): ``device``, ``masked_step_s``, ``dense_step_s``,
+``masked_compile_s``, ``dense_compile_s``, ``flops_per_step``, ``dense_flops_per_step``,
+``matmul_peak_flops``, ``floor_ratio``, ``masked_peak_rss_mb``, ``masked_images_per_s``,
+``dense_images_per_s``, ``masked_over_dense``, ``reference_*`` and ``rows`` (every config
+measured, the first being the main one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'convmixer_cifar10.py')
+SMALL_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'demo.py')
+# The authors' PyTorch code, dense ConvMixer-256/8, batch 128, fp32, on this machine kind
+# (2 vCPU AMD EPYC, AVX2), torch 2.13 CPU: measured in another run (issue 5).
+REFERENCE = {'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
+             'step_s': 6.7, 'peak_rss_mb': 2.0 * 1024, 'dim': 256, 'depth': 8, 'batch': 128}
+WARMUP = 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Config.
+
+
+def load_config(path: str, overrides: list[str]):
+  """``get_config()`` of a config file, with ``--config.a.b=value`` overrides applied."""
+  spec = importlib.util.spec_from_file_location('bench_config', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config()
+  for item in overrides:
+    key, _, raw = item[len('--config.'):].partition('=')
+    try:
+      value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+      value = raw
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def describe(config) -> str:
+  m = config.model
+  name = f'{m.name}-{m.dim}/{m.depth}' if m.name == 'convmixer' else m.name
+  return f'{name} k={m.get("kernel_size")} p={m.get("patch_size")} {m.get("dtype", "float32")}'
+
+
+# ----------------------------------------------------------------------------------------------
+# The step, exactly as the library builds it.
+
+
+def build_step(config, batch_size: int, masked: bool):
+  """(compiled step, initial state, frozen, batch, compile seconds, flops) for one variant."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from pemn_jax import build, layers, train
+
+  config = config.copy_and_resolve_references()
+  config.model.masked = masked
+  shape = build.input_shape(config)
+  model = build.build_model(config)
+  variables = build.init_variables(model, config, shape)
+  _, replicated, batch_sharding = train.mesh_and_shardings()
+  variables = jax.device_put(variables, replicated)
+  frozen = variables.get(layers.FROZEN)
+  tx = train.make_optimizer(config, 1000)
+  state = jax.jit(lambda p, b: train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                                batch_stats=b, opt_state=tx.init(p)),
+                  out_shardings=replicated)(variables['params'],
+                                            variables.get('batch_stats', {}))
+  rng = np.random.default_rng(0)
+  batch = {'image': rng.standard_normal((batch_size, *shape), dtype=np.float32),
+           'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)}
+  batch = train.to_global(batch, batch_sharding)
+  step = jax.jit(train.make_train_step(model, tx),
+                 in_shardings=(replicated, replicated, batch_sharding),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  t0 = time.perf_counter()
+  compiled = step.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  flops = float((cost or {}).get('flops', float('nan')))
+  return compiled, state, frozen, batch, compile_s, flops
+
+
+def run_steps(variants: dict, steps: int) -> dict:
+  """Median seconds per step of each variant, the variants alternated step by step."""
+  import jax
+
+  times = {k: [] for k in variants}
+  for i in range(WARMUP + steps):
+    for name, v in variants.items():
+      t0 = time.perf_counter()
+      v['state'], metrics = v['step'](v['state'], v['frozen'], v['batch'])
+      jax.block_until_ready((v['state'], metrics))
+      if i >= WARMUP:
+        times[name].append(time.perf_counter() - t0)
+      v['loss'] = float(metrics['loss'])
+  return times
+
+
+def matmul_peak(n: int = 2048, reps: int = 7) -> tuple[float, float]:
+  """(best, median) fp32 FLOP/s of an ``n x n @ n x n`` ``jnp.dot`` on the default device."""
+  import jax
+  import jax.numpy as jnp
+
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.random.normal(ka, (n, n), jnp.float32)
+  b = jax.random.normal(kb, (n, n), jnp.float32)
+  f = jax.jit(lambda a, b: jnp.dot(a, b, precision='highest'))
+  jax.block_until_ready(f(a, b))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    ts.append(time.perf_counter() - t0)
+  flops = 2.0 * n ** 3
+  return flops / min(ts), flops / statistics.median(ts)
+
+
+def peak_rss_mb() -> float:
+  kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return kb / 1024 if sys.platform != 'darwin' else kb / 2**20
+
+
+def rss_child(config_path: str, overrides: list[str], batch_size: int, steps: int) -> dict:
+  """Peak RSS (MB) of a fresh process that builds and trains only the masked model."""
+  cmd = [sys.executable, os.path.abspath(__file__), '--_rss-child', '--config', config_path,
+         '--batch-size', str(batch_size), '--steps', str(steps), *overrides]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if out.returncode != 0:
+    return {'error': out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# One row: one config, masked and dense.
+
+
+def bench_config(config_path: str, overrides: list[str], batch_size: int, steps: int,
+                 rss_steps: int) -> dict:
+  config = load_config(config_path, overrides)
+  masked = build_step(config, batch_size, True)
+  dense = build_step(config, batch_size, False)
+  variants = {name: dict(step=v[0], state=v[1], frozen=v[2], batch=v[3])
+              for name, v in (('masked', masked), ('dense', dense))}
+  times = run_steps(variants, steps)
+  del variants
+  rss = rss_child(config_path, overrides, batch_size, rss_steps)
+  ms, ds = statistics.median(times['masked']), statistics.median(times['dense'])
+  return {
+      'config': os.path.relpath(config_path, REPO), 'overrides': overrides,
+      'model': describe(config), 'batch_size': batch_size, 'steps': steps,
+      'masked_step_s': ms, 'dense_step_s': ds,
+      'masked_step_times_s': times['masked'], 'dense_step_times_s': times['dense'],
+      'masked_compile_s': masked[4], 'dense_compile_s': dense[4],
+      'flops_per_step': masked[5], 'dense_flops_per_step': dense[5],
+      'masked_images_per_s': batch_size / ms, 'dense_images_per_s': batch_size / ds,
+      'masked_over_dense': ms / ds,
+      'masked_peak_rss_mb': rss.get('peak_rss_mb'), 'rss_child': rss,
+  }
+
+
+def machine() -> dict:
+  import jax
+
+  cpu = platform.processor() or ''
+  try:
+    with open('/proc/cpuinfo') as f:
+      names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
+    cpu = names[0] if names else cpu
+  except OSError:
+    pass
+  d = jax.devices()[0]
+  return {'device': f'{d.platform}:{getattr(d, "device_kind", "")}',
+          'device_count': jax.device_count(), 'nproc': os.cpu_count(), 'cpu_model': cpu,
+          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+          'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}
+
+
+def format_table(result: dict) -> str:
+  lines = [f"device {result['device']} ({result['cpu_model']}, nproc {result['nproc']}), "
+           f"jax {result['jax']}, {result['date']}",
+           f"fp32 matmul peak (2048^3 jnp.dot, best of 7): "
+           f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
+           f"(median {result['matmul_median_flops'] / 1e9:.1f})", '']
+  hdr = ('| config | batch | variant | compile s | step s (median) | images/s | GFLOP/step '
+         '| floor s | step/floor | peak RSS MB |')
+  lines += [hdr, '|' + '---|' * 10]
+  peak = result['matmul_peak_flops']
+  for r in result['rows']:
+    for v in ('masked', 'dense'):
+      flops = r['flops_per_step'] if v == 'masked' else r['dense_flops_per_step']
+      floor = flops / peak
+      rss = f"{r['masked_peak_rss_mb']:.0f}" if v == 'masked' and r['masked_peak_rss_mb'] else '-'
+      lines.append(f"| {r['model']} | {r['batch_size']} | {v} | {r[f'{v}_compile_s']:.1f} | "
+                   f"{r[f'{v}_step_s']:.3f} | {r[f'{v}_images_per_s']:.0f} | {flops / 1e9:.1f} | "
+                   f"{floor:.3f} | {r[f'{v}_step_s'] / floor:.2f} | {rss} |")
+  lines.append('')
+  for r in result['rows']:
+    lines.append(f"{r['model']} batch {r['batch_size']}: masked/dense = "
+                 f"{r['masked_over_dense']:.3f} (median of {r['steps']} alternated steps)")
+  ref = result.get('reference_step_s')
+  if ref:
+    lines.append(f"reference: {REFERENCE['name']}: {ref} s/step, measured in another run on the "
+                 f"same machine kind; ours masked {result['masked_step_s']:.3f} s/step "
+                 f"-> {result['speedup_vs_reference_masked']:.2f}x its throughput, dense "
+                 f"{result['dense_step_s']:.3f} s/step -> "
+                 f"{result['speedup_vs_reference_dense']:.2f}x")
+  return '\n'.join(lines)
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--config', default=None, help='config file (default ConvMixer-256/8 CIFAR-10)')
+  p.add_argument('--small-config', default=None,
+                 help="second, small row (default the demo config when --config is not given; "
+                      "'' for none)")
+  p.add_argument('--batch-size', type=int, default=128)
+  p.add_argument('--steps', type=int, default=10, help='timed steps per variant (after warm-up)')
+  p.add_argument('--rss-steps', type=int, default=3, help='steps the RSS child process trains')
+  p.add_argument('--json', action='store_true', help='print one JSON object')
+  p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
+  args, rest = p.parse_known_args()
+  bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
+  if bad:
+    p.error(f'unrecognised arguments: {" ".join(bad)} (overrides are --config.FIELD=VALUE)')
+  config_path = os.path.abspath(args.config or DEFAULT_CONFIG)
+
+  if args._rss_child:
+    import jax
+
+    config = load_config(config_path, rest)
+    step, state, frozen, batch, _, _ = build_step(config, args.batch_size, True)
+    for _ in range(args.steps):
+      state, metrics = step(state, frozen, batch)
+    jax.block_until_ready((state, metrics))
+    print(json.dumps({'peak_rss_mb': peak_rss_mb(), 'steps': args.steps}))
+    return 0
+
+  import jax
+
+  rows = [bench_config(config_path, rest, args.batch_size, args.steps, args.rss_steps)]
+  small = args.small_config if args.small_config is not None else (
+      '' if args.config else SMALL_CONFIG)
+  if small:
+    rows.append(bench_config(os.path.abspath(small), [], args.batch_size, args.steps,
+                             args.rss_steps))
+  best, median = matmul_peak()
+  main_row = rows[0]
+  result = {**machine(), 'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+            'matmul_peak_flops': best, 'matmul_median_flops': median}
+  for k in ('masked_step_s', 'dense_step_s', 'masked_compile_s', 'dense_compile_s',
+            'flops_per_step', 'dense_flops_per_step', 'masked_peak_rss_mb',
+            'masked_images_per_s', 'dense_images_per_s', 'masked_over_dense'):
+    result[k] = main_row[k]
+  result['floor_ratio'] = main_row['masked_step_s'] / (main_row['flops_per_step'] / best)
+  result['dense_floor_ratio'] = main_row['dense_step_s'] / (main_row['dense_flops_per_step']
+                                                            / best)
+  cfg = load_config(config_path, rest)
+  same_as_ref = (cfg.model.name == 'convmixer' and cfg.model.dim == REFERENCE['dim']
+                 and cfg.model.depth == REFERENCE['depth']
+                 and args.batch_size == REFERENCE['batch'])
+  if same_as_ref:
+    result['reference'] = REFERENCE['name']
+    result['reference_step_s'] = REFERENCE['step_s']
+    result['reference_peak_rss_mb'] = REFERENCE['peak_rss_mb']
+    result['speedup_vs_reference_masked'] = REFERENCE['step_s'] / main_row['masked_step_s']
+    result['speedup_vs_reference_dense'] = REFERENCE['step_s'] / main_row['dense_step_s']
+  result['rows'] = rows
+  del jax
+  if args.json:
+    print(json.dumps(result, indent=2))
+  else:
+    print(format_table(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
