@@ -24,18 +24,25 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 IDENTITY_FIELDS = ('seed', 'model', 'strategy')
 
 
+def _accuracy(metrics: dict) -> float:
+  """Ranking key of a checkpoint: its test accuracy (-inf for checkpoints saved without eval)."""
+  return metrics.get('accuracy', float('-inf'))
+
+
 def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's CheckpointManager over ``workdir/checkpoints``."""
   policy = pp.AnyPreservationPolicy([
       pp.LatestN(n=max_to_keep),
-      pp.BestN(get_metric_fn=lambda m: m['accuracy'], n=1,
-               keep_checkpoints_without_metrics=False),
+      pp.BestN(get_metric_fn=_accuracy, n=1, keep_checkpoints_without_metrics=False),
   ])
   # Readers (evaluate, export) open the manager without create and without tmp clean-up, so
   # they never touch the directory; orbax's own read_only mode only adds warnings.
+  # ``best_fn`` makes orbax write each step's metrics to disk (it does so only when best_fn is
+  # set) and read them back when a manager is reopened: without it a resumed run sees the
+  # earlier evaluated checkpoints as metric-less, and BestN deletes the best one.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, create=not read_only, enable_async_checkpointing=True,
-      cleanup_tmp_directories=not read_only)
+      preservation_policy=policy, best_fn=_accuracy, best_mode='max', create=not read_only,
+      enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
                                options=options)
 
@@ -43,7 +50,8 @@ def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
          accuracy: float | None = None) -> None:
   """Saves (asynchronously) the state and meta; ``accuracy`` makes it a best-candidate."""
-  metrics = None if accuracy is None else {'accuracy': float(accuracy)}
+  # Always a dict: with best_fn set, orbax warns on every save that has no metrics.
+  metrics = {} if accuracy is None else {'accuracy': float(accuracy)}
   mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)),
             metrics=metrics, force=True)
