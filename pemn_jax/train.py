@@ -389,7 +389,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           last_eval = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
                                batch_sharding)
           last_eval.update(epoch=epoch + 1)
-          if last_eval['accuracy'] > meta['best_accuracy']:
+          # >=: on ties the later checkpoint is the best, as orbax's BestN keeps the later one
+          # (with > the recorded best_step could name a checkpoint BestN has deleted).
+          if last_eval['accuracy'] >= meta['best_accuracy']:
             meta.update(best_accuracy=last_eval['accuracy'], best_step=step, best_epoch=epoch + 1)
           writer.write('eval', step, last_eval)
           line = (f"epoch {epoch + 1}/{num_epochs} step {step}/{total_steps}: test accuracy "
