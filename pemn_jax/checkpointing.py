@@ -67,6 +67,22 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
   return step if step in mngr.all_steps() else None
 
 
+def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> ValueError:
+  """The one clear error for a checkpoint that cannot be read."""
+  # orbax/tensorstore messages end with the whole tensorstore spec (kilobytes of JSON): keep the
+  # first line up to it, which names the file and what is wrong with it.
+  detail = str(e).splitlines()[0] if str(e) else ''
+  for tail in (' [tensorstore_spec', ' See full TensorStore details'):
+    detail = detail.split(tail)[0]
+  if len(detail) > 400:
+    detail = detail[:400] + '...'
+  return ValueError(
+      f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
+      f'{detail}. The checkpoint is corrupted (or was written for a different model); it was '
+      'left untouched. Delete that step directory to resume from an earlier checkpoint, or use '
+      'a new --workdir.')
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
   """Restores ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying shardings).
 
@@ -78,11 +94,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
     restored = mngr.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
   except Exception as e:  # orbax raises many types; the user needs one clear message
-    raise ValueError(
-        f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
-        f'{str(e).splitlines()[0] if str(e) else ""}. The checkpoint is corrupted or belongs '
-        'to a different model; it was left untouched. Use a new --workdir, or delete that '
-        'step directory to resume from an earlier one.') from e
+    raise _unreadable(mngr, step, e) from e
   return restored['state'], restored['meta']
 
 
