@@ -62,8 +62,7 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
   latest = mngr.latest_step()
   if latest is None:
     return None
-  meta = mngr.restore(latest, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  step = meta.get('best_step')
+  step = restore_meta(mngr, latest).get('best_step')
   return step if step in mngr.all_steps() else None
 
 
@@ -83,8 +82,23 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> ValueEr
       'a new --workdir.')
 
 
+def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+  """The JSON ``meta`` item of ``step`` (fingerprint, identity, best so far), state unread.
+
+  Raises:
+    ValueError: the meta item is unreadable (see ``restore``).
+  """
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  except Exception as e:  # orbax raises many types; the user needs one clear message
+    raise _unreadable(mngr, step, e) from e
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
   """Restores ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying shardings).
+
+  Check the meta (``restore_meta`` + ``check_identity``) first: a checkpoint of a different
+  model then fails with a message naming the differing config fields, not a shape mismatch.
 
   Raises:
     ValueError: the checkpoint is unreadable or does not fit this model; the message says which

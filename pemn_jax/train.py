@@ -323,13 +323,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   meta = {'fingerprint': s.fingerprint, 'identity': identity, 'best_accuracy': -1.0,
           'best_step': None, 'best_epoch': None}
   if latest is not None:
-    abstract = checkpointing.abstract_like(state, replicated)
-    state, saved = checkpointing.restore(mngr, latest, abstract)
+    # Identity first (meta only): a checkpoint of another model must fail naming the fields
+    # that differ, not with a shape or tree mismatch from restoring its state.
+    saved = checkpointing.restore_meta(mngr, latest)
     checkpointing.check_identity(saved['identity'], identity, workdir)
     if saved['fingerprint'] != s.fingerprint:
       raise ValueError(f'the frozen random weights regenerated for {workdir} do not match the '
                        'fingerprint stored with its checkpoints (a different JAX random stream '
                        'or strategy code?); refusing to resume on different weights')
+    abstract = checkpointing.abstract_like(state, replicated)
+    state, saved = checkpointing.restore(mngr, latest, abstract)
     meta.update({k: saved[k] for k in ('best_accuracy', 'best_step', 'best_epoch')})
     logging.info('resuming from step %d in %s', latest, workdir)
     if is_main:
