@@ -422,6 +422,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.close()
     writer.close()
 
+  if step >= total_steps and last_eval is None:
+    # Nothing left to train (a finished or fully checkpointed workdir run again): evaluate the
+    # final state so the summary still reports the final accuracy.
+    last_eval = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
+                         batch_sharding)
   summary = {
       'workdir': os.path.abspath(workdir), 'step': step, 'total_steps': total_steps,
       'finished': step >= total_steps, 'best_accuracy': meta['best_accuracy'],
