@@ -408,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           checkpointing.save(mngr, step, state, meta, accuracy=last_eval['accuracy'])
         elif step % t.checkpoint_every_steps == 0 or step == total_steps:
           checkpointing.save(mngr, step, state, meta)
-        if stopper.should_stop():
+        if step < total_steps and stopper.should_stop():  # at the last step: just finish
           interrupted = stopper.received or 'a signal on another process'
           if mngr.latest_step() != step:
             checkpointing.save(mngr, step, state, meta)
