@@ -147,9 +147,31 @@ def main(argv) -> int:
     return 1
 
 
+def _ignore_closed_loop_callbacks() -> None:
+  """Drops the 'Event loop is closed' errors that follow a failed orbax restore.
+
+  orbax reads a checkpoint's arrays concurrently on a private asyncio loop. When one read fails
+  (a corrupted checkpoint) the loop is closed while tensorstore finishes the other reads, whose
+  completion callbacks then raise RuntimeError('Event loop is closed') as "unraisable"
+  exceptions: dozens of tracebacks on stderr after the one-line error. They carry no
+  information, so the CLI drops exactly those; every other unraisable exception is reported.
+  """
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed':
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
+
+
 def run():
   """Console-script entry point."""
   import logging as std_logging
+
+  _ignore_closed_loop_callbacks()
 
   # JAX probes for a TPU on every start and logs the miss at INFO: noise on CPU and GPU hosts.
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
