@@ -86,6 +86,31 @@ def test_depthwise_shift_add_uneven_strides_and_one_sided_padding():
                                  padding, 3, rng)
 
 
+@pytest.mark.parametrize('x_shape, ksize, padding', [
+    ((2, 3, 6, 3), 3, ((4, 0), (0, 4))),    # padding wider than the kernel reach: dx is cropped
+    ((2, 2, 6, 3), 5, ((4, 0), (2, 2))),    # taps that only ever see padding
+    ((1, 5, 5, 2), 5, ((0, 0), (0, 0))),    # a single output pixel
+], ids=['wide-padding', 'padding-only-taps', 'one-pixel'])
+def test_depthwise_unusual_padding(x_shape, ksize, padding):
+  c = x_shape[-1]
+  x, kernel, rng = _inputs(x_shape, (ksize, ksize, 1, c), seed=5)
+  _assert_same_value_and_grads([_conv('fast', (1, 1), padding, c)], x, kernel, (1, 1), padding,
+                               c, rng)
+
+
+@pytest.mark.parametrize('chunk_rows', [1, 2])
+def test_depthwise_kernel_grad_in_batch_chunks(monkeypatch, chunk_rows):
+  """The stride-1 kernel gradient walks the batch in chunks when a batch exceeds the budget."""
+  n, c = 4, 3
+  x, kernel, rng = _inputs((n, 6, 5, c), (3, 3, 1, c), seed=6)
+  row_bytes = (6 * 5 * c + 6 * 5 * c) * 4     # one example of x and of the cotangent, fp32
+  monkeypatch.setattr(ops, 'DW_GRAD_CHUNK_BYTES', chunk_rows * row_bytes)
+  f = _conv('fast', (1, 1), 'SAME', c)
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: f(x, k).sum()))(kernel))
+  assert 'scan' in jaxpr or 'while' in jaxpr  # the chunked loop is really taken
+  _assert_same_value_and_grads([f], x, kernel, (1, 1), 'SAME', c, rng)
+
+
 def test_pointwise_dot_matches_xla():
   x, kernel, rng = _inputs((2, 5, 6, 3), (1, 1, 3, 7), seed=2)
   fs = [_conv(impl, (1, 1), pad) for impl in ('fast', 'auto')
