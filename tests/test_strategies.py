@@ -333,6 +333,14 @@ def test_convmixer_256_rp_1e3_real_init_tiles_66_values():
   assert summary['unique_values'] == summary['distinct_values_present'] == 66
 
 
+def test_mlp_mnist_one_layer_shares_the_two_100x100_layers():
+  from pemn_jax.configs import mlp_mnist
+
+  shapes = _abstract_shapes(mlp_mnist.get_config())
+  assert shapes == [(784, 100), (100, 100), (100, 100), (100, 10)]
+  assert strategies.stored_value_count(shapes, 'one_layer') == 78_400 + 10_000 + 1_000
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input.
 
