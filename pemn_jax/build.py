@@ -134,6 +134,23 @@ def kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Pa
   return order
 
 
+def _trainable_kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Path]:
+  """Trainable ``kernel`` paths by depth (dense models), read off an abstract init.
+
+  Read inside the traced function, as in ``kernel_order``: the dict ``eval_shape`` returns has
+  its keys sorted ('head' before 'stem', 'block10' before 'block2').
+  """
+  order: list[strategies.Path] = []
+
+  def init(x):
+    v = model.init({'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)}, x)
+    order.extend(p for p in strategies.kernel_paths(v['params']) if p[-1] == 'kernel')
+    return v
+
+  jax.eval_shape(init, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  return order
+
+
 def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
                    shape: tuple[int, ...] | None = None, *,
                    frozen_key: jax.Array | None = None) -> dict[str, Any]:
@@ -219,9 +236,7 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) 
     order = kernel_order(model, shape)
     kernels = [strategies.get_path(variables[layers.FROZEN], p) for p in order]
   else:
-    order = [p for p in strategies.kernel_paths(jax.eval_shape(
-        lambda: model.init(jax.random.key(0), jnp.zeros((1, *shape))))['params'])
-        if p[-1] == 'kernel']
+    order = _trainable_kernel_order(model, shape)
     kernels = [strategies.get_path(variables['params'], p) for p in order]
   shapes = [tuple(k.shape) for k in kernels]
   nv = norm_values(variables['params'])
