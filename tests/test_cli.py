@@ -126,6 +126,18 @@ def test_every_shipped_config_builds(name):
   assert summary['storage']['dense_fp32_bits'] == 32 * summary['masked_weights']
 
 
+@pytest.mark.parametrize('masked', [True, False])
+def test_summary_lists_layers_by_depth(masked):
+  # 12 blocks: a sorted listing would put block10 before block2, and head before stem.
+  config = _load('smoke')
+  config.model.depth, config.model.masked = 12, masked
+  _, summary = _abstract_summary(config)
+  expected = (['stem'] + [f'block{i}_{kind}' for i in range(12)
+                          for kind in ('depthwise', 'pointwise')] + ['head'])
+  assert [layer['path'] for layer in summary['layers']] == expected
+  assert summary['masked_weights'] == 256 + 12 * 400 + 160
+
+
 def test_shipped_defaults():
   c = _load('convmixer_cifar10')
   assert (c.model.name, c.model.dim, c.model.depth, c.model.kernel_size, c.model.patch_size) == (
