@@ -192,6 +192,17 @@ def test_mask_follows_the_scores_at_apply_time():
     np.testing.assert_array_equal(w_eff, expected)
 
 
+def test_score_abs_false_ranks_raw_scores():
+  v = layers.MaskedDense(1).init(RNGS, jnp.zeros((1, 4)))
+  w = _np(v[layers.FROZEN]['kernel'])[:, 0]
+  v2 = {**v, 'params': {'scores': jnp.asarray([[0.9], [0.1], [-0.8], [0.2]], jnp.float32)}}
+  for score_abs, kept in [(True, [0, 2]), (False, [0, 3])]:
+    module = layers.MaskedDense(1, keep_fraction=0.5, score_abs=score_abs)
+    expected = np.zeros(4)
+    expected[kept] = w[kept]
+    np.testing.assert_array_equal(_np(module.apply(v2, jnp.eye(4)))[:, 0], expected)
+
+
 def test_bfloat16_compute_keeps_float32_variables():
   module = layers.MaskedDense(4, dtype=jnp.bfloat16)
   v = module.init(RNGS, jnp.zeros((1, 3)))
