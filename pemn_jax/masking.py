@@ -18,6 +18,7 @@ from __future__ import annotations
 import fractions
 import functools
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 
 def _as_fraction(value: float) -> fractions.Fraction:
   """The rational a user meant by a decimal float (0.3 -> 3/10), for exact counts."""
-  return fractions.Fraction(value).limit_denominator(10**12)
+  return fractions.Fraction(float(value)).limit_denominator(10**12)
 
 
 def validate_keep_fraction(keep_fraction: float, field: str = 'strategy.keep_fraction') -> float:
@@ -34,7 +35,7 @@ def validate_keep_fraction(keep_fraction: float, field: str = 'strategy.keep_fra
   Raises:
     ValueError: naming ``field`` and the allowed range.
   """
-  if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)):
+  if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, numbers.Real):
     raise ValueError(f'{field} must be a number in (0, 1], got {keep_fraction!r}')
   if not 0.0 < float(keep_fraction) <= 1.0 or math.isnan(keep_fraction):
     raise ValueError(f'{field} must be in (0, 1] (the fraction of weights KEPT), '

@@ -17,6 +17,8 @@ accounted as CSR (``storage.csr_bits``): the kept values plus their indices.
 
 from __future__ import annotations
 
+import numbers
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,7 @@ def validate(method: str | None, sparsity: float | None) -> None:
   if method not in SPARSE_METHODS:
     raise ValueError(f'model.sparsity_method must be one of {SPARSE_METHODS} or None, '
                      f'got {method!r}')
-  if (sparsity is None or isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+  if (sparsity is None or isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
       or not 0.0 <= sparsity < 1.0):
     raise ValueError(f'model.sparsity must be in [0, 1) (the fraction of weights removed), '
                      f'got {sparsity!r}')

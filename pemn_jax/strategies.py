@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fractions
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,7 +45,7 @@ def validate(name: str, rp_ratio: float | None = None) -> None:
     raise ValueError(f'strategy.name must be one of {STRATEGIES}, got {name!r}')
   if name == 'random_vector_padding':
     if (rp_ratio is None or isinstance(rp_ratio, bool)
-        or not isinstance(rp_ratio, (int, float)) or math.isnan(rp_ratio)
+        or not isinstance(rp_ratio, numbers.Real) or math.isnan(rp_ratio)
         or not 0.0 < rp_ratio <= 1.0):
       raise ValueError('strategy.rp_ratio must be a number in (0, 1] for random_vector_padding '
                        f'(the paper uses {RP_RATIOS_OF_THE_PAPER}), got {rp_ratio!r}')
@@ -52,7 +53,7 @@ def validate(name: str, rp_ratio: float | None = None) -> None:
 
 def rp_vector_length(largest_size: int, rp_ratio: float) -> int:
   """floor(N * r) + 1, computed on the rational r (so 1e-3 * 65536 floors to 65, exactly)."""
-  r = fractions.Fraction(rp_ratio).limit_denominator(10**12)
+  r = fractions.Fraction(float(rp_ratio)).limit_denominator(10**12)
   return min(largest_size, math.floor(r * largest_size) + 1)
 
 
