@@ -124,18 +124,27 @@ def identity(config) -> dict:
 
 
 def check_identity(saved: dict, current: dict, where: str) -> None:
-  """Raises ValueError naming every field that differs between a workdir and this run."""
+  """Raises ValueError naming every field that differs between a workdir and this run.
+
+  A field the workdir's record lacks (it was added to pemn-jax later) matches when this run
+  leaves it at its default, so adding a config field does not orphan existing workdirs.
+  """
+  from pemn_jax.configs import common  # configs import nothing from here
+
+  defaults = identity(common.base_config())
   diffs = []
 
-  def walk(a, b, prefix):
+  def walk(a, b, d, prefix):
     for k in sorted(set(a) | set(b)):
-      va, vb = a.get(k), b.get(k)
+      va, vb, dv = a.get(k), b.get(k), (d or {}).get(k)
       if isinstance(va, dict) and isinstance(vb, dict):
-        walk(va, vb, f'{prefix}{k}.')
+        walk(va, vb, dv if isinstance(dv, dict) else {}, f'{prefix}{k}.')
+      elif k not in a and k in (d or {}) and _norm(vb) == _norm(dv):
+        continue
       elif _norm(va) != _norm(vb):
         diffs.append(f'{prefix}{k}: checkpoint {va!r} vs config {vb!r}')
 
-  walk(saved, current, '')
+  walk(saved, current, defaults, '')
   if diffs:
     raise ValueError(f'{where} holds checkpoints of a different model ('
                      + '; '.join(diffs) + '). Use a new --workdir, or the matching config. '

@@ -337,7 +337,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     logging.info('resuming from step %d in %s', latest, workdir)
     if is_main:
       print(f'pemn: resuming from checkpoint step {latest} in {workdir}', flush=True)
-  elif is_main and os.path.exists(config_path):
+  elif os.path.exists(config_path):  # every process checks, so none is left waiting
     with open(config_path) as f:
       checkpointing.check_identity(checkpointing.identity(
           ml_collections.ConfigDict(json.load(f))), identity, workdir)
