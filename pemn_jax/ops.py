@@ -74,31 +74,44 @@ def _batch_chunk(n: int, row_bytes: int, budget: int) -> int:
   return best
 
 
-def _depthwise_kernel_grad(xp, g, kh, kw):
-  """d(depthwise conv, stride 1)/d(kernel): sum_{n,h,w} window_ij(xp) * g, in fp32.
+def _depthwise_kernel_grad(x, g, pads, kh, kw):
+  """d(depthwise conv, stride 1)/d(kernel) = sum_{n,h,w} window_ij(pad(x)) * g, in fp32.
 
-  XLA:CPU reduces the (N, H, W) axes of an NHWC product slowly when it streams the whole batch
-  (every reduction misses cache), so the batch is scanned in chunks that fit L2 and the
-  ``kh * kw`` reductions of a chunk read the same cached rows.
+  No padded copy of ``x`` is made: tap (i, j) multiplies the part of ``x`` it reaches with the
+  matching part of ``g``. XLA:CPU reduces the (N, H, W) axes of an NHWC product slowly when it
+  streams the whole batch (every reduction misses cache), so the batch is walked in chunks that
+  fit L2 (``DW_GRAD_CHUNK_BYTES``, dynamic slices, no copies) and the ``kh * kw`` reductions of a
+  chunk read the same cached rows.
   """
-  n, h, w, c = g.shape
+  (ph0, _), (pw0, _) = pads
+  n, h, w, c = x.shape
+  out_h, out_w = g.shape[1:3]
   acc_dtype = jnp.promote_types(g.dtype, jnp.float32)
 
   def partial(xc, gc):
-    return jnp.stack([
-        jnp.sum((lax.slice(xc, (0, i, j, 0), (xc.shape[0], i + h, j + w, c)) * gc)
-                .astype(acc_dtype), axis=(0, 1, 2))
-        for i in range(kh) for j in range(kw)])
+    rows = []
+    for i in range(kh):
+      o0, o1 = max(0, ph0 - i), min(out_h, h + ph0 - i)
+      for j in range(kw):
+        q0, q1 = max(0, pw0 - j), min(out_w, w + pw0 - j)
+        if o1 <= o0 or q1 <= q0:  # this tap only ever sees padding
+          rows.append(jnp.zeros((c,), acc_dtype))
+          continue
+        xs = xc[:, o0 + i - ph0:o1 + i - ph0, q0 + j - pw0:q1 + j - pw0]
+        rows.append(jnp.sum((xs * gc[:, o0:o1, q0:q1]).astype(acc_dtype), axis=(0, 1, 2)))
+    return jnp.stack(rows)
 
-  row_bytes = (xp[0].size + g[0].size) * xp.dtype.itemsize
+  row_bytes = (x[0].size + g[0].size) * x.dtype.itemsize
   chunk = _batch_chunk(n, row_bytes, DW_GRAD_CHUNK_BYTES)
   if chunk == n:
-    total = partial(xp, g)
+    total = partial(x, g)
   else:
-    xs = xp.reshape(n // chunk, chunk, *xp.shape[1:])
-    gs = g.reshape(n // chunk, chunk, *g.shape[1:])
-    total, _ = lax.scan(lambda acc, a: (acc + partial(*a), None),
-                        jnp.zeros((kh * kw, c), acc_dtype), (xs, gs))
+    def body(k, acc):
+      xc = lax.dynamic_slice_in_dim(x, k * chunk, chunk, 0)
+      gc = lax.dynamic_slice_in_dim(g, k * chunk, chunk, 0)
+      return acc + partial(xc, gc)
+
+    total = lax.fori_loop(0, n // chunk, body, jnp.zeros((kh * kw, c), acc_dtype))
   return total.reshape(kh, kw, 1, c)
 
 
@@ -135,8 +148,7 @@ def _depthwise_s1_bwd(pads, res, g):
   # dx: the "full" correlation of g with the flipped kernel, cropped to x (a shift-add again).
   gp = _pad_or_crop(g, ((kh - 1 - ph0, kh - 1 - ph1), (kw - 1 - pw0, kw - 1 - pw1)))
   dx = _shift_add(gp, kernel[::-1, ::-1], (h, w), (1, 1))
-  xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
-  dk = _depthwise_kernel_grad(xp, g, kh, kw).astype(kernel.dtype)
+  dk = _depthwise_kernel_grad(x, g, pads, kh, kw).astype(kernel.dtype)
   return dx.astype(x.dtype), dk
 
 
