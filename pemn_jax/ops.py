@@ -5,7 +5,9 @@ XLA:CPU lowers some convolutions poorly: a depthwise ``conv_general_dilated`` wi
 batch 128, and a 1x1 conv is several times slower than the same matrix product. ``conv``
 dispatches each case to a formulation with the same result:
 
-* depthwise (groups == in == out channels): a sum of ``kh * kw`` shifted multiply-adds;
+* depthwise (groups == in == out channels): a sum of ``kh * kw`` shifted multiply-adds; at
+  stride 1 with a hand-written VJP (input grad: the same shift-add on the cotangent; kernel grad:
+  a reduction walked over L2-sized batch chunks), see ``depthwise_shift_add``;
 * 1x1, stride 1, ungrouped: one matrix product over the flattened pixels;
 * patchify (kernel == stride, no padding, ungrouped): space-to-depth then one matrix product;
 * anything else: ``lax.conv_general_dilated``.
@@ -13,7 +15,8 @@ dispatches each case to a formulation with the same result:
 ``impl='auto'`` uses the rewrites on the CPU backend and, for depthwise convs, keeps XLA's conv
 on GPU/TPU (where it is well optimised); ``'xla'`` always calls ``conv_general_dilated``;
 ``'fast'`` always uses the rewrites. All are tested against ``conv_general_dilated`` (values and
-gradients) in ``tests/test_ops.py``. Layouts are Flax's: inputs NHWC, kernels HWIO.
+gradients) in ``tests/test_ops.py`` and ``tests/test_ops_perf.py``. Layouts are Flax's: inputs
+NHWC, kernels HWIO.
 """
 
 from __future__ import annotations
