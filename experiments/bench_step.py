@@ -186,6 +186,18 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> tuple[float, float]:
 
 
 def peak_rss_mb() -> float:
+  """Peak RSS of this process's own address space.
+
+  ``VmHWM`` from /proc, not ``getrusage``: on Linux ``ru_maxrss`` survives fork + exec, so a
+  child of a big benchmark process would report its parent's peak.
+  """
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
   kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
   return kb / 1024 if sys.platform != 'darwin' else kb / 2**20
 
