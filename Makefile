@@ -1,5 +1,8 @@
 # pemn-jax: every target creates .venv from requirements.txt when it is missing or stale.
 PYTHON ?= python3
+# Transparent huge pages for malloc: XLA:CPU re-allocates its step buffer every step (see
+# experiments/results/PERFORMANCE.md); the pemn command sets this by itself.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed

@@ -72,6 +72,17 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
                      weight_decay=t.weight_decay)
 
 
+def step_compiler_options() -> dict | None:
+  """XLA options for the train step: on CPU, the memory-optimised scheduler.
+
+  It cut the step's scratch buffer of ConvMixer-256/8 at batch 128 from 3.4 to 2.6 GB with no
+  measurable slowdown (experiments/results/PERFORMANCE.md); other backends keep their defaults.
+  """
+  if jax.default_backend() == 'cpu':
+    return {'xla_cpu_scheduler_type': 'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED'}
+  return None
+
+
 def mesh_and_shardings():
   """The ('data',) mesh over all devices, and the replicated / batch-sharded shardings."""
   mesh = jax.make_mesh((jax.device_count(),), ('data',), axis_types=(AxisType.Auto,))
@@ -346,7 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = jax.jit(make_train_step(s.model, tx),
                        in_shardings=(replicated, replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+                       out_shardings=(replicated, replicated), donate_argnums=(0,),
+                       compiler_options=step_compiler_options())
   eval_step = jax.jit(make_eval_step(s.model),
                       in_shardings=(replicated, replicated, replicated, batch_sharding),
                       out_shardings=replicated)
