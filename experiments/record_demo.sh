@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Runs `make demo` from scratch and writes experiments/results/demo.md: the command, date,
+# machine, dataset and the demo's own output, verbatim (progress bar excluded).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=experiments/results/demo.md
+log=$(mktemp)
+make clean-demo >/dev/null
+start=$(date +%s)
+make demo 2>/dev/null | grep -v '^\(test -x\|\.venv/bin/python -m pip\|touch \)' > "$log"
+elapsed=$(( $(date +%s) - start ))
+{
+  echo '# `make demo`'
+  echo
+  echo "- Command: \`bash experiments/record_demo.sh\` (runs \`make clean-demo && make demo\`)"
+  echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); wall time ${elapsed} s (venv already built)"
+  echo "- Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name:[[:space:]]*//p'), CPU only; $(uptime | sed 's/.*load average/load average/') at the end"
+  echo '- Dataset: the embedded Fashion-MNIST subset (pemn_jax/data_files/fashion_mnist_subset: 10,000 train / 2,000 test, first 1,000 / 200 per class of the official files)'
+  echo
+  echo '```'
+  cat "$log"
+  echo '```'
+} > "$out.tmp"
+mv "$out.tmp" "$out"
+rm -f "$log"
+cat "$out"
