@@ -43,7 +43,7 @@ STRATEGY_POINTS = [  # (label, overrides) of figure 3, in the paper's order
 # Scaled-down recipe shared by every point of a grid (see the grid's README for the why).
 CIFAR_BASE = {
     'model.dim': 128, 'model.depth': 4, 'model.kernel_size': 5, 'model.patch_size': 4,
-    'train.batch_size': 128, 'train.num_epochs': 6, 'train.peak_lr': 0.01,
+    'train.batch_size': 128, 'train.num_epochs': 4, 'train.peak_lr': 0.01,
     'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
     'data.name': 'cifar10_jpeg',
 }
