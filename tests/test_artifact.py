@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pemn_jax import artifact, build, layers, train
-from pemn_jax.configs import smoke
+from pemn_jax.configs import common, smoke
 
 PEMN = [sys.executable, '-m', 'pemn_jax.main']
 
@@ -20,13 +20,7 @@ def _config(**over):
   c = smoke.get_config()
   c.train.num_steps = 4
   c.train.checkpoint_every_steps = 2
-  for k, v in over.items():
-    node = c
-    *parents, leaf = k.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = v
-  return c
+  return common.with_overrides(c, over)
 
 
 @pytest.fixture(scope='module')

@@ -30,7 +30,7 @@ import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from pemn_jax import build, checkpointing, layers, train
-from pemn_jax.configs import smoke
+from pemn_jax.configs import common, smoke
 from pemn_jax.data import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -88,14 +88,7 @@ def overrides(data_dir: str, **fields) -> dict:
 
 
 def make_config(ov: dict):
-  c = smoke.get_config()
-  for key, value in ov.items():
-    *parents, leaf = key.split('.')
-    node = c
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return common.with_overrides(smoke.get_config(), ov)
 
 
 def env(devices: int = 1) -> dict:

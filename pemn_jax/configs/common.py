@@ -83,3 +83,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every_epochs = 1
   c.train.progress = True
   return c
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place, as ``--config.a.b=v`` does on the command line; returns it.
+
+  Example: ``with_overrides(smoke.get_config(), {'model.dim': 32, 'train.num_steps': 4})``.
+  """
+  for key, value in overrides.items():
+    *parents, leaf = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
