@@ -209,6 +209,8 @@ def rss_child(config_path: str, overrides: list[str], batch_size: int, steps: in
          '--batch-size', str(batch_size), '--steps', str(steps), '--remat', remat, *overrides]
   for k, v in (compiler_options or {}).items():
     cmd += ['--compiler-option', f'{k}={v}']
+  if not compiler_options:
+    cmd += ['--compiler-option', 'none']  # the child must not fall back to the library default
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     return {'error': out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}
@@ -313,15 +315,22 @@ def main() -> int:
                  help='lever: run model.apply under jax.checkpoint with this policy (default '
                       'none = exactly the library step)')
   p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
-                 help='lever: XLA option for the step compile, e.g. xla_cpu_scheduler_type='
-                      'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED (default none = the library step)')
+                 help='XLA option for the step compile, e.g. xla_cpu_scheduler_type='
+                      'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; default: the library trainer\'s '
+                      'own (train.step_compiler_options); "none" for XLA\'s defaults')
   p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
   args, rest = p.parse_known_args()
   bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
   if bad:
     p.error(f'unrecognised arguments: {" ".join(bad)} (overrides are --config.FIELD=VALUE)')
   config_path = os.path.abspath(args.config or DEFAULT_CONFIG)
-  copts = dict(kv.split('=', 1) for kv in args.compiler_option)
+  # Default: the options the library's trainer compiles its step with (what users run).
+  if args.compiler_option:
+    copts = dict(kv.split('=', 1) for kv in args.compiler_option if kv != 'none')
+  else:
+    from pemn_jax import train as train_lib
+
+    copts = train_lib.step_compiler_options() or {}
 
   if args._rss_child:
     import jax
