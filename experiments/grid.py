@@ -94,8 +94,12 @@ GRIDS = {
     'cifar_vit': lambda: _grid(CIFAR_VIT_BASE, 'vit_cifar10.py', (0,), VIT_POINTS),
     'cifar_resnet': lambda: _grid(CIFAR_RESNET_BASE, 'resnet_cifar10.py', (0,), RESNET_POINTS),
     'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
+    # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
+    'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
 }
 DATASET_LABELS = {
+    'fashion_mnist_embedded': ('embedded Fashion-MNIST subset (pemn_jax/data_files: 10,000 '
+                               'train / 2,000 test)'),
     'cifar10_jpeg': 'CIFAR-10 (JPEG-q75 mirror), 50,000 train / 10,000 test',
     'fashion_mnist': ('Fashion-MNIST (official files, Debian dataset-fashion-mnist), '
                       '60,000 / 10,000'),
@@ -145,6 +149,8 @@ def do_run(args) -> int:
       return proc.returncode
     with open(os.path.join(ROOT, workdir, 'summary.json')) as f:
       summary = json.load(f)
+    with open(os.path.join(ROOT, workdir, 'config.json')) as f:
+      summary_config = json.load(f)
     inspect = subprocess.run(
         [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', '--json',
          *[a for a in cmd[2:] if not a.startswith('--workdir')]],
@@ -161,8 +167,8 @@ def do_run(args) -> int:
         'command': shlex.join(cmd), 'cwd': ROOT,
         'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
         'machine': machine(), 'wall_seconds': time.time() - t0,
-        'dataset': DATASET_LABELS.get(run['overrides'].get('data.name'), run['overrides'].get(
-            'data.name')),
+        'dataset': DATASET_LABELS.get(summary_config['data']['name'],
+                                      summary_config['data']['name']),
         'best_accuracy': summary['best_accuracy'], 'best_epoch': summary['best_epoch'],
         'final_accuracy': summary['final_accuracy'], 'steps': summary['total_steps'],
         'masked_weights': info['masked_weights'], 'unique_values': info['unique_values'],
