@@ -188,6 +188,15 @@ def do_run(args) -> int:
   return 0
 
 
+def short_dataset(label: str) -> str:
+  """A plot-title name for a dataset label (CIFAR results always carry the mirror's name)."""
+  if label.startswith('CIFAR-10'):
+    return 'CIFAR-10 (JPEG-q75 mirror)'
+  if label.startswith('embedded'):
+    return 'Fashion-MNIST subset (embedded)'
+  return label.split(' (')[0]
+
+
 def load_records(grid):
   d = os.path.join(RESULTS, grid, 'runs')
   out = []
@@ -254,12 +263,34 @@ def do_report(args) -> int:
   lo = max(0.0, min(means) - 10)
   ax.set_ylim(lo, min(100, max(means) + 5))
   ax.set_ylabel('best test accuracy (%)')
-  ax.set_title(f"{r0['dataset'].split(',')[0]}: accuracy vs weight strategy")
+  ax.set_title(f"{short_dataset(r0['dataset'])}: accuracy vs weight strategy")
   for xi, m in zip(x, means):
     ax.text(xi, m + 0.3, f'{m:.1f}', ha='center', fontsize=8)
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'accuracy.png'), dpi=120)
-  print(f'wrote {out}/README.md and accuracy.png')
+  plt.close(fig)
+  # Accuracy against storage, two ways (the paper's figures 4-5): the paper's convention (CSR
+  # for sparse baselines) and the real .pemn file on disk.
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for lbl, mean in zip(labels, means):
+    r = next(r for r in records if r['label'] == lbl)
+    st = r['storage']
+    paper_bytes = (r['csr_bits'] if r.get('csr_bits') else st['paper_bits']) / 8
+    file_bytes = (r.get('artifact') or {}).get('file_bytes')
+    ax.scatter([paper_bytes], [mean], marker='o', color='#3b75af')
+    ax.annotate(lbl, (paper_bytes, mean), fontsize=7, xytext=(3, 3), textcoords='offset points')
+    if file_bytes:
+      ax.scatter([file_bytes], [mean], marker='s', color='#d9822b')
+  ax.scatter([], [], marker='o', color='#3b75af', label="paper's convention (values + masks; CSR)")
+  ax.scatter([], [], marker='s', color='#d9822b', label='our .pemn file on disk')
+  ax.set_xscale('log')
+  ax.set_xlabel('storage (bytes, log scale)')
+  ax.set_ylabel('best test accuracy (%)')
+  ax.legend(fontsize=8)
+  ax.set_title(f"{short_dataset(r0['dataset'])}: accuracy vs storage")
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, 'accuracy_vs_storage.png'), dpi=120)
+  print(f'wrote {out}/README.md, accuracy.png and accuracy_vs_storage.png')
   return 0
 
 
