@@ -281,8 +281,10 @@ def do_report(args) -> int:
     ax.annotate(lbl, (paper_bytes, mean), fontsize=7, xytext=(3, 3), textcoords='offset points')
     if file_bytes:
       ax.scatter([file_bytes], [mean], marker='s', color='#d9822b')
-  ax.scatter([], [], marker='o', color='#3b75af', label="paper's convention (values + masks; CSR)")
-  ax.scatter([], [], marker='s', color='#d9822b', label='our .pemn file on disk')
+  ax.scatter([], [], marker='o', color='#3b75af',
+             label="paper's convention (values + 1-bit masks, BN excluded; CSR)")
+  ax.scatter([], [], marker='s', color='#d9822b',
+             label='our .pemn file on disk (BN and header included)')
   ax.set_xscale('log')
   ax.set_xlabel('storage (bytes, log scale)')
   ax.set_ylabel('best test accuracy (%)')
