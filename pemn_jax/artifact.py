@@ -293,9 +293,7 @@ def evaluate(path: str, config_override: ml_collections.ConfigDict | None = None
     config.train.eval_batch_size = eval_bs - eval_bs % jax.device_count() or jax.device_count()
   _, replicated, batch_sharding = train.mesh_and_shardings()
   variables = jax.device_put(variables, replicated)
-  eval_step = jax.jit(train.make_eval_step(model),
-                      in_shardings=(replicated, replicated, replicated, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = train.jit_eval_step(model, replicated, batch_sharding)
   result = train.evaluate(eval_step, variables['params'], variables.get('batch_stats', {}),
                           variables.get(layers.FROZEN), config, batch_sharding)
   result['step'] = header['step']

@@ -24,6 +24,7 @@ definition builds both by injecting the layer classes. Use them like any Linen l
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,12 @@ def uniform_fan_in(key, shape, dtype=jnp.float32):
   """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): edge-popup's score init and PyTorch's default init."""
   bound = 1.0 / np.sqrt(fan_in(shape))
   return jax.random.uniform(key, (int(np.prod(shape)),), dtype, -bound, bound).reshape(shape)
+
+
+def batch_norm(train: bool, dtype: Dtype | None = None):
+  """The BatchNorm every model uses: PyTorch's defaults (momentum 0.1 there, 0.9 here; eps 1e-5)."""
+  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                           epsilon=1e-5, dtype=dtype)
 
 
 def _trainable_kernel(module: nn.Module, shape) -> jax.Array:

@@ -63,6 +63,12 @@ def lr_schedule(config: ml_collections.ConfigDict, total_steps: int) -> Callable
   return lambda step: jnp.interp((step + 1) / total_steps, xs, ys)
 
 
+def total_train_steps(config: ml_collections.ConfigDict, info) -> int:
+  """``train.num_steps`` if set, else ``train.num_epochs`` full epochs (the schedule's length)."""
+  t = config.train
+  return t.num_steps or t.num_epochs * pipeline.steps_per_epoch(info, t.batch_size)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """AdamW on every trainable leaf (scores and BN; kernels too in the dense baseline)."""
   t = config.train
@@ -123,6 +129,13 @@ def make_train_step(model, tx):
                          opt_state=opt_state), metrics
 
   return train_step
+
+
+def jit_eval_step(model, replicated, batch_sharding):
+  """``make_eval_step`` jitted with the state replicated and the batch sharded over 'data'."""
+  return jax.jit(make_eval_step(model),
+                 in_shardings=(replicated, replicated, replicated, batch_sharding),
+                 out_shardings=replicated)
 
 
 def make_eval_step(model):
@@ -313,7 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f'{info.num_classes} classes of data.name={config.data.name!r}')
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(info, t.batch_size)
-  total_steps = t.num_steps or t.num_epochs * steps_per_epoch
+  total_steps = total_train_steps(config, info)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
 
   mesh, replicated, batch_sharding = mesh_and_shardings()
@@ -359,9 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                        in_shardings=(replicated, replicated, batch_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,),
                        compiler_options=step_compiler_options())
-  eval_step = jax.jit(make_eval_step(s.model),
-                      in_shardings=(replicated, replicated, replicated, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = jit_eval_step(s.model, replicated, batch_sharding)
 
   start = int(jax.device_get(state.step))
   writer = _MetricWriter(workdir, start)
@@ -483,9 +494,7 @@ def restore_workdir(workdir: str, best: bool = False):
     raise FileNotFoundError(f'--workdir {workdir} holds no '
                             f'{"evaluated " if best else ""}checkpoint')
   info = pipeline.get_dataset_info(config.data)
-  steps = config.train.num_steps or config.train.num_epochs * pipeline.steps_per_epoch(
-      info, config.train.batch_size)
-  tx = make_optimizer(config, steps)
+  tx = make_optimizer(config, total_train_steps(config, info))
   template = jax.eval_shape(lambda p, b: TrainState(
       step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)),
       s.variables['params'], s.variables.get('batch_stats', {}))
@@ -505,9 +514,7 @@ def evaluate_workdir(workdir: str, best: bool = False) -> dict:
   """
   config, s, state, step = restore_workdir(workdir, best)
   _, replicated, batch_sharding = mesh_and_shardings()
-  eval_step = jax.jit(make_eval_step(s.model),
-                      in_shardings=(replicated, replicated, replicated, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = jit_eval_step(s.model, replicated, batch_sharding)
   result = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
                     batch_sharding)
   result['step'] = step

@@ -8,7 +8,6 @@ are attributes, so the same definition builds the dense baseline and the masked 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -48,8 +47,7 @@ class ConvMixer(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = layers.batch_norm(train, self.dtype)
     p, k = self.patch_size, self.kernel_size
     x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                   name='stem')(x)

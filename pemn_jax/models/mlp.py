@@ -5,7 +5,6 @@ Flatten; for every hidden width: dense (no bias), BN, ReLU; then the dense class
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,8 +26,7 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = layers.batch_norm(train, self.dtype)
     x = x.reshape(x.shape[0], -1)
     for i, width in enumerate(self.hidden_dims):
       x = self.dense(width, dtype=self.dtype, name=f'dense{i}')(x)

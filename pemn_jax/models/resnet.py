@@ -9,7 +9,6 @@ recipe for PEMN; this is the standard CIFAR ResNet of the original paper.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,8 +60,7 @@ class CifarResNet(nn.Module):
       raise ValueError(f'model.depth must be 6n+2 for a CIFAR ResNet (e.g. {DEPTHS}), '
                        f'got {self.depth}')
     n = (self.depth - 2) // 6
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                             epsilon=1e-5, dtype=self.dtype)
+    norm = layers.batch_norm(train, self.dtype)
     x = self.conv(self.width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
                   name='stem')(x)
     x = nn.relu(norm(name='stem_bn')(x))
