@@ -77,8 +77,14 @@ def load_config(path: str, overrides: list[str]):
 
 def describe(config) -> str:
   m = config.model
-  name = f'{m.name}-{m.dim}/{m.depth}' if m.name == 'convmixer' else m.name
-  return f'{name} k={m.get("kernel_size")} p={m.get("patch_size")} {m.get("dtype", "float32")}'
+  dtype = m.get('dtype', 'float32')
+  if m.name == 'convmixer':
+    return f'convmixer-{m.dim}/{m.depth} k={m.kernel_size} p={m.patch_size} {dtype}'
+  if m.name == 'vit':
+    return f'vit-{m.dim}/{m.depth} p={m.patch_size} {dtype}'
+  if m.name == 'resnet':
+    return f'resnet-{m.depth} {dtype}'
+  return f'{m.name} {dtype}'
 
 
 # ----------------------------------------------------------------------------------------------

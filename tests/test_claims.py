@@ -1,0 +1,67 @@
+"""The verdict rules of experiments/claims.py, on synthetic run records."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments'))
+import claims  # noqa: E402
+
+
+def rec(label, acc, seed=0, uniq=100, paper_bits=8000, csr_bits=None, file_bytes=1000):
+  return {'label': label, 'best_accuracy': acc / 100, 'seed': seed, 'unique_values': uniq,
+          'storage': {'paper_bits': paper_bits}, 'csr_bits': csr_bits,
+          'artifact': {'file_bytes': file_bytes}}
+
+
+def claim_verdict(shallow, deep):
+  return claims.claim3(shallow, deep)[0]
+
+
+def test_claim3_needs_the_gap_to_narrow_by_a_point():
+  shallow = [rec('Dense', 70), rec('Mask', 60)]
+  assert claim_verdict(shallow, [rec('Dense', 72), rec('Mask', 66)]) == 'supported'
+  assert claim_verdict(shallow, [rec('Dense', 72), rec('Mask', 61.5)]).startswith('not supported')
+  assert claim_verdict(shallow, [rec('Dense', 72), rec('Mask', 58)]).startswith('contradicted')
+
+
+def test_claim3_averages_seeds():
+  shallow = [rec('Dense', 70), rec('Mask', 60)]
+  deep = [rec('Dense', 72, 0), rec('Dense', 70, 1), rec('Mask', 64, 0), rec('Mask', 66, 1)]
+  verdict, lines = claims.claim3(shallow, deep)
+  assert verdict == 'supported'
+  assert 'gap 6.00 points' in lines[1] and '(2 seeds)' in lines[1]
+
+
+def test_claim4_compares_relative_drops():
+  convmixer = [rec('Dense', 70), rec('Mask', 60), rec('RP 1e-2', 59), rec('RP 1e-4', 50)]
+  # ConvMixer loses 10 / 50 = 20 % of Mask's above-chance accuracy at RP 1e-4.
+  unstable = [rec('Dense', 60), rec('Mask', 50), rec('RP 1e-2', 49), rec('RP 1e-4', 30)]  # 50 %
+  stable = [rec('Dense', 60), rec('Mask', 50), rec('RP 1e-2', 49), rec('RP 1e-4', 43)]  # 17.5 %
+  assert claims.claim4(unstable, convmixer)[0] == 'supported'
+  assert claims.claim4(stable, convmixer)[0].startswith('not supported')
+  assert claims.claim4(unstable[:2], convmixer)[0] == 'not measured yet'
+  assert claims.relative_drop(convmixer, 'RP 1e-4') == pytest.approx(0.2)
+
+
+def test_claim5_compares_only_at_equal_or_smaller_storage():
+  records = [
+      rec('Dense', 80, paper_bits=64000, file_bytes=9000),
+      rec('RP 1e-2', 60, paper_bits=2000, file_bytes=1000),
+      # Needs more storage than RP 1e-2 both ways, and is worse: one win per convention.
+      rec('Random 90%', 50, paper_bits=0, csr_bits=6400, file_bytes=1500),
+      # Smaller than RP 1e-2 both ways: never compared, even though it is better.
+      rec('Magnitude 96%', 70, paper_bits=0, csr_bits=1000, file_bytes=800),
+  ]
+  verdict, lines = claims.claim5(records)
+  assert verdict.startswith('supported')
+  assert lines[0].startswith('2 of 2 comparisons')
+  records[2] = rec('Random 90%', 65, paper_bits=0, csr_bits=6400, file_bytes=1500)
+  verdict, lines = claims.claim5(records)
+  assert verdict.startswith('contradicted')
+  assert 'RP 1e-2 vs Random 90% (paper)' in lines[0]
+
+
+def test_claim5_without_baselines_is_not_measured():
+  assert claims.claim5([rec('MP', 60)])[0] == 'not measured yet'
