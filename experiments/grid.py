@@ -61,6 +61,8 @@ RESNET_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-1'
                                         'model.sparsity': s})
     for method in ('random', 'magnitude') for s in (0.90, 0.92, 0.94, 0.96)]
 DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask')]
+# The bfloat16 compute option's accuracy effect (performance issue): the demo, both dtypes.
+DTYPE_POINTS = [('float32', {'model.dtype': 'float32'}), ('bfloat16', {'model.dtype': 'bfloat16'})]
 KEEP_POINTS = [(f'k={k:g}', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2,
                              'strategy.keep_fraction': k}) for k in (0.5, 0.3, 0.1, 0.05)]
 CIFAR_VIT_BASE = {
@@ -100,6 +102,7 @@ GRIDS = {
     'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
     # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
     'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
+    'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
 }
 DATASET_LABELS = {
     'fashion_mnist_embedded': ('embedded Fashion-MNIST subset (pemn_jax/data_files: 10,000 '
@@ -224,7 +227,8 @@ def do_report(args) -> int:
   if not records:
     print(f'no records for grid {args.grid}', file=sys.stderr)
     return 1
-  order = [lbl for pts in (STRATEGY_POINTS, RESNET_POINTS, KEEP_POINTS) for lbl, _ in pts]
+  order = [lbl for pts in (STRATEGY_POINTS, RESNET_POINTS, KEEP_POINTS, DTYPE_POINTS)
+           for lbl, _ in pts]
   labels = list(dict.fromkeys(lbl for lbl in order if any(r['label'] == lbl for r in records)))
   rows, means, spreads = [], [], []
   for lbl in labels:
