@@ -284,28 +284,47 @@ def do_report(args) -> int:
   fig.savefig(os.path.join(out, 'accuracy.png'), dpi=120)
   plt.close(fig)
   # Accuracy against storage, two ways (the paper's figures 4-5): the paper's convention (CSR
-  # for sparse baselines) and the real .pemn file on disk.
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for lbl, mean in zip(labels, means):
-    r = next(r for r in records if r['label'] == lbl)
-    st = r['storage']
-    paper_bytes = (r['csr_bits'] if r.get('csr_bits') else st['paper_bits']) / 8
-    file_bytes = (r.get('artifact') or {}).get('file_bytes')
-    ax.scatter([paper_bytes], [mean], marker='o', color='#3b75af')
-    ax.annotate(lbl, (paper_bytes, mean), fontsize=7, xytext=(3, 3), textcoords='offset points')
-    if file_bytes:
-      ax.scatter([file_bytes], [mean], marker='s', color='#d9822b')
-  ax.scatter([], [], marker='o', color='#3b75af',
-             label="paper's convention (values + 1-bit masks, BN excluded; CSR)")
-  ax.scatter([], [], marker='s', color='#d9822b',
-             label='our .pemn file on disk (BN and header included)')
-  ax.set_xscale('log')
-  ax.set_xlabel('storage (bytes, log scale)')
-  ax.set_ylabel('best test accuracy (%)')
-  ax.legend(fontsize=8)
-  ax.set_title(f"{short_dataset(r0['dataset'])}: accuracy vs storage")
+  # for sparse baselines) and the real .pemn file on disk; sparse baselines as lines by method.
+  def family(lbl):
+    return lbl.split()[0] if lbl.startswith(('Random ', 'Magnitude ')) else (
+        'Dense' if lbl == 'Dense' else 'PEMN')
+
+  styles = {'PEMN': dict(marker='*', s=90, color='#3b75af'),
+            'Dense': dict(marker='o', s=40, color='#777777'),
+            'Random': dict(marker='s', s=30, color='#d9822b'),
+            'Magnitude': dict(marker='^', s=34, color='#4c9a2a')}
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  panels = (("paper's convention: 32-bit unique values + 1-bit masks; CSR for sparse; BN "
+             'excluded', lambda r: (r['csr_bits'] if r.get('csr_bits')
+                                    else r['storage']['paper_bits']) / 8),
+            ('our .pemn file on disk (BN, header and key included)',
+             lambda r: (r.get('artifact') or {}).get('file_bytes')))
+  for ax, (title, size) in zip(axes, panels):
+    fams = {}
+    for lbl, mean in zip(labels, means):
+      r = next(r for r in records if r['label'] == lbl)
+      if size(r):
+        fams.setdefault(family(lbl), []).append((size(r), mean, lbl))
+    for fam, pts in fams.items():
+      pts.sort()
+      xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+      ax.scatter(xs, ys, label=fam if fam != 'PEMN' else 'PEMN (masks on random weights)',
+                 **styles[fam])
+      if fam in ('Random', 'Magnitude'):
+        ax.plot(xs, ys, color=styles[fam]['color'], lw=1)
+      for x_, y_, lbl in pts:
+        ax.annotate(lbl.replace('Random ', '').replace('Magnitude ', ''), (x_, y_), fontsize=7,
+                    xytext=(3, 3), textcoords='offset points')
+    ax.set_xscale('log')
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel('storage (bytes, log scale)')
+    ax.set_title(title, fontsize=8)
+  axes[0].set_ylabel('best test accuracy (%)')
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f"{short_dataset(r0['dataset'])}: accuracy vs storage")
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'accuracy_vs_storage.png'), dpi=120)
+  plt.close(fig)
   print(f'wrote {out}/README.md, accuracy.png and accuracy_vs_storage.png')
   return 0
 
