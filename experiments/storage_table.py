@@ -19,7 +19,7 @@ import tempfile
 
 import jax
 
-from pemn_jax import artifact, build, layers, storage, strategies
+from pemn_jax import artifact, build, layers
 from pemn_jax.configs import common
 
 MODELS = [
@@ -60,7 +60,7 @@ def main():
           '| ours: key + entropy-coded masks |')
     print('|---|---|---|---|---|---|')
     for label, strategy, rp in STRATS:
-      shapes_info = _shapes_summary(config_for(model, strategy, rp))
+      shapes_info = build.summarize(config_for(model, strategy, rp), abstract=True)
       st = shapes_info['storage']
       print(f"| {label} | {shapes_info['unique_values']:,} | {st['ratio_paper']:.2f}x | "
             f"{st['ratio_paper_with_bn']:.2f}x | {st['ratio_key_only']:.2f}x | "
@@ -84,23 +84,6 @@ def main():
       print(f"| {label} | {keep} | {info['file_bytes']:,} | {info['mask_bits_per_entry']:.4f} | "
             f"{info['ratio_vs_dense_fp32']:.2f}x |")
   return 0
-
-
-def _shapes_summary(c):
-  """Counts and storage from abstract shapes only (no random values drawn)."""
-
-  model = build.build_model(c)
-  shape = build.input_shape(c)
-  order = build.kernel_order(model, shape)
-  abstract = jax.eval_shape(lambda: model.init(
-      {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)},
-      jax.numpy.zeros((1, *shape))))
-  shapes = [tuple(strategies.get_path(abstract[layers.FROZEN], p).shape) for p in order]
-  nv = build.norm_values(abstract['params'])
-  s = c.strategy
-  rep = storage.report(shapes, nv, s.name, s.keep_fraction, s.get('rp_ratio'))
-  return {'unique_values': strategies.stored_value_count(shapes, s.name, s.get('rp_ratio')),
-          'storage': rep.as_dict()}
 
 
 if __name__ == '__main__':

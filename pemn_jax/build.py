@@ -211,12 +211,15 @@ def norm_values(params: dict) -> int:
   return total
 
 
-def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) -> dict:
+def summarize(config: ml_collections.ConfigDict, variables: dict | None = None, *,
+              abstract: bool = False) -> dict:
   """Per-layer shapes, counts and the storage report of the model a config describes.
 
   Args:
     config: a full config (model, strategy, seed, data).
     variables: already-initialised variables (else they are drawn here).
+    abstract: work from shapes only (``jax.eval_shape``; no random values are drawn, so
+      ``distinct_values_present`` is left out). Cheap for large models.
 
   Returns:
     A JSON-ready dict: ``layers`` (path, Flax shape, PyTorch shape, size), ``masked_weights``,
@@ -229,7 +232,8 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) 
   model = build_model(config)
   shape = input_shape(config)
   if variables is None:
-    variables = init_variables(model, config, shape)
+    init = lambda: init_variables(model, config, shape)  # noqa: E731
+    variables = jax.eval_shape(init) if abstract else init()
   masked = config.model.get('masked', True)
   s = config.strategy
   if masked:  # the masked kernels are the frozen ones (sparse baselines keep masks there)
@@ -252,7 +256,8 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None) 
   if masked:
     rep = storage.report(shapes, nv, s.name, s.keep_fraction, s.get('rp_ratio'))
     out['unique_values'] = strategies.stored_value_count(shapes, s.name, s.get('rp_ratio'))
-    out['distinct_values_present'] = strategies.unique_values(variables[layers.FROZEN])
+    if not abstract:
+      out['distinct_values_present'] = strategies.unique_values(variables[layers.FROZEN])
   else:
     rep = storage.report(shapes, nv, 'mask', 1.0)
     rep = dataclasses.replace(rep, strategy='dense', paper_bits=rep.dense_fp32_bits,

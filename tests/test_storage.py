@@ -201,3 +201,14 @@ def test_summarize_agrees_with_report(convmixer_256_6):
   expected = storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3).as_dict()
   assert summary['storage'] == expected
   assert strategies.stored_value_count(shapes, 'random_vector_padding', 1e-3) == 66
+
+
+def test_summarize_abstract_draws_nothing_and_agrees(convmixer_256_6):
+  # abstract=True is what experiments/storage_table.py uses for the paper's large models.
+  config = _convmixer_config()
+  summary = build.summarize(config, abstract=True)
+  shapes, nv = convmixer_256_6
+  assert summary['masked_weights'] == 437_248 and summary['unique_values'] == 66
+  assert 'distinct_values_present' not in summary
+  assert summary['storage'] == storage.report(shapes, nv, 'random_vector_padding', 0.5,
+                                              1e-3).as_dict()
