@@ -60,19 +60,11 @@ class ArtifactError(ValueError):
 # Writing.
 
 
-def _tree_items(tree: dict, prefix: tuple[str, ...] = ()):
-  for k, v in tree.items():
-    if hasattr(v, 'items'):
-      yield from _tree_items(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
-
-
 def masks_of(config: ml_collections.ConfigDict, params: dict) -> dict[tuple[str, ...], np.ndarray]:
   """Each masked layer's boolean mask, exactly as the forward pass computes it."""
   k, score_abs = config.strategy.keep_fraction, config.strategy.get('score_abs', True)
   out = {}
-  for path, leaf in _tree_items(params):
+  for path, leaf in strategies.tree_items(params):
     if path[-1] == 'scores':
       mask = masking.score_mask(leaf, k, score_abs)  # the forward pass's own function
       out[path] = np.asarray(jax.device_get(mask)).astype(bool)
@@ -115,7 +107,7 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
       add('mask', path, data, shape=list(mask.shape), ones=int(mask.sum()),
           codec=['packbits', 'rans'][data[0] & 0x0F])
   for collection in ('params', 'batch_stats'):
-    for path, leaf in _tree_items(variables.get(collection, {})):
+    for path, leaf in strategies.tree_items(variables.get(collection, {})):
       if collection == 'params' and path[-1] == 'scores':
         continue
       if sparse_method and collection == 'params' and path[-1] == 'kernel':
@@ -319,7 +311,7 @@ def materialize_dense(config: ml_collections.ConfigDict, variables: dict
   dense_config.model.masked = False
   params: dict = {}
   masks = masks_of(config, variables['params'])
-  for path, leaf in _tree_items(variables['params']):
+  for path, leaf in strategies.tree_items(variables['params']):
     if path[-1] == 'scores':
       frozen = strategies.get_path(variables[layers.FROZEN], path[:-1] + ('kernel',))
       _set(params, path[:-1] + ('kernel',), frozen * jnp.asarray(masks[path], frozen.dtype))

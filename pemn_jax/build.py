@@ -197,18 +197,8 @@ def frozen_fingerprint(frozen: dict) -> str:
 
 def norm_values(params: dict) -> int:
   """Values the normalisation layers need at inference: 2 per channel (scale and shift)."""
-  total = 0
-
-  def walk(node):
-    nonlocal total
-    for k, v in node.items():
-      if hasattr(v, 'items'):
-        walk(v)
-      elif k == 'scale':
-        total += 2 * int(np.prod(v.shape))
-
-  walk(params)
-  return total
+  return sum(2 * int(np.prod(leaf.shape)) for path, leaf in strategies.tree_items(params)
+             if path[-1] == 'scale')
 
 
 def summarize(config: ml_collections.ConfigDict, variables: dict | None = None, *,

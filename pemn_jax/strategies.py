@@ -63,23 +63,22 @@ def get_path(tree: dict, path: Path):
   return tree
 
 
+def tree_items(tree, prefix: Path = ()):
+  """``(path, leaf)`` of a nested dict in the dict's own (insertion) order, depth first."""
+  for k, v in tree.items():
+    if hasattr(v, 'items'):
+      yield from tree_items(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
 def kernel_paths(frozen: dict) -> list[Path]:
   """Paths of the kernels in ``frozen`` in the dict's own (insertion) order.
 
   Flax builds the collection in call order, so on a collection straight out of ``model.init``
   (before any pytree flattening, which sorts keys) this is the order by depth.
   """
-  out: list[Path] = []
-
-  def walk(node, prefix):
-    for k, v in node.items():
-      if isinstance(v, dict) or hasattr(v, 'items'):
-        walk(v, prefix + (k,))
-      else:
-        out.append(prefix + (k,))
-
-  walk(frozen, ())
-  return out
+  return [path for path, _ in tree_items(frozen)]
 
 
 def _set_path(tree: dict, path: Path, value) -> dict:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pemn_jax import artifact, build, layers, train
+from pemn_jax import artifact, build, layers, strategies, train
 from pemn_jax.configs import common, smoke
 
 PEMN = [sys.executable, '-m', 'pemn_jax.main']
@@ -173,7 +173,7 @@ def test_sparse_baselines_export_exactly_and_keep_the_right_count(tmp_path, meth
   variables = build.init_variables(model, config)
   x = jax.random.normal(jax.random.key(5), (4, 28, 28, 1))
   # Train-mode forward updates nothing we need; the effective kernels must keep ceil(0.1 n).
-  for path, leaf in artifact._tree_items(variables['params']):  # noqa: SLF001
+  for path, leaf in strategies.tree_items(variables['params']):
     if path[-1] == 'kernel':
       eff = artifact._sparse_effective(config, variables, path, leaf)  # noqa: SLF001
       assert int(jnp.sum(eff != 0)) == -(-leaf.size // 10)
