@@ -60,7 +60,17 @@ def test_claim5_compares_only_at_equal_or_smaller_storage():
   records[2] = rec('Random 90%', 65, paper_bits=0, csr_bits=6400, file_bytes=1500)
   verdict, lines = claims.claim5(records)
   assert verdict.startswith('contradicted')
-  assert 'RP 1e-2 vs Random 90% (paper)' in lines[0]
+  assert 'RP 1e-2 vs Random 90% (paper, -5.00 points)' in lines[0]
+
+
+def test_claim5_mixed_outcome_is_partial():
+  records = [
+      rec('MP', 62, paper_bits=8000, file_bytes=1000),
+      rec('RP 1e-2', 58, paper_bits=2000, file_bytes=1000),
+      rec('Random 90%', 60, paper_bits=0, csr_bits=9000, file_bytes=1500),
+  ]
+  verdict, _ = claims.claim5(records)
+  assert verdict == 'only partly: PEMN wins 2 of 4 comparisons'
 
 
 def test_claim5_without_baselines_is_not_measured():
