@@ -148,17 +148,23 @@ def claim5(records):
       r = by_label[lbl][0]
       lines.append(f'| {lbl} | {fmt(acc(records, lbl)[0])} | '
                    f'{storage_bytes(r, "paper"):,.0f} | {storage_bytes(r, "file"):,} |')
-  wins, losses = [], []
+  wins, losses = [], []  # (pemn label, baseline label, convention, accuracy difference)
   for conv in ('paper', 'file'):
     for p in pemn:
       for b in sparse:
         if storage_bytes(by_label[p][0], conv) <= storage_bytes(by_label[b][0], conv):
           diff = acc(records, p)[0] - acc(records, b)[0]
-          pair = f'{p} vs {b} ({conv}, {diff:+.2f} points)'
-          (wins if diff > 0 else losses).append(pair)
+          (wins if diff > 0 else losses).append((p, b, conv, diff))
   text = (f'{len(wins)} of {len(wins) + len(losses)} comparisons at equal or smaller storage '
           'won by PEMN')
-  lines = [text + (': lost ' + '; '.join(losses) if losses else ''), ''] + lines
+  if wins:
+    margins = [w[3] for w in wins]
+    text += (f' (by {min(margins):+.2f} to {max(margins):+.2f} points, against '
+             f'{", ".join(sorted({w[1] for w in wins}))})')
+  if losses:
+    text += ': lost ' + '; '.join(f'{p} vs {b} ({conv}, {d:+.2f} points)'
+                                  for p, b, conv, d in losses)
+  lines = [text, ''] + lines
   if not wins and not losses:
     return 'not measured (no PEMN point is as small as a baseline)', lines
   if not losses:
