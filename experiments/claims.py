@@ -70,6 +70,10 @@ def spread(records, label):
   return float(np.std(xs)) if len(xs) > 1 else None
 
 
+def seeds(n):
+  return f'{n} seed' + ('s' if n != 1 else '')
+
+
 def claim3(shallow, deep):
   """Claim 3 from the depth-4 grid and its depth-8 twin (same recipe, Dense and Mask)."""
   lines, gaps = [], {}
@@ -79,10 +83,11 @@ def claim3(shallow, deep):
     if dense is None or mask is None:
       return 'not measured yet', lines
     gaps[name] = dense - mask
-    lines.append(f'{name}: Dense {fmt(dense)}% ({nd} seeds), Mask {fmt(mask)}% ({nm} seeds): '
+    lines.append(f'{name}: Dense {fmt(dense)}% ({seeds(nd)}), Mask {fmt(mask)}% ({seeds(nm)}): '
                  f'gap {gaps[name]:.2f} points')
   change = gaps['depth 4'] - gaps['depth 8']
-  lines.append(f'the gap narrows by {change:.2f} points from depth 4 to depth 8')
+  lines.append(f'the gap {"narrows" if change > 0 else "widens"} by {abs(change):.2f} points '
+               'from depth 4 to depth 8')
   if change >= 1.0:
     return 'supported', lines
   if change <= -1.0:

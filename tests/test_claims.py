@@ -32,6 +32,7 @@ def test_claim3_averages_seeds():
   verdict, lines = claims.claim3(shallow, deep)
   assert verdict == 'supported'
   assert 'gap 6.00 points' in lines[1] and '(2 seeds)' in lines[1]
+  assert lines[2] == 'the gap narrows by 4.00 points from depth 4 to depth 8'
 
 
 def test_claim4_compares_relative_drops():
