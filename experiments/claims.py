@@ -279,13 +279,17 @@ def main():
       out.append(f"| {r['label'].split('=')[1]} | {r['best_accuracy'] * 100:.2f} | "
                  f"{a.get('file_bytes', 0):,} | {a.get('mask_bits_per_entry', 0):.4f} |")
     out.append('')
-  single = sorted({f"{g}: {r['label']}" for g in (*MAIN_GRIDS, 'cifar_convmixer_d8')
-                   for r in grid.load_records(g)
-                   if sum(q['label'] == r['label'] for q in grid.load_records(g)) < 2})
   out += ['## Not yet run (next sessions)', '']
   out += [f'- {m}: no records yet.' for m in missing]
-  if single:
-    out.append('- Second seed of: ' + '; '.join(single) + '.')
+  for g in sorted(grid.GRIDS):
+    done = {r['run'] for r in grid.load_records(g)}
+    todo = [r['name'] for r in grid.GRIDS[g]() if r['name'] not in done]
+    if todo:
+      cifar = any('cifar10' in r['overrides'].get('data.name', '') for r in grid.GRIDS[g]())
+      npz = ' --cifar-npz ../shared/data/cifar10_jpeg_q75.npz' if cifar else ''
+      out.append(f'- Grid `{g}`, defined but not run: {", ".join(todo)} '
+                 f'(`python experiments/grid.py run --grid {g}{npz}`).')
+  out.append('- Claim 5, second half: ResNet-56 against ResNet-32 (no grid defined yet).')
   out.append('')
   path = os.path.join(grid.RESULTS, 'README.md')
   tmp = path + '.tmp'
