@@ -214,7 +214,8 @@ def main():
 
   def section(title, verdict_lines, text, name):
     verdict, lines = verdict_lines
-    out.extend([title, '', f'**{name}.** {text}', '', f'- Verdict: **{verdict}**.'])
+    out.extend(([title, ''] if title else [])
+               + [f'**{name}.** {text}', '', f'- Verdict: **{verdict}**.'])
     out.extend(f'- {ln}' if ln and not ln.startswith('|') else ln for ln in lines)
     out.append('')
     if verdict.startswith('not measured'):
@@ -238,10 +239,7 @@ def main():
          '1e-1..1e-3) and drops clearly only at RP 1e-4 and 1e-5. Rule: supported if no point '
          'down to RP 1e-3 is more than 2 points below Mask and both RP 1e-4 and 1e-5 drop at '
          'least 1 point more than that.')):
-      verdict, lines = fn(records)
-      out += [f'**{name}.** {text}', '', f'- Verdict: **{verdict}**.']
-      out += [f'- {ln}' for ln in lines]
-      out.append('')
+      section(None, fn(records), text, name)
   cifar = grid.load_records('cifar_convmixer')
   deep = grid.load_records('cifar_convmixer_d8')
   section('## Claim 3: depth ([cifar_convmixer_d8/](cifar_convmixer_d8/README.md))',
