@@ -129,21 +129,13 @@ def claim4(vit, convmixer):
 PEMN_LABELS = ('MP', 'RP 1e-1', 'RP 1e-2')
 
 
-def storage_bytes(record, convention):
-  """Bytes of a run's model under one convention: 'paper' (values + 1-bit masks, CSR for the
-  sparse baselines, BN excluded) or 'file' (our .pemn file on disk, everything included)."""
-  if convention == 'paper':
-    return (record['csr_bits'] if record.get('csr_bits') else record['storage']['paper_bits']) / 8
-  return (record.get('artifact') or {}).get('file_bytes')
-
-
 def claim5(records):
   """PEMN points against every sparse baseline that needs at least as much storage."""
   by_label = {}
   for r in records:
     by_label.setdefault(r['label'], []).append(r)
   pemn = [lbl for lbl in PEMN_LABELS if lbl in by_label]
-  sparse = [lbl for lbl in by_label if lbl.startswith(('Random ', 'Magnitude '))]
+  sparse = [lbl for lbl in by_label if grid.family(lbl) in ('Random', 'Magnitude')]
   if not pemn or not sparse:
     return 'not measured yet', []
   lines = ['| run | best acc | paper convention (bytes) | our .pemn file (bytes) |',
@@ -152,12 +144,12 @@ def claim5(records):
     if lbl in by_label:
       r = by_label[lbl][0]
       lines.append(f'| {lbl} | {fmt(acc(records, lbl)[0])} | '
-                   f'{storage_bytes(r, "paper"):,.0f} | {storage_bytes(r, "file"):,} |')
+                   f'{grid.storage_bytes(r, "paper"):,.0f} | {grid.storage_bytes(r, "file"):,} |')
   wins, losses = [], []  # (pemn label, baseline label, convention, accuracy difference)
   for conv in ('paper', 'file'):
     for p in pemn:
       for b in sparse:
-        if storage_bytes(by_label[p][0], conv) <= storage_bytes(by_label[b][0], conv):
+        if grid.storage_bytes(by_label[p][0], conv) <= grid.storage_bytes(by_label[b][0], conv):
           diff = acc(records, p)[0] - acc(records, b)[0]
           (wins if diff > 0 else losses).append((p, b, conv, diff))
   text = (f'{len(wins)} of {len(wins) + len(losses)} comparisons at equal or smaller storage '

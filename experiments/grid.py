@@ -210,6 +210,21 @@ def short_dataset(label: str) -> str:
   return label.split(' (')[0]
 
 
+def family(label: str) -> str:
+  """'Dense', 'PEMN', or the sparse baseline's method ('Random' / 'Magnitude') of a point."""
+  if label.startswith(('Random ', 'Magnitude ')):
+    return label.split()[0]
+  return 'Dense' if label == 'Dense' else 'PEMN'
+
+
+def storage_bytes(record, convention):
+  """Bytes of a run's model under one convention: 'paper' (values + 1-bit masks, CSR for the
+  sparse baselines, BN excluded) or 'file' (our .pemn file on disk, everything included)."""
+  if convention == 'paper':
+    return (record['csr_bits'] if record.get('csr_bits') else record['storage']['paper_bits']) / 8
+  return (record.get('artifact') or {}).get('file_bytes')
+
+
 def load_records(grid):
   d = os.path.join(RESULTS, grid, 'runs')
   out = []
@@ -285,26 +300,19 @@ def do_report(args) -> int:
   plt.close(fig)
   # Accuracy against storage, two ways (the paper's figures 4-5): the paper's convention (CSR
   # for sparse baselines) and the real .pemn file on disk; sparse baselines as lines by method.
-  def family(lbl):
-    return lbl.split()[0] if lbl.startswith(('Random ', 'Magnitude ')) else (
-        'Dense' if lbl == 'Dense' else 'PEMN')
-
   styles = {'PEMN': dict(marker='*', s=90, color='#3b75af'),
             'Dense': dict(marker='o', s=40, color='#777777'),
             'Random': dict(marker='s', s=30, color='#d9822b'),
             'Magnitude': dict(marker='^', s=34, color='#4c9a2a')}
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   panels = (("paper's convention: 32-bit unique values + 1-bit masks; CSR for sparse; BN "
-             'excluded', lambda r: (r['csr_bits'] if r.get('csr_bits')
-                                    else r['storage']['paper_bits']) / 8),
-            ('our .pemn file on disk (BN, header and key included)',
-             lambda r: (r.get('artifact') or {}).get('file_bytes')))
-  for ax, (title, size) in zip(axes, panels):
+             'excluded', 'paper'), ('our .pemn file on disk (BN, header and key included)', 'file'))
+  for ax, (title, convention) in zip(axes, panels):
     fams = {}
     for lbl, mean in zip(labels, means):
       r = next(r for r in records if r['label'] == lbl)
-      if size(r):
-        fams.setdefault(family(lbl), []).append((size(r), mean, lbl))
+      if storage_bytes(r, convention):
+        fams.setdefault(family(lbl), []).append((storage_bytes(r, convention), mean, lbl))
     for fam, pts in fams.items():
       pts.sort()
       xs, ys = [p[0] for p in pts], [p[1] for p in pts]
