@@ -8,12 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: help demo test lint bench bench-codec bench-input clean-demo
+.PHONY: help demo test lint bench bench-remat bench-codec bench-input clean-demo
 
 help:
 	@echo "make demo   - set up .venv and train the demo (masked ConvMixer, RP, embedded Fashion-MNIST)"
 	@echo "make test   - set up .venv, lint with ruff, run the whole test suite"
 	@echo "make bench  - the train-step benchmark (experiments/bench_step.py)"
+	@echo "make bench-remat - the masked step with and without model.remat_blocks (experiments/bench_remat.py)"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +37,9 @@ clean-demo:
 
 bench: $(STAMP)
 	$(BIN)/python experiments/bench_step.py
+
+bench-remat: $(STAMP)
+	$(BIN)/python experiments/bench_remat.py
 
 bench-codec: $(STAMP)
 	$(BIN)/python experiments/bench_codec.py

@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from pemn_jax import layers, masking, ops, sparse, strategies
-from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT
+from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT, convmixer
 
 MODEL_NAMES = ('convmixer', 'resnet', 'vit', 'mlp')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -48,6 +48,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('dim', 'depth', 'kernel_size', 'patch_size', 'num_classes'):
     if field in m and m[field] is not None:
       _positive_int(m, f'model.{field}', m[field])
+  remat = m.get('remat_blocks', 'none')
+  if remat not in convmixer.REMAT_CHOICES:
+    raise ValueError(f'model.remat_blocks must be one of {convmixer.REMAT_CHOICES}, '
+                     f'got {remat!r}')
+  if remat != 'none' and m.name != 'convmixer':
+    raise ValueError(f"model.remat_blocks is implemented for model.name='convmixer' only, "
+                     f'got {m.name!r}')
   if m.get('dtype', 'float32') not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
   if m.get('conv_impl', 'auto') not in ops.CONV_IMPLS:
@@ -106,7 +113,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
                 num_classes=m.num_classes)
   if m.name == 'convmixer':
     return ConvMixer(dim=m.dim, depth=m.depth, kernel_size=m.kernel_size,
-                     patch_size=m.patch_size, **common)
+                     patch_size=m.patch_size, remat_blocks=m.get('remat_blocks', 'none'),
+                     **common)
   if m.name == 'resnet':
     return CifarResNet(depth=m.depth, width=m.get('width', 16), **common)
   if m.name == 'vit':

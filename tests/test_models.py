@@ -311,3 +311,61 @@ def test_bad_keep_fraction_in_config_names_the_field():
   config.strategy.keep_fraction = 0.0
   with pytest.raises(ValueError, match=r'strategy\.keep_fraction'):
     build.build_model(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# model.remat_blocks: the same network, run as a rematerialised scan over the blocks.
+
+
+@pytest.mark.parametrize('policy', ['save_convs', 'full'])
+@pytest.mark.parametrize('masked, sparsity_method', [(True, None), (False, None),
+                                                     (False, 'random')])
+def test_remat_blocks_same_values_gradients_and_batch_stats(masked, sparsity_method, policy):
+  base = dict(dim=16, depth=3, kernel_size=3, patch_size=2, input_shape=(8, 8, 3))
+  if sparsity_method:
+    base.update(sparsity_method=sparsity_method, sparsity=0.5)
+  plain = _config(masked, remat_blocks='none', **base)
+  remat = _config(masked, remat_blocks=policy, **base)
+  model_p, abstract, _ = _abstract_variables(plain, batch=4)
+  model_r = build.build_model(remat)
+  assert (model_r.remat_blocks, model_p.remat_blocks) == (policy, 'none')
+  variables = _numpy_variables(abstract, seed=5)
+  x = jax.random.normal(jax.random.key(3), (4, 8, 8, 3))
+
+  def train_outputs(model):
+    def loss(params):
+      logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                    mutable=['batch_stats'])
+      return jnp.sum(logits * jnp.arange(10.0)), (logits, updates)
+
+    (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
+    return aux, grads, model.apply(variables, x, train=False)
+
+  got, want = jax.jit(lambda: train_outputs(model_r))(), jax.jit(lambda: train_outputs(model_p))()
+  # Same tree (the flat per-layer names every strategy and artifact relies on), same values.
+  chex.assert_trees_all_equal_structs(got, want)
+  chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-5)
+  # and the block statistics really moved (the scan wrote them back, not the old values)
+  moved = got[0][1]['batch_stats']['block2_pointwise_bn']['mean']
+  assert not np.allclose(moved, variables['batch_stats']['block2_pointwise_bn']['mean'])
+
+
+def test_remat_blocks_init_makes_the_flat_tree():
+  plain = _abstract_variables(_config(remat_blocks='none', dim=16, depth=2))[1]
+  remat = _abstract_variables(_config(remat_blocks='full', dim=16, depth=2))[1]
+  chex.assert_trees_all_equal_shapes_and_dtypes(plain, remat)
+
+
+@pytest.mark.parametrize('value', ['yes', 'Full', True, None])
+def test_remat_blocks_names_the_field_and_the_choices(value):
+  config = _config()
+  del config.model['remat_blocks']   # the field is typed str; a hand-made config need not be
+  config.model.remat_blocks = value
+  with pytest.raises(ValueError, match=r"model\.remat_blocks must be one of \('none', "
+                                       r"'save_convs', 'full'\)"):
+    build.build_model(config)
+
+
+def test_remat_blocks_is_convmixer_only():
+  with pytest.raises(ValueError, match=r"model\.remat_blocks .*convmixer.*'resnet'"):
+    build.build_model(_config(name='resnet', depth=20, remat_blocks='full'))

@@ -13,6 +13,9 @@ Fields:
   model.dtype: 'float32' | 'bfloat16' compute dtype (scores, BN and optimizer stay float32).
   model.conv_impl: 'auto' | 'xla' | 'fast' (see ``pemn_jax.ops``).
   model.input_shape: (H, W, C) override; default from the dataset.
+  model.remat_blocks: convmixer only: 'none' | 'save_convs' | 'full': scan over the blocks
+    with rematerialisation (less training memory for some recomputation; same variables and
+    values; see ``pemn_jax.models.convmixer.REMAT_POLICIES``).
   strategy.name: 'mask' | 'one_layer' | 'max_layer_padding' | 'random_vector_padding'.
   strategy.rp_ratio: r of random vector padding, in (0, 1].
   strategy.keep_fraction: fraction of each layer's weights KEPT by the mask, in (0, 1].
@@ -47,6 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'
   c.model.conv_impl = 'auto'
   c.model.input_shape = config_dict.placeholder(tuple)
+  c.model.remat_blocks = 'none'
 
   c.strategy = ml_collections.ConfigDict()
   c.strategy.name = 'random_vector_padding'

@@ -1,0 +1,156 @@
+"""Benchmark of ``model.remat_blocks``: the masked train step under each choice, side by side.
+
+  python experiments/bench_remat.py [--steps N] [--rounds N] [--rows 0,1,2] [--json]
+
+``model.remat_blocks`` ('save_convs' or 'full') runs a ConvMixer's blocks as one ``lax.scan``
+with a rematerialised body (``pemn_jax.models.convmixer``): the backward keeps each block's
+input (and, with 'save_convs', its conv outputs) and recomputes the rest one block at a time.
+It trades recomputation for memory, so this measures, for three ConvMixer sizes at batch 128,
+'none' (the default), 'save_convs' and 'full':
+
+  * ConvMixer-256/8, patch 2, 32x32x3 (issue 5's benchmark model);
+  * ConvMixer-128/4, patch 4, 32x32x3 (the CIFAR-10 grid's model);
+  * the demo's ConvMixer-96/4, patch 2, 28x28x1.
+
+Each variant runs in its own fresh process (it trains only that variant: the peak RSS is its
+own), and the processes alternate none, save_convs, full, none, ... (``--rounds``), so that load
+from other processes hits all alike. Alternating the variants step by step inside ONE process
+is biased here: XLA:CPU mallocs its temp buffer every step, and the plain step (2.6 GB temp)
+ran 1.6-2x slower when it alternated with a remat step than when it ran alone.
+Per row: compile time, median step time over all rounds, XLA temp buffer
+(``memory_analysis``), peak RSS, and the ratios to 'none'. The values are equal across the
+variants up to float reassociation (``tests/test_models.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_step  # noqa: E402  (sibling script)
+
+ROWS = (
+    ('ConvMixer-256/8 p2, 32x32x3', bench_step.DEFAULT_CONFIG, []),
+    ('ConvMixer-128/4 p4, 32x32x3', bench_step.DEFAULT_CONFIG,
+     ['--config.model.dim=128', '--config.model.depth=4', '--config.model.patch_size=4']),
+    ('demo ConvMixer-96/4 p2, 28x28x1', bench_step.SMALL_CONFIG, []),
+)
+
+
+VARIANTS = ('none', 'save_convs', 'full')
+
+
+def child(row: int, remat: str, batch_size: int, steps: int, copts: dict) -> dict:
+  """In this process: build one variant, train ``WARMUP + steps`` steps, report times and RSS."""
+  _, config_path, overrides = ROWS[row]
+  config = bench_step.load_config(config_path, overrides)
+  config.model.remat_blocks = remat
+  step, state, frozen, batch, compile_s, _ = bench_step.build_step(
+      config, batch_size, True, compiler_options=copts, count_flops=False)
+  times = bench_step.run_steps({'v': dict(step=step, state=state, frozen=frozen, batch=batch)},
+                               steps)['v']
+  return {'compile_s': compile_s, 'step_times_s': times,
+          'temp_mb': step.memory_analysis().temp_size_in_bytes / 2**20,
+          'peak_rss_mb': bench_step.peak_rss_mb()}
+
+
+def run_child(row: int, remat: str, batch_size: int, steps: int, copts: dict) -> dict:
+  cmd = [sys.executable, os.path.abspath(__file__), '--_child', f'{row},{remat}',
+         '--batch-size', str(batch_size), '--steps', str(steps)]
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                       env={**os.environ, 'PEMN_BENCH_COPTS': json.dumps(copts)})
+  if out.returncode != 0:
+    raise RuntimeError(f'child {cmd} failed:\n{out.stderr[-2000:]}')
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_row(row: int, batch_size: int, steps: int, rounds: int, copts: dict) -> dict:
+  """Every variant of one row, each in fresh processes, alternated for ``rounds`` rounds."""
+  name, config_path, overrides = ROWS[row]
+  runs = {v: [] for v in VARIANTS}
+  for _ in range(rounds):
+    for v in VARIANTS:
+      runs[v].append(run_child(row, v, batch_size, steps, copts))
+  variants = {}
+  for v, rs in runs.items():
+    variants[v] = {
+        'step_s': statistics.median(t for r in rs for t in r['step_times_s']),
+        'step_times_s': [r['step_times_s'] for r in rs],
+        'compile_s': statistics.median(r['compile_s'] for r in rs),
+        'temp_mb': rs[0]['temp_mb'],
+        'peak_rss_mb': max(r['peak_rss_mb'] for r in rs),
+    }
+  base = variants['none']
+  for d in variants.values():
+    d['step_over_none'] = d['step_s'] / base['step_s']
+    d['rss_over_none'] = d['peak_rss_mb'] / base['peak_rss_mb']
+  return {'row': name, 'config': os.path.relpath(config_path, bench_step.REPO),
+          'overrides': overrides, 'batch_size': batch_size, 'variants': variants}
+
+
+def format_table(result: dict) -> str:
+  lines = [f"device {result['device']} ({result['cpu_model']}, nproc {result['nproc']}), "
+           f"jax {result['jax']}, {result['date']}; batch {result['batch_size']}; median of "
+           f"{result['steps']} steps x {result['rounds']} rounds per variant, one process each, "
+           f"alternated; load average at the end "
+           f"{tuple(round(x, 1) for x in result['load_average'])}",
+           '',
+           '| model | remat_blocks | step s | step / none | XLA temp MB | peak RSS MB | '
+           'RSS / none | compile s |',
+           '|---|---|---|---|---|---|---|---|']
+  for r in result['rows']:
+    for v, d in r['variants'].items():
+      lines.append(f"| {r['row']} | {v} | {d['step_s']:.3f} | {d['step_over_none']:.2f} | "
+                   f"{d['temp_mb']:.0f} | {d['peak_rss_mb']:.0f} | {d['rss_over_none']:.2f} | "
+                   f"{d['compile_s']:.1f} |")
+  return '\n'.join(lines)
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--batch-size', type=int, default=128)
+  p.add_argument('--steps', type=int, default=8, help='timed steps per variant (after warm-up)')
+  p.add_argument('--rounds', type=int, default=2,
+                 help='processes per variant, run alternately (none, save_convs, full, ...)')
+  p.add_argument('--rows', default='all',
+                 help="comma-separated row numbers (0 = ConvMixer-256/8, 1 = grid model, "
+                      "2 = demo) or 'all'")
+  p.add_argument('--json', action='store_true', help='print one JSON object')
+  p.add_argument('--_child', help=argparse.SUPPRESS)
+  args = p.parse_args()
+  if args._child:
+    row, remat = args._child.split(',')
+    copts = json.loads(os.environ.get('PEMN_BENCH_COPTS', '{}'))
+    print(json.dumps(child(int(row), remat, args.batch_size, args.steps, copts)))
+    return 0
+  if args.rows == 'all':
+    picked = list(range(len(ROWS)))
+  else:
+    try:
+      picked = [int(r) for r in args.rows.split(',')]
+    except ValueError:
+      p.error(f"--rows must be comma-separated integers in 0..{len(ROWS) - 1} or 'all', "
+              f'got {args.rows!r}')
+    if any(not 0 <= r < len(ROWS) for r in picked):
+      p.error(f'--rows must be in 0..{len(ROWS) - 1}, got {args.rows!r}')
+  from pemn_jax import train
+
+  copts = train.step_compiler_options() or {}
+  rows = [bench_row(i, args.batch_size, args.steps, args.rounds, copts) for i in picked]
+  result = {**bench_step.machine(),
+            'command': ' '.join([os.path.relpath(sys.argv[0], bench_step.REPO)] + sys.argv[1:]),
+            'batch_size': args.batch_size, 'steps': args.steps, 'rounds': args.rounds,
+            'compiler_options': copts,
+            'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+            'load_average': os.getloadavg(), 'rows': rows}
+  print(json.dumps(result, indent=2) if args.json else format_table(result))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
