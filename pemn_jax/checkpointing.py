@@ -22,6 +22,9 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 # Config fields that must agree between a workdir's checkpoints and a run that resumes them.
 IDENTITY_FIELDS = ('seed', 'model', 'strategy')
+# Fields under IDENTITY_FIELDS that choose how the step runs, not which network it trains
+# (same variables, same values): a run may resume with them changed, e.g. to save memory.
+EXECUTION_ONLY = {'model': ('remat_blocks',)}
 
 
 def _accuracy(metrics: dict) -> float:
@@ -119,8 +122,17 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 def identity(config) -> dict:
   """The config fields that define which network a checkpoint belongs to (JSON-ready)."""
-  return {k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
-          for k in IDENTITY_FIELDS}
+  return _without_execution_fields(
+      {k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
+       for k in IDENTITY_FIELDS})
+
+
+def _without_execution_fields(ident: dict) -> dict:
+  out = dict(ident)
+  for group, fields in EXECUTION_ONLY.items():
+    if isinstance(out.get(group), dict):
+      out[group] = {k: v for k, v in out[group].items() if k not in fields}
+  return out
 
 
 def check_identity(saved: dict, current: dict, where: str) -> None:
@@ -132,6 +144,7 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
   from pemn_jax.configs import common  # configs import nothing from here
 
   defaults = identity(common.base_config())
+  saved, current = _without_execution_fields(saved), _without_execution_fields(current)
   diffs = []
 
   def walk(a, b, d, prefix):

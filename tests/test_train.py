@@ -617,6 +617,20 @@ def test_workdir_of_a_different_model_is_refused_untouched(trained, fields, matc
   assert snapshot(workdir) == before
 
 
+def test_resume_with_remat_blocks_changed(trained, tmp_path):
+  """model.remat_blocks picks how the step runs, not the network: resuming may switch it."""
+  src, ov, _ = trained
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(src, workdir)
+  summary = train.train_and_evaluate(
+      make_config({**ov, 'train.num_steps': 8, 'model.remat_blocks': 'full'}), workdir)
+  assert summary['step'] == 8 and summary['finished']
+  # and a record written with the field set (to anything) still matches a config without it
+  saved = checkpointing.identity(make_config({**ov, 'model.remat_blocks': 'save_convs'}))
+  saved['model']['remat_blocks'] = False
+  checkpointing.check_identity(saved, checkpointing.identity(make_config(ov)), workdir)
+
+
 def _truncate_state(step_dir):
   (data,) = pathlib.Path(step_dir, 'state', 'd').iterdir()  # the state's OCDBT data file
   data.write_bytes(data.read_bytes()[: data.stat().st_size // 3])
