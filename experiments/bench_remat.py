@@ -1,16 +1,18 @@
 """Benchmark of ``model.remat_blocks``: the masked train step under each choice, side by side.
 
-  python experiments/bench_remat.py [--steps N] [--rounds N] [--rows 0,1,2] [--json]
+  python experiments/bench_remat.py [--steps N] [--rounds N] [--rows 0,1,2,3] [--json]
 
-``model.remat_blocks`` ('save_convs' or 'full') runs a ConvMixer's blocks as one ``lax.scan``
-with a rematerialised body (``pemn_jax.models.convmixer``): the backward keeps each block's
-input (and, with 'save_convs', its conv outputs) and recomputes the rest one block at a time.
-It trades recomputation for memory, so this measures, for three ConvMixer sizes at batch 128,
-'none' (the default), 'save_convs' and 'full':
+``model.remat_blocks`` ('save_convs' or 'full') runs a ConvMixer's or ViT's identical blocks as
+one ``lax.scan`` with a rematerialised body (``pemn_jax.models.remat``): the backward keeps each
+block's input (and, with 'save_convs', its conv and dense outputs) and recomputes the rest one
+block at a time.
+It trades recomputation for memory, so this measures, for three ConvMixer sizes and a ViT at
+batch 128, 'none' (the default), 'save_convs' and 'full':
 
   * ConvMixer-256/8, patch 2, 32x32x3 (issue 5's benchmark model);
   * ConvMixer-128/4, patch 4, 32x32x3 (the CIFAR-10 grid's model);
-  * the demo's ConvMixer-96/4, patch 2, 28x28x1.
+  * the demo's ConvMixer-96/4, patch 2, 28x28x1;
+  * the masked ViT-256/6, patch 4, 32x32x3 (``pemn_jax/configs/vit_cifar10.py``).
 
 Each variant runs in its own fresh process (it trains only that variant: the peak RSS is its
 own), and the processes alternate none, save_convs, full, none, ... (``--rounds``), so that load
@@ -39,6 +41,8 @@ ROWS = (
     ('ConvMixer-128/4 p4, 32x32x3', bench_step.DEFAULT_CONFIG,
      ['--config.model.dim=128', '--config.model.depth=4', '--config.model.patch_size=4']),
     ('demo ConvMixer-96/4 p2, 28x28x1', bench_step.SMALL_CONFIG, []),
+    ('ViT-256/6 p4, 32x32x3', os.path.join(bench_step.REPO, 'pemn_jax', 'configs',
+                                           'vit_cifar10.py'), []),
 )
 
 
@@ -119,7 +123,7 @@ def main() -> int:
                  help='processes per variant, run alternately (none, save_convs, full, ...)')
   p.add_argument('--rows', default='all',
                  help="comma-separated row numbers (0 = ConvMixer-256/8, 1 = grid model, "
-                      "2 = demo) or 'all'")
+                      "2 = demo, 3 = ViT-256/6) or 'all'")
   p.add_argument('--json', action='store_true', help='print one JSON object')
   p.add_argument('--_child', help=argparse.SUPPRESS)
   args = p.parse_args()

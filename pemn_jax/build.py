@@ -20,9 +20,10 @@ import ml_collections
 import numpy as np
 
 from pemn_jax import layers, masking, ops, sparse, strategies
-from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT, convmixer
+from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT, remat
 
 MODEL_NAMES = ('convmixer', 'resnet', 'vit', 'mlp')
+REMAT_MODELS = ('convmixer', 'vit')   # models with identical blocks (``models.remat``)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Image shapes of the datasets we know without opening them (inspect needs no data).
 KNOWN_INPUT_SHAPES = {
@@ -48,13 +49,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field in ('dim', 'depth', 'kernel_size', 'patch_size', 'num_classes'):
     if field in m and m[field] is not None:
       _positive_int(m, f'model.{field}', m[field])
-  remat = m.get('remat_blocks', 'none')
-  if remat not in convmixer.REMAT_CHOICES:
-    raise ValueError(f'model.remat_blocks must be one of {convmixer.REMAT_CHOICES}, '
-                     f'got {remat!r}')
-  if remat != 'none' and m.name != 'convmixer':
-    raise ValueError(f"model.remat_blocks is implemented for model.name='convmixer' only, "
-                     f'got {m.name!r}')
+  remat_blocks = m.get('remat_blocks', 'none')
+  if remat_blocks not in remat.REMAT_CHOICES:
+    raise ValueError(f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, '
+                     f'got {remat_blocks!r}')
+  if remat_blocks != 'none' and m.name not in REMAT_MODELS:
+    raise ValueError(f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
+                     f'(identical blocks), got {m.name!r}')
   if m.get('dtype', 'float32') not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
   if m.get('conv_impl', 'auto') not in ops.CONV_IMPLS:
@@ -119,7 +120,8 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     return CifarResNet(depth=m.depth, width=m.get('width', 16), **common)
   if m.name == 'vit':
     return ViT(dim=m.dim, depth=m.depth, patch_size=m.patch_size, num_heads=m.get('num_heads'),
-               mlp_ratio=m.get('mlp_ratio', 2.0), **common)
+               mlp_ratio=m.get('mlp_ratio', 2.0), remat_blocks=m.get('remat_blocks', 'none'),
+               **common)
   return MLP(hidden_dims=tuple(m.get('hidden_dims', (100, 100, 100))), **common)
 
 

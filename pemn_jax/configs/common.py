@@ -13,9 +13,9 @@ Fields:
   model.dtype: 'float32' | 'bfloat16' compute dtype (scores, BN and optimizer stay float32).
   model.conv_impl: 'auto' | 'xla' | 'fast' (see ``pemn_jax.ops``).
   model.input_shape: (H, W, C) override; default from the dataset.
-  model.remat_blocks: convmixer only: 'none' | 'save_convs' | 'full': scan over the blocks
-    with rematerialisation (less training memory for some recomputation; same variables and
-    values; see ``pemn_jax.models.convmixer.REMAT_POLICIES``).
+  model.remat_blocks: convmixer and vit: 'none' | 'save_convs' | 'full': scan over the
+    identical blocks with rematerialisation (less training memory for some recomputation;
+    same variables and values; see ``pemn_jax.models.remat``).
   strategy.name: 'mask' | 'one_layer' | 'max_layer_padding' | 'random_vector_padding'.
   strategy.rp_ratio: r of random vector padding, in (0, 1].
   strategy.keep_fraction: fraction of each layer's weights KEPT by the mask, in (0, 1].

@@ -8,14 +8,13 @@ are attributes, so the same definition builds the dense baseline and the masked 
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from pemn_jax import layers
+from pemn_jax.models import remat
 
 ModuleDef = Any
 
@@ -23,17 +22,6 @@ ModuleDef = Any
 def gelu(x):
   """GELU in its exact erf form (PyTorch's default), not the tanh approximation."""
   return nn.gelu(x, approximate=False)
-
-
-# ``remat_blocks`` -> what the backward keeps of each block besides its input (a
-# ``jax.checkpoint`` policy; the rest is recomputed from the block input, one block at a time):
-# 'save_convs': the conv outputs (tagged ``layers.CHECKPOINT_NAME``), so only GELU, BatchNorm
-#   and the residual add are recomputed; 'full': nothing, the whole block is recomputed.
-REMAT_POLICIES = {
-    'save_convs': jax.checkpoint_policies.save_only_these_names(layers.CHECKPOINT_NAME),
-    'full': jax.checkpoint_policies.nothing_saveable,
-}
-REMAT_CHOICES = ('none', *REMAT_POLICIES)
 
 
 # The four layers of one mixer block, in order; block i's are named f'block{i}_{layer}'.
@@ -49,7 +37,8 @@ def mixer_block(x, depthwise, depthwise_bn, pointwise, pointwise_bn):
 class _Block(nn.Module):
   """One mixer block as its own module (layer names without the ``block{i}_`` prefix).
 
-  Only the rematerialised path applies it, with variables sliced out of ConvMixer's flat tree.
+  Only the rematerialised path applies it (``remat.scan_blocks``), with variables taken out
+  of ConvMixer's flat tree.
   """
   dim: int
   kernel_size: int
@@ -84,9 +73,9 @@ class ConvMixer(nn.Module):
     conv: conv layer class (``layers.Conv`` dense, ``layers.MaskedConv`` masked).
     dense: dense layer class for the classifier.
     dtype: compute dtype (``None``: the input's).
-    remat_blocks: 'none' (default), or run the blocks as one ``lax.scan`` whose body is
-      rematerialised (``jax.checkpoint``) with the policy ``REMAT_POLICIES[remat_blocks]``:
-      'save_convs' or 'full'. Less training memory for some recomputation (measured in
+    remat_blocks: 'none' (default), or run the blocks as one rematerialised ``lax.scan``
+      with the policy ``remat.REMAT_POLICIES[remat_blocks]`` ('save_convs' or 'full'; see
+      ``pemn_jax.models.remat``). Less training memory for some recomputation (measured in
       ``experiments/bench_remat.py``); same variables (the tree stays flat), same values.
   """
   dim: int = 256
@@ -106,40 +95,15 @@ class ConvMixer(nn.Module):
     x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
                   name='stem')(x)
     x = norm(name='stem_bn')(gelu(x))
-    if self.remat_blocks not in REMAT_CHOICES:
-      raise ValueError(f'remat_blocks must be one of {REMAT_CHOICES}, got {self.remat_blocks!r}')
+    remat.check(self.remat_blocks)
     if self.remat_blocks != 'none' and not self.is_initializing():
-      x = self._scanned_blocks(x, train)
+      block = _Block(self.dim, k, self.conv, self.dtype, train)
+      x = remat.scan_blocks(self, block, x, self.depth,
+                            lambda i: {name: (f'block{i}_{name}',) for name in BLOCK_LAYERS},
+                            self.remat_blocks, train)
     else:
       for i in range(self.depth):
         x = mixer_block(x, *_block_layers(self.conv, self.dim, k, self.dtype, train,
                                           prefix=f'block{i}_'))
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
-
-  def _scanned_blocks(self, x, train):
-    """The blocks as a scan over their variables, stacked from the flat tree, under remat."""
-    stacked = {}
-    for col, tree in self.variables.items():
-      per_layer = {name: jax.tree.map(lambda *v: jnp.stack(v),
-                                      *[tree[f'block{i}_{name}'] for i in range(self.depth)])
-                   for name in BLOCK_LAYERS if f'block0_{name}' in tree}
-      if per_layer:
-        stacked[col] = per_layer
-    block = _Block(self.dim, self.kernel_size, self.conv, self.dtype, train)
-    update_stats = train and self.is_mutable_collection('batch_stats')
-
-    @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[self.remat_blocks])
-    def body(h, block_vars):
-      if update_stats:
-        h, updates = block.apply(block_vars, h, mutable=['batch_stats'])
-        return h, updates['batch_stats']
-      return block.apply(block_vars, h), None
-
-    x, new_stats = jax.lax.scan(body, x, stacked)
-    if update_stats:
-      for name, stats in new_stats.items():
-        for i in range(self.depth):
-          self.put_variable('batch_stats', f'block{i}_{name}',
-                            jax.tree.map(lambda v, i=i: v[i], stats))
-    return x

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pemn_jax import layers
+from pemn_jax.models import remat
 
 ModuleDef = Any
 
@@ -60,6 +61,8 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
   """Pre-LN transformer block."""
+  LAYERS = ('attn', 'ln1', 'ln2', 'mlp_in', 'mlp_out')  # its submodules (``remat.scan_blocks``)
+
   dim: int
   num_heads: int
   mlp_ratio: float
@@ -87,10 +90,12 @@ class ViT(nn.Module):
   conv: ModuleDef = layers.Conv
   dense: ModuleDef = layers.Dense
   dtype: Any = None
+  remat_blocks: str = 'none'   # see ConvMixer and ``pemn_jax.models.remat``
 
   @nn.compact
   def __call__(self, x, train: bool = False):
     del train  # no BatchNorm, no dropout
+    remat.check(self.remat_blocks)
     heads = self.num_heads or max(1, self.dim // 64)
     if self.dim % heads:
       raise ValueError(f'model.num_heads ({heads}) must divide model.dim ({self.dim})')
@@ -99,7 +104,13 @@ class ViT(nn.Module):
                   name='patch_embed')(x)
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, self.dim) + jnp.asarray(sincos_2d(h, w, self.dim), x.dtype)
-    for i in range(self.depth):
-      x = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype, name=f'block{i}')(x)
+    if self.remat_blocks != 'none' and not self.is_initializing():
+      block = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype)
+      x = remat.scan_blocks(self, block, x, self.depth,
+                            lambda i: {n: (f'block{i}', n) for n in Block.LAYERS},
+                            self.remat_blocks, train=False)
+    else:
+      for i in range(self.depth):
+        x = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype, name=f'block{i}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln_final')(x).mean(axis=1)
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
