@@ -61,6 +61,8 @@ RESNET_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-1'
                                         'model.sparsity': s})
     for method in ('random', 'magnitude') for s in (0.90, 0.92, 0.94, 0.96)]
 DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask')]
+# Claim 5, second half (ResNet-56 loses less than ResNet-32): dense and two PEMN points.
+RESNET_DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-2')]
 # The bfloat16 compute option's accuracy effect (performance issue): the demo, both dtypes.
 DTYPE_POINTS = [('float32', {'model.dtype': 'float32'}), ('bfloat16', {'model.dtype': 'bfloat16'})]
 KEEP_POINTS = [(f'k={k:g}', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2,
@@ -99,6 +101,11 @@ GRIDS = {
                                         (0, 1), DEPTH_POINTS),
     'cifar_vit': lambda: _grid(CIFAR_VIT_BASE, 'vit_cifar10.py', (0,), VIT_POINTS),
     'cifar_resnet': lambda: _grid(CIFAR_RESNET_BASE, 'resnet_cifar10.py', (0,), RESNET_POINTS),
+    # Claim 5, second half: the ResNet-20 grid's recipe at depths 32 and 56.
+    'cifar_resnet32': lambda: _grid({**CIFAR_RESNET_BASE, 'model.depth': 32}, 'resnet_cifar10.py',
+                                    (0,), RESNET_DEPTH_POINTS),
+    'cifar_resnet56': lambda: _grid({**CIFAR_RESNET_BASE, 'model.depth': 56}, 'resnet_cifar10.py',
+                                    (0,), RESNET_DEPTH_POINTS),
     'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
     # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
     'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),

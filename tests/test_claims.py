@@ -76,3 +76,25 @@ def test_claim5_mixed_outcome_is_partial():
 
 def test_claim5_without_baselines_is_not_measured():
   assert claims.claim5([rec('MP', 60)])[0] == 'not measured yet'
+
+
+def _resnet_depth(dense32, mp32, rp32, dense56, mp56, rp56):
+  r32 = [rec('Dense', dense32), rec('MP', mp32), rec('RP 1e-2', rp32)]
+  r56 = [rec('Dense', dense56), rec('MP', mp56), rec('RP 1e-2', rp56)]
+  return claims.claim5_depth(r32, r56)
+
+
+def test_claim5_depth_needs_both_pemn_points_to_lose_a_point_less():
+  assert _resnet_depth(70, 60, 58, 72, 65, 63)[0] == 'supported'
+  # MP loses 10 -> 7 points, RP 1e-2 only 12 -> 11.5: not both by a point
+  assert _resnet_depth(70, 60, 58, 72, 65, 60.5)[0].startswith('not supported')
+  assert _resnet_depth(70, 65, 63, 72, 60, 58)[0].startswith('contradicted')
+  verdict, lines = _resnet_depth(70, 60, 58, 72, 65, 63)
+  assert lines[0] == ('MP: loses 10.00 points to Dense at depth 32, 7.00 at depth 56 '
+                      '(less by 3.00)')
+
+
+def test_claim5_depth_without_a_point_is_not_measured():
+  r32 = [rec('Dense', 70), rec('MP', 60)]
+  r56 = [rec('Dense', 70), rec('MP', 60), rec('RP 1e-2', 60)]
+  assert claims.claim5_depth(r32, r56)[0] == 'not measured yet'
