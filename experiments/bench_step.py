@@ -96,7 +96,9 @@ def describe(config) -> str:
 class RematModel:
   """``model`` whose ``apply`` runs under ``jax.checkpoint(policy)``: the lever ``--remat``.
 
-  Not what ``train.make_train_step`` does today; measured here so that train.py can adopt it.
+  Remat of the whole unrolled model (PERFORMANCE.md attempt 8: it did not lower XLA:CPU's
+  memory). The library's memory lever is ``--config.model.remat_blocks`` instead (a scan over
+  the blocks, attempt 28), which this script measures like any other config override.
   """
 
   def __init__(self, model, policy):
@@ -334,8 +336,9 @@ def main() -> int:
   p.add_argument('--rss-steps', type=int, default=3, help='steps the RSS child process trains')
   p.add_argument('--json', action='store_true', help='print one JSON object')
   p.add_argument('--remat', default='none', choices=('none', 'dots', 'nothing'),
-                 help='lever: run model.apply under jax.checkpoint with this policy (default '
-                      'none = exactly the library step)')
+                 help='lever of attempt 8: run the whole model.apply under jax.checkpoint with '
+                      'this policy (default none = exactly the library step; the library\'s '
+                      'own memory lever is --config.model.remat_blocks)')
   p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
                  help='XLA option for the step compile, e.g. xla_cpu_scheduler_type='
                       'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; default: the library trainer\'s '
