@@ -73,10 +73,11 @@ class ConvMixer(nn.Module):
     conv: conv layer class (``layers.Conv`` dense, ``layers.MaskedConv`` masked).
     dense: dense layer class for the classifier.
     dtype: compute dtype (``None``: the input's).
-    remat_blocks: 'none' (default), or run the blocks as one rematerialised ``lax.scan``
-      with the policy ``remat.REMAT_POLICIES[remat_blocks]`` ('save_convs' or 'full'; see
-      ``pemn_jax.models.remat``). Less training memory for some recomputation (measured in
-      ``experiments/bench_remat.py``); same variables (the tree stays flat), same values.
+    remat_blocks: 'none' (default), or run the blocks in training as one rematerialised
+      ``lax.scan`` with the policy ``remat.REMAT_POLICIES[remat_blocks]`` ('save_convs' or
+      'full'; see ``pemn_jax.models.remat``). Less training memory for some recomputation
+      (measured in ``experiments/bench_remat.py``); same variables (the tree stays flat), same
+      values.
   """
   dim: int = 256
   depth: int = 8
@@ -96,7 +97,7 @@ class ConvMixer(nn.Module):
                   name='stem')(x)
     x = norm(name='stem_bn')(gelu(x))
     remat.check(self.remat_blocks)
-    if self.remat_blocks != 'none' and not self.is_initializing():
+    if self.remat_blocks != 'none' and train and not self.is_initializing():
       block = _Block(self.dim, k, self.conv, self.dtype, train)
       x = remat.scan_blocks(self, block, x, self.depth,
                             lambda i: {name: (f'block{i}_{name}',) for name in BLOCK_LAYERS},

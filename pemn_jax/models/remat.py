@@ -63,8 +63,9 @@ def scan_blocks(parent: nn.Module, block: nn.Module, x: jax.Array, depth: int,
   """Applies ``block`` ``depth`` times to ``x`` with block i's variables taken from ``parent``.
 
   Args:
-    parent: the bound module that owns the blocks' variables (call from its ``__call__``, not
-      during init: init must create the unrolled tree).
+    parent: the bound module that owns the blocks' variables (call from its ``__call__`` in
+      training only: init must create the unrolled tree, and evaluation has no backward pass
+      to save memory in, so the models run their blocks unrolled there).
     block: an unbound module for one block.
     x: the input of the first block.
     depth: number of blocks.

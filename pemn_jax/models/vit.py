@@ -94,8 +94,7 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    del train  # no BatchNorm, no dropout
-    remat.check(self.remat_blocks)
+    remat.check(self.remat_blocks)   # train only picks the remat path: no BatchNorm, no dropout
     heads = self.num_heads or max(1, self.dim // 64)
     if self.dim % heads:
       raise ValueError(f'model.num_heads ({heads}) must divide model.dim ({self.dim})')
@@ -104,11 +103,11 @@ class ViT(nn.Module):
                   name='patch_embed')(x)
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, self.dim) + jnp.asarray(sincos_2d(h, w, self.dim), x.dtype)
-    if self.remat_blocks != 'none' and not self.is_initializing():
+    if self.remat_blocks != 'none' and train and not self.is_initializing():
       block = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype)
       x = remat.scan_blocks(self, block, x, self.depth,
                             lambda i: {n: (f'block{i}', n) for n in Block.LAYERS},
-                            self.remat_blocks, train=False)
+                            self.remat_blocks, train)
     else:
       for i in range(self.depth):
         x = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype, name=f'block{i}')(x)
