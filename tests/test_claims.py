@@ -98,3 +98,7 @@ def test_claim5_depth_without_a_point_is_not_measured():
   r32 = [rec('Dense', 70), rec('MP', 60)]
   r56 = [rec('Dense', 70), rec('MP', 60), rec('RP 1e-2', 60)]
   assert claims.claim5_depth(r32, r56)[0] == 'not measured yet'
+  # one depth only: not measured, but what was measured is reported
+  verdict, lines = claims.claim5_depth([rec('Dense', 66), rec('MP', 61.5)], [])
+  assert verdict == 'not measured yet'
+  assert lines == ['MP: loses 4.50 points at 32 layers to Dense; the other depth not run']
