@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pemn_jax import layers
+from pemn_jax import layers, strategies
+from pemn_jax.strategies import Path
 
 # What the backward keeps of each block besides its input (a ``jax.checkpoint`` policy; the
 # rest is recomputed from the block input, one block at a time):
@@ -36,18 +37,9 @@ REMAT_POLICIES = {
 }
 REMAT_CHOICES = ('none', *REMAT_POLICIES)
 
-Path = tuple[str, ...]
-
-
 def check(remat_blocks: str) -> None:
   if remat_blocks not in REMAT_CHOICES:
     raise ValueError(f'remat_blocks must be one of {REMAT_CHOICES}, got {remat_blocks!r}')
-
-
-def _get(tree: dict, path: Path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 def _has(tree: dict, path: Path) -> bool:
@@ -78,7 +70,8 @@ def scan_blocks(parent: nn.Module, block: nn.Module, x: jax.Array, depth: int,
   stacked = {}
   for col, tree in parent.variables.items():
     per_name = {name: jax.tree.map(lambda *v: jnp.stack(v),
-                                   *[_get(tree, paths(i)[name]) for i in range(depth)])
+                                   *[strategies.get_path(tree, paths(i)[name])
+                                     for i in range(depth)])
                 for name, path in paths(0).items() if _has(tree, path)}
     if per_name:
       stacked[col] = per_name
