@@ -165,6 +165,18 @@ def _ignore_closed_loop_callbacks() -> None:
     previous(unraisable)
 
   sys.unraisablehook = hook
+  # The same failed restore can leave orbax's other array reads as futures whose exception is
+  # never retrieved; asyncio then logs each at exit, three lines apiece, after the one-line error.
+  import logging
+
+  logging.getLogger('asyncio').addFilter(_not_an_unretrieved_orbax_read)
+
+
+def _not_an_unretrieved_orbax_read(record) -> bool:
+  """``logging`` filter: False for asyncio's report of an orbax read nobody awaited."""
+  msg = str(record.msg)
+  return not (msg.startswith('Future exception was never retrieved')
+              and 'async_deserialize' in msg)
 
 
 # XLA:CPU mallocs the step's whole scratch buffer every step; with glibc's default that is a
