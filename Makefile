@@ -26,6 +26,7 @@ $(STAMP): requirements.txt pyproject.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check pemn_jax tests experiments
+	$(BIN)/ruff format --check pemn_jax tests experiments
 
 test: lint
 	$(BIN)/python -m pytest -q tests

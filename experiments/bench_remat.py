@@ -45,22 +45,31 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # noqa: E402  (sibling script)
 
 ROWS = (
-    ('ConvMixer-256/8 p2, 32x32x3', bench_step.DEFAULT_CONFIG, []),
-    ('ConvMixer-128/4 p4, 32x32x3', bench_step.DEFAULT_CONFIG,
-     ['--config.model.dim=128', '--config.model.depth=4', '--config.model.patch_size=4']),
-    ('demo ConvMixer-96/4 p2, 28x28x1', bench_step.SMALL_CONFIG, []),
-    ('ViT-256/6 p4, 32x32x3', os.path.join(bench_step.REPO, 'pemn_jax', 'configs',
-                                           'vit_cifar10.py'), []),
+  ('ConvMixer-256/8 p2, 32x32x3', bench_step.DEFAULT_CONFIG, []),
+  (
+    'ConvMixer-128/4 p4, 32x32x3',
+    bench_step.DEFAULT_CONFIG,
+    ['--config.model.dim=128', '--config.model.depth=4', '--config.model.patch_size=4'],
+  ),
+  ('demo ConvMixer-96/4 p2, 28x28x1', bench_step.SMALL_CONFIG, []),
+  (
+    'ViT-256/6 p4, 32x32x3',
+    os.path.join(bench_step.REPO, 'pemn_jax', 'configs', 'vit_cifar10.py'),
+    [],
+  ),
 )
 
 
 # Per comparison: variant -> (model.remat_blocks, extra environment of its process). The first
 # variant is the baseline of the ratios.
 COMPARISONS = {
-    'remat': {'none': ('none', {}), 'save_convs': ('save_convs', {}), 'full': ('full', {})},
-    'native': {'xla': ('none', {'PEMN_JAX_NATIVE': '0'}),
-               'native, XLA GELU+BN': ('none', {'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}),
-               'native': ('none', {}), 'native+save_convs': ('save_convs', {})},
+  'remat': {'none': ('none', {}), 'save_convs': ('save_convs', {}), 'full': ('full', {})},
+  'native': {
+    'xla': ('none', {'PEMN_JAX_NATIVE': '0'}),
+    'native, XLA GELU+BN': ('none', {'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}),
+    'native': ('none', {}),
+    'native+save_convs': ('save_convs', {}),
+  },
 }
 
 
@@ -72,27 +81,46 @@ def child(row: int, remat: str, batch_size: int, steps: int, copts: dict) -> dic
   config = bench_step.load_config(config_path, overrides)
   config.model.remat_blocks = remat
   step, state, frozen, batch, compile_s, _ = bench_step.build_step(
-      config, batch_size, True, compiler_options=copts, count_flops=False)
-  times = bench_step.run_steps({'v': dict(step=step, state=state, frozen=frozen, batch=batch)},
-                               steps)['v']
-  return {'compile_s': compile_s, 'step_times_s': times,
-          'temp_mb': step.memory_analysis().temp_size_in_bytes / 2**20,
-          'peak_rss_mb': bench_step.peak_rss_mb(), 'native': native.available()}
+    config, batch_size, True, compiler_options=copts, count_flops=False
+  )
+  times = bench_step.run_steps(
+    {'v': dict(step=step, state=state, frozen=frozen, batch=batch)}, steps
+  )['v']
+  return {
+    'compile_s': compile_s,
+    'step_times_s': times,
+    'temp_mb': step.memory_analysis().temp_size_in_bytes / 2**20,
+    'peak_rss_mb': bench_step.peak_rss_mb(),
+    'native': native.available(),
+  }
 
 
-def run_child(row: int, remat: str, env: dict, batch_size: int, steps: int,
-              copts: dict) -> dict:
-  cmd = [sys.executable, os.path.abspath(__file__), '--_child', f'{row},{remat}',
-         '--batch-size', str(batch_size), '--steps', str(steps)]
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                       env={**os.environ, 'PEMN_BENCH_COPTS': json.dumps(copts), **env})
+def run_child(row: int, remat: str, env: dict, batch_size: int, steps: int, copts: dict) -> dict:
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    '--_child',
+    f'{row},{remat}',
+    '--batch-size',
+    str(batch_size),
+    '--steps',
+    str(steps),
+  ]
+  out = subprocess.run(
+    cmd,
+    capture_output=True,
+    text=True,
+    check=False,
+    env={**os.environ, 'PEMN_BENCH_COPTS': json.dumps(copts), **env},
+  )
   if out.returncode != 0:
     raise RuntimeError(f'child {cmd} failed:\n{out.stderr[-2000:]}')
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_row(row: int, batch_size: int, steps: int, rounds: int, copts: dict,
-              compare: str = 'remat') -> dict:
+def bench_row(
+  row: int, batch_size: int, steps: int, rounds: int, copts: dict, compare: str = 'remat'
+) -> dict:
   """Every variant of one row, each in fresh processes, alternated for ``rounds`` rounds."""
   name, config_path, overrides = ROWS[row]
   variants_def = COMPARISONS[compare]
@@ -103,37 +131,46 @@ def bench_row(row: int, batch_size: int, steps: int, rounds: int, copts: dict,
   variants = {}
   for v, rs in runs.items():
     variants[v] = {
-        'step_s': statistics.median(t for r in rs for t in r['step_times_s']),
-        'step_times_s': [r['step_times_s'] for r in rs],
-        'compile_s': statistics.median(r['compile_s'] for r in rs),
-        'temp_mb': rs[0]['temp_mb'],
-        'peak_rss_mb': max(r['peak_rss_mb'] for r in rs),
-        'native_kernels': rs[0].get('native', False),
+      'step_s': statistics.median(t for r in rs for t in r['step_times_s']),
+      'step_times_s': [r['step_times_s'] for r in rs],
+      'compile_s': statistics.median(r['compile_s'] for r in rs),
+      'temp_mb': rs[0]['temp_mb'],
+      'peak_rss_mb': max(r['peak_rss_mb'] for r in rs),
+      'native_kernels': rs[0].get('native', False),
     }
   base = variants[next(iter(variants_def))]
   for d in variants.values():  # keys keep their first names ('none' = the baseline)
     d['step_over_none'] = d['step_s'] / base['step_s']
     d['rss_over_none'] = d['peak_rss_mb'] / base['peak_rss_mb']
-  return {'row': name, 'config': os.path.relpath(config_path, bench_step.REPO),
-          'overrides': overrides, 'batch_size': batch_size, 'variants': variants}
+  return {
+    'row': name,
+    'config': os.path.relpath(config_path, bench_step.REPO),
+    'overrides': overrides,
+    'batch_size': batch_size,
+    'variants': variants,
+  }
 
 
 def format_table(result: dict) -> str:
-  lines = [f"device {result['device']} ({result['cpu_model']}, nproc {result['nproc']}), "
-           f"jax {result['jax']}, {result['date']}; batch {result['batch_size']}; median of "
-           f"{result['steps']} steps x {result['rounds']} rounds per variant, one process each, "
-           f"alternated; load average at the end "
-           f"{tuple(round(x, 1) for x in result['load_average'])}",
-           '',
-           f"| model | {result.get('compare_label', 'remat_blocks')} | step s | step / "
-           f"{result.get('baseline', 'none')} | XLA temp MB | peak RSS MB | RSS / "
-           f"{result.get('baseline', 'none')} | compile s |",
-           '|---|---|---|---|---|---|---|---|']
+  lines = [
+    f'device {result["device"]} ({result["cpu_model"]}, nproc {result["nproc"]}), '
+    f'jax {result["jax"]}, {result["date"]}; batch {result["batch_size"]}; median of '
+    f'{result["steps"]} steps x {result["rounds"]} rounds per variant, one process each, '
+    f'alternated; load average at the end '
+    f'{tuple(round(x, 1) for x in result["load_average"])}',
+    '',
+    f'| model | {result.get("compare_label", "remat_blocks")} | step s | step / '
+    f'{result.get("baseline", "none")} | XLA temp MB | peak RSS MB | RSS / '
+    f'{result.get("baseline", "none")} | compile s |',
+    '|---|---|---|---|---|---|---|---|',
+  ]
   for r in result['rows']:
     for v, d in r['variants'].items():
-      lines.append(f"| {r['row']} | {v} | {d['step_s']:.3f} | {d['step_over_none']:.2f} | "
-                   f"{d['temp_mb']:.0f} | {d['peak_rss_mb']:.0f} | {d['rss_over_none']:.2f} | "
-                   f"{d['compile_s']:.1f} |")
+      lines.append(
+        f'| {r["row"]} | {v} | {d["step_s"]:.3f} | {d["step_over_none"]:.2f} | '
+        f'{d["temp_mb"]:.0f} | {d["peak_rss_mb"]:.0f} | {d["rss_over_none"]:.2f} | '
+        f'{d["compile_s"]:.1f} |'
+      )
   return '\n'.join(lines)
 
 
@@ -141,15 +178,26 @@ def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--batch-size', type=int, default=128)
   p.add_argument('--steps', type=int, default=8, help='timed steps per variant (after warm-up)')
-  p.add_argument('--rounds', type=int, default=2,
-                 help='processes per variant, run alternately (none, save_convs, full, ...)')
-  p.add_argument('--rows', default='all',
-                 help="comma-separated row numbers (0 = ConvMixer-256/8, 1 = grid model, "
-                      "2 = demo, 3 = ViT-256/6) or 'all'")
-  p.add_argument('--compare', default='remat', choices=tuple(COMPARISONS),
-                 help="remat: model.remat_blocks none / save_convs / full; native: pure XLA "
-                      "(PEMN_JAX_NATIVE=0) / without the fused GELU+BN / all native kernels / "
-                      "all + save_convs")
+  p.add_argument(
+    '--rounds',
+    type=int,
+    default=2,
+    help='processes per variant, run alternately (none, save_convs, full, ...)',
+  )
+  p.add_argument(
+    '--rows',
+    default='all',
+    help='comma-separated row numbers (0 = ConvMixer-256/8, 1 = grid model, '
+    "2 = demo, 3 = ViT-256/6) or 'all'",
+  )
+  p.add_argument(
+    '--compare',
+    default='remat',
+    choices=tuple(COMPARISONS),
+    help='remat: model.remat_blocks none / save_convs / full; native: pure XLA '
+    '(PEMN_JAX_NATIVE=0) / without the fused GELU+BN / all native kernels / '
+    'all + save_convs',
+  )
   p.add_argument('--json', action='store_true', help='print one JSON object')
   p.add_argument('--_child', help=argparse.SUPPRESS)
   args = p.parse_args()
@@ -164,23 +212,31 @@ def main() -> int:
     try:
       picked = [int(r) for r in args.rows.split(',')]
     except ValueError:
-      p.error(f"--rows must be comma-separated integers in 0..{len(ROWS) - 1} or 'all', "
-              f'got {args.rows!r}')
+      p.error(
+        f"--rows must be comma-separated integers in 0..{len(ROWS) - 1} or 'all', got {args.rows!r}"
+      )
     if any(not 0 <= r < len(ROWS) for r in picked):
       p.error(f'--rows must be in 0..{len(ROWS) - 1}, got {args.rows!r}')
   from pemn_jax import train
 
   copts = train.step_compiler_options() or {}
-  rows = [bench_row(i, args.batch_size, args.steps, args.rounds, copts, args.compare)
-          for i in picked]
-  result = {**bench_step.machine(),
-            'command': ' '.join([os.path.relpath(sys.argv[0], bench_step.REPO)] + sys.argv[1:]),
-            'batch_size': args.batch_size, 'steps': args.steps, 'rounds': args.rounds,
-            'compare': args.compare, 'baseline': next(iter(COMPARISONS[args.compare])),
-            'compare_label': 'remat_blocks' if args.compare == 'remat' else 'variant',
-            'compiler_options': copts,
-            'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-            'load_average': os.getloadavg(), 'rows': rows}
+  rows = [
+    bench_row(i, args.batch_size, args.steps, args.rounds, copts, args.compare) for i in picked
+  ]
+  result = {
+    **bench_step.machine(),
+    'command': ' '.join([os.path.relpath(sys.argv[0], bench_step.REPO)] + sys.argv[1:]),
+    'batch_size': args.batch_size,
+    'steps': args.steps,
+    'rounds': args.rounds,
+    'compare': args.compare,
+    'baseline': next(iter(COMPARISONS[args.compare])),
+    'compare_label': 'remat_blocks' if args.compare == 'remat' else 'variant',
+    'compiler_options': copts,
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+    'load_average': os.getloadavg(),
+    'rows': rows,
+  }
   print(json.dumps(result, indent=2) if args.json else format_table(result))
   return 0
 

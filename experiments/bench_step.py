@@ -50,8 +50,14 @@ DEFAULT_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'convmixer_cifar10.py
 SMALL_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'demo.py')
 # The authors' PyTorch code, dense ConvMixer-256/8, batch 128, fp32, on this machine kind
 # (2 vCPU AMD EPYC, AVX2), torch 2.13 CPU: measured in another run (issue 5).
-REFERENCE = {'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
-             'step_s': 6.7, 'peak_rss_mb': 2.0 * 1024, 'dim': 256, 'depth': 8, 'batch': 128}
+REFERENCE = {
+  'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
+  'step_s': 6.7,
+  'peak_rss_mb': 2.0 * 1024,
+  'dim': 256,
+  'depth': 8,
+  'batch': 128,
+}
 WARMUP = 2
 
 
@@ -66,7 +72,7 @@ def load_config(path: str, overrides: list[str]):
   spec.loader.exec_module(mod)
   config = mod.get_config()
   for item in overrides:
-    key, _, raw = item[len('--config.'):].partition('=')
+    key, _, raw = item[len('--config.') :].partition('=')
     try:
       value = ast.literal_eval(raw)
     except (ValueError, SyntaxError):
@@ -117,12 +123,17 @@ def remat_policy(name: str):
   import jax
 
   cp = jax.checkpoint_policies
-  return {'dots': cp.dots_with_no_batch_dims_saveable,
-          'nothing': cp.nothing_saveable}[name]
+  return {'dots': cp.dots_with_no_batch_dims_saveable, 'nothing': cp.nothing_saveable}[name]
 
 
-def build_step(config, batch_size: int, masked: bool, remat: str = 'none',
-               compiler_options: dict | None = None, count_flops: bool = True):
+def build_step(
+  config,
+  batch_size: int,
+  masked: bool,
+  remat: str = 'none',
+  compiler_options: dict | None = None,
+  count_flops: bool = True,
+):
   """(compiled step, initial state, frozen, batch, compile seconds, flops) for one variant.
 
   ``count_flops=False`` skips the extra compile that counting needs under
@@ -143,19 +154,26 @@ def build_step(config, batch_size: int, masked: bool, remat: str = 'none',
   variables = jax.device_put(variables, replicated)
   frozen = variables.get(layers.FROZEN)
   tx = train.make_optimizer(config, 1000)
-  state = jax.jit(lambda p, b: train.TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                                batch_stats=b, opt_state=tx.init(p)),
-                  out_shardings=replicated)(variables['params'],
-                                            variables.get('batch_stats', {}))
+  state = jax.jit(
+    lambda p, b: train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)
+    ),
+    out_shardings=replicated,
+  )(variables['params'], variables.get('batch_stats', {}))
   rng = np.random.default_rng(0)
-  batch = {'image': rng.standard_normal((batch_size, *shape), dtype=np.float32),
-           'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32)}
+  batch = {
+    'image': rng.standard_normal((batch_size, *shape), dtype=np.float32),
+    'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
+  }
   batch = train.to_global(batch, batch_sharding)
   if remat != 'none':
     model = RematModel(model, remat_policy(remat))
-  step = jax.jit(train.make_train_step(model, tx),
-                 in_shardings=(replicated, replicated, batch_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+  step = jax.jit(
+    train.make_train_step(model, tx),
+    in_shardings=(replicated, replicated, batch_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+  )
   t0 = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile(compiler_options or None)
   compile_s = time.perf_counter() - t0
@@ -209,7 +227,7 @@ def matmul_peak(n: int = 2048, reps: int = 7) -> tuple[float, float]:
     t0 = time.perf_counter()
     jax.block_until_ready(f(a, b))
     ts.append(time.perf_counter() - t0)
-  flops = 2.0 * n ** 3
+  flops = 2.0 * n**3
   return flops / min(ts), flops / statistics.median(ts)
 
 
@@ -230,11 +248,29 @@ def peak_rss_mb() -> float:
   return kb / 1024 if sys.platform != 'darwin' else kb / 2**20
 
 
-def rss_child(config_path: str, overrides: list[str], batch_size: int, steps: int,
-              remat: str = 'none', compiler_options: dict | None = None) -> dict:
+def rss_child(
+  config_path: str,
+  overrides: list[str],
+  batch_size: int,
+  steps: int,
+  remat: str = 'none',
+  compiler_options: dict | None = None,
+) -> dict:
   """Peak RSS (MB) of a fresh process that builds and trains only the masked model."""
-  cmd = [sys.executable, os.path.abspath(__file__), '--_rss-child', '--config', config_path,
-         '--batch-size', str(batch_size), '--steps', str(steps), '--remat', remat, *overrides]
+  cmd = [
+    sys.executable,
+    os.path.abspath(__file__),
+    '--_rss-child',
+    '--config',
+    config_path,
+    '--batch-size',
+    str(batch_size),
+    '--steps',
+    str(steps),
+    '--remat',
+    remat,
+    *overrides,
+  ]
   for k, v in (compiler_options or {}).items():
     cmd += ['--compiler-option', f'{k}={v}']
   if not compiler_options:
@@ -249,29 +285,48 @@ def rss_child(config_path: str, overrides: list[str], batch_size: int, steps: in
 # One row: one config, masked and dense.
 
 
-def bench_config(config_path: str, overrides: list[str], batch_size: int, steps: int,
-                 rss_steps: int, remat: str = 'none', compiler_options: dict | None = None) -> dict:
+def bench_config(
+  config_path: str,
+  overrides: list[str],
+  batch_size: int,
+  steps: int,
+  rss_steps: int,
+  remat: str = 'none',
+  compiler_options: dict | None = None,
+) -> dict:
   config = load_config(config_path, overrides)
   masked = build_step(config, batch_size, True, remat, compiler_options)
   dense = build_step(config, batch_size, False, remat, compiler_options)
-  variants = {name: dict(step=v[0], state=v[1], frozen=v[2], batch=v[3])
-              for name, v in (('masked', masked), ('dense', dense))}
+  variants = {
+    name: dict(step=v[0], state=v[1], frozen=v[2], batch=v[3])
+    for name, v in (('masked', masked), ('dense', dense))
+  }
   times = run_steps(variants, steps)
   del variants
   rss = rss_child(config_path, overrides, batch_size, rss_steps, remat, compiler_options)
   ms, ds = statistics.median(times['masked']), statistics.median(times['dense'])
   return {
-      'config': os.path.relpath(config_path, REPO), 'overrides': overrides,
-      'model': describe(config), 'batch_size': batch_size, 'steps': steps, 'remat': remat,
-      'masked_step_s': ms, 'dense_step_s': ds,
-      'masked_step_times_s': times['masked'], 'dense_step_times_s': times['dense'],
-      'masked_compile_s': masked[4], 'dense_compile_s': dense[4],
-      'masked_temp_mb': masked[0].memory_analysis().temp_size_in_bytes / 2**20,
-      'dense_temp_mb': dense[0].memory_analysis().temp_size_in_bytes / 2**20,
-      'flops_per_step': masked[5], 'dense_flops_per_step': dense[5],
-      'masked_images_per_s': batch_size / ms, 'dense_images_per_s': batch_size / ds,
-      'masked_over_dense': ms / ds,
-      'masked_peak_rss_mb': rss.get('peak_rss_mb'), 'rss_child': rss,
+    'config': os.path.relpath(config_path, REPO),
+    'overrides': overrides,
+    'model': describe(config),
+    'batch_size': batch_size,
+    'steps': steps,
+    'remat': remat,
+    'masked_step_s': ms,
+    'dense_step_s': ds,
+    'masked_step_times_s': times['masked'],
+    'dense_step_times_s': times['dense'],
+    'masked_compile_s': masked[4],
+    'dense_compile_s': dense[4],
+    'masked_temp_mb': masked[0].memory_analysis().temp_size_in_bytes / 2**20,
+    'dense_temp_mb': dense[0].memory_analysis().temp_size_in_bytes / 2**20,
+    'flops_per_step': masked[5],
+    'dense_flops_per_step': dense[5],
+    'masked_images_per_s': batch_size / ms,
+    'dense_images_per_s': batch_size / ds,
+    'masked_over_dense': ms / ds,
+    'masked_peak_rss_mb': rss.get('peak_rss_mb'),
+    'rss_child': rss,
   }
 
 
@@ -289,76 +344,104 @@ def machine() -> dict:
 
   d = jax.devices()[0]
   on_cpu = d.platform == 'cpu'
-  return {'native_depthwise': on_cpu and native.available(),
-          'native_reason': native.unavailable_reason() if on_cpu else 'not the CPU backend',
-          'device': f'{d.platform}:{getattr(d, "device_kind", "")}',
-          'device_count': jax.device_count(), 'nproc': os.cpu_count(), 'cpu_model': cpu,
-          'jax': jax.__version__, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
-          'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}
+  return {
+    'native_depthwise': on_cpu and native.available(),
+    'native_reason': native.unavailable_reason() if on_cpu else 'not the CPU backend',
+    'device': f'{d.platform}:{getattr(d, "device_kind", "")}',
+    'device_count': jax.device_count(),
+    'nproc': os.cpu_count(),
+    'cpu_model': cpu,
+    'jax': jax.__version__,
+    'xla_flags': os.environ.get('XLA_FLAGS', ''),
+    'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+  }
 
 
 def format_table(result: dict) -> str:
-  lines = [f"device {result['device']} ({result['cpu_model']}, nproc {result['nproc']}), "
-           f"jax {result['jax']}, {result['date']}",
-           f"fp32 matmul peak (2048^3 jnp.dot, best of 7): "
-           f"{result['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
-           f"(median {result['matmul_median_flops'] / 1e9:.1f}; best of before/after the steps)",
-           f"load average at the end {tuple(round(x, 1) for x in result['load_average'])} on "
-           f"{result['nproc']} cores; XLA_FLAGS={result['xla_flags']!r} "
-           f"GLIBC_TUNABLES={result['glibc_tunables']!r} compiler options "
-           f"{result['compiler_options'] or 'none'}, remat {result['remat']}",
-           'native kernels (pemn_jax.native: depthwise conv, top-k mask, GELU+BN): ' + (
-               'loaded (used in float32 unless model.conv_impl or PEMN_JAX_NATIVE_OFF says '
-               'otherwise)'
-               if result['native_depthwise'] else f"not used ({result['native_reason']})")]
+  lines = [
+    f'device {result["device"]} ({result["cpu_model"]}, nproc {result["nproc"]}), '
+    f'jax {result["jax"]}, {result["date"]}',
+    f'fp32 matmul peak (2048^3 jnp.dot, best of 7): '
+    f'{result["matmul_peak_flops"] / 1e9:.1f} GFLOP/s '
+    f'(median {result["matmul_median_flops"] / 1e9:.1f}; best of before/after the steps)',
+    f'load average at the end {tuple(round(x, 1) for x in result["load_average"])} on '
+    f'{result["nproc"]} cores; XLA_FLAGS={result["xla_flags"]!r} '
+    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} compiler options '
+    f'{result["compiler_options"] or "none"}, remat {result["remat"]}',
+    'native kernels (pemn_jax.native: depthwise conv, top-k mask, GELU+BN): '
+    + (
+      'loaded (used in float32 unless model.conv_impl or PEMN_JAX_NATIVE_OFF says otherwise)'
+      if result['native_depthwise']
+      else f'not used ({result["native_reason"]})'
+    ),
+  ]
   if result['rows'][0].get('overrides'):
-    lines.append(f"overrides of the first config: {' '.join(result['rows'][0]['overrides'])}")
+    lines.append(f'overrides of the first config: {" ".join(result["rows"][0]["overrides"])}')
   lines.append('')
-  hdr = ('| config | batch | variant | compile s | step s (median) | images/s | GFLOP/step '
-         '| floor s | step/floor | XLA temp MB | peak RSS MB |')
+  hdr = (
+    '| config | batch | variant | compile s | step s (median) | images/s | GFLOP/step '
+    '| floor s | step/floor | XLA temp MB | peak RSS MB |'
+  )
   lines += [hdr, '|' + '---|' * 11]
   peak = result['matmul_peak_flops']
   for r in result['rows']:
     for v in ('masked', 'dense'):
       flops = r['flops_per_step'] if v == 'masked' else r['dense_flops_per_step']
       floor = flops / peak
-      rss = f"{r['masked_peak_rss_mb']:.0f}" if v == 'masked' and r['masked_peak_rss_mb'] else '-'
-      lines.append(f"| {r['model']} | {r['batch_size']} | {v} | {r[f'{v}_compile_s']:.1f} | "
-                   f"{r[f'{v}_step_s']:.3f} | {r[f'{v}_images_per_s']:.0f} | {flops / 1e9:.1f} | "
-                   f"{floor:.3f} | {r[f'{v}_step_s'] / floor:.2f} | {r[f'{v}_temp_mb']:.0f} | "
-                   f"{rss} |")
+      rss = f'{r["masked_peak_rss_mb"]:.0f}' if v == 'masked' and r['masked_peak_rss_mb'] else '-'
+      lines.append(
+        f'| {r["model"]} | {r["batch_size"]} | {v} | {r[f"{v}_compile_s"]:.1f} | '
+        f'{r[f"{v}_step_s"]:.3f} | {r[f"{v}_images_per_s"]:.0f} | {flops / 1e9:.1f} | '
+        f'{floor:.3f} | {r[f"{v}_step_s"] / floor:.2f} | {r[f"{v}_temp_mb"]:.0f} | '
+        f'{rss} |'
+      )
   lines.append('')
   for r in result['rows']:
-    lines.append(f"{r['model']} batch {r['batch_size']}: masked/dense = "
-                 f"{r['masked_over_dense']:.3f} (median of {r['steps']} alternated steps)")
+    lines.append(
+      f'{r["model"]} batch {r["batch_size"]}: masked/dense = '
+      f'{r["masked_over_dense"]:.3f} (median of {r["steps"]} alternated steps)'
+    )
   ref = result.get('reference_step_s')
   if ref:
-    lines.append(f"reference: {REFERENCE['name']}: {ref} s/step, measured in another run on the "
-                 f"same machine kind; ours masked {result['masked_step_s']:.3f} s/step "
-                 f"-> {result['speedup_vs_reference_masked']:.2f}x its throughput, dense "
-                 f"{result['dense_step_s']:.3f} s/step -> "
-                 f"{result['speedup_vs_reference_dense']:.2f}x")
+    lines.append(
+      f'reference: {REFERENCE["name"]}: {ref} s/step, measured in another run on the '
+      f'same machine kind; ours masked {result["masked_step_s"]:.3f} s/step '
+      f'-> {result["speedup_vs_reference_masked"]:.2f}x its throughput, dense '
+      f'{result["dense_step_s"]:.3f} s/step -> '
+      f'{result["speedup_vs_reference_dense"]:.2f}x'
+    )
   return '\n'.join(lines)
 
 
 def main() -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--config', default=None, help='config file (default ConvMixer-256/8 CIFAR-10)')
-  p.add_argument('--small-config', default=None,
-                 help="second, small row (default the demo config when --config is not given; "
-                      "'' for none)")
+  p.add_argument(
+    '--small-config',
+    default=None,
+    help="second, small row (default the demo config when --config is not given; '' for none)",
+  )
   p.add_argument('--batch-size', type=int, default=128)
   p.add_argument('--steps', type=int, default=10, help='timed steps per variant (after warm-up)')
   p.add_argument('--rss-steps', type=int, default=3, help='steps the RSS child process trains')
   p.add_argument('--json', action='store_true', help='print one JSON object')
-  p.add_argument('--remat', default='none', choices=('none', 'dots', 'nothing'),
-                 help='lever of attempt 8: run the whole model.apply under jax.checkpoint with '
-                      'this policy (default none = exactly the library step; the library\'s '
-                      'own memory lever is --config.model.remat_blocks)')
-  p.add_argument('--compiler-option', action='append', default=[], metavar='KEY=VALUE',
-                 help='XLA option for the step compile, e.g. xla_cpu_scheduler_type='
-                      'CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; default: the library trainer\'s '
-                      'own (train.step_compiler_options); "none" for XLA\'s defaults')
+  p.add_argument(
+    '--remat',
+    default='none',
+    choices=('none', 'dots', 'nothing'),
+    help='lever of attempt 8: run the whole model.apply under jax.checkpoint with '
+    "this policy (default none = exactly the library step; the library's "
+    'own memory lever is --config.model.remat_blocks)',
+  )
+  p.add_argument(
+    '--compiler-option',
+    action='append',
+    default=[],
+    metavar='KEY=VALUE',
+    help='XLA option for the step compile, e.g. xla_cpu_scheduler_type='
+    "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; default: the library trainer's "
+    'own (train.step_compiler_options); "none" for XLA\'s defaults',
+  )
   p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
   args, rest = p.parse_known_args()
   bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
@@ -377,8 +460,9 @@ def main() -> int:
     import jax
 
     config = load_config(config_path, rest)
-    step, state, frozen, batch, _, _ = build_step(config, args.batch_size, True, args.remat,
-                                                  copts, count_flops=False)
+    step, state, frozen, batch, _, _ = build_step(
+      config, args.batch_size, True, args.remat, copts, count_flops=False
+    )
     for _ in range(args.steps):
       state, metrics = step(state, frozen, batch)
     jax.block_until_ready((state, metrics))
@@ -388,34 +472,55 @@ def main() -> int:
   import jax
 
   peak_before = matmul_peak()
-  rows = [bench_config(config_path, rest, args.batch_size, args.steps, args.rss_steps,
-                       args.remat, copts)]
-  small = args.small_config if args.small_config is not None else (
-      '' if args.config else SMALL_CONFIG)
+  rows = [
+    bench_config(config_path, rest, args.batch_size, args.steps, args.rss_steps, args.remat, copts)
+  ]
+  small = (
+    args.small_config if args.small_config is not None else ('' if args.config else SMALL_CONFIG)
+  )
   if small:
-    rows.append(bench_config(os.path.abspath(small), [], args.batch_size, args.steps,
-                             args.rss_steps, args.remat, copts))
+    rows.append(
+      bench_config(
+        os.path.abspath(small), [], args.batch_size, args.steps, args.rss_steps, args.remat, copts
+      )
+    )
   peak_after = matmul_peak()
   # This machine is shared: the matmul is timed before and after the steps, best taken.
   best, median = max(peak_before[0], peak_after[0]), max(peak_before[1], peak_after[1])
   main_row = rows[0]
-  result = {**machine(), 'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
-            'matmul_peak_flops': best, 'matmul_median_flops': median,
-            'matmul_peak_before_after_flops': [peak_before[0], peak_after[0]],
-            'compiler_options': copts, 'remat': args.remat,
-            'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-            'load_average': os.getloadavg()}
-  for k in ('masked_step_s', 'dense_step_s', 'masked_compile_s', 'dense_compile_s',
-            'flops_per_step', 'dense_flops_per_step', 'masked_peak_rss_mb',
-            'masked_images_per_s', 'dense_images_per_s', 'masked_over_dense'):
+  result = {
+    **machine(),
+    'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    'matmul_peak_flops': best,
+    'matmul_median_flops': median,
+    'matmul_peak_before_after_flops': [peak_before[0], peak_after[0]],
+    'compiler_options': copts,
+    'remat': args.remat,
+    'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+    'load_average': os.getloadavg(),
+  }
+  for k in (
+    'masked_step_s',
+    'dense_step_s',
+    'masked_compile_s',
+    'dense_compile_s',
+    'flops_per_step',
+    'dense_flops_per_step',
+    'masked_peak_rss_mb',
+    'masked_images_per_s',
+    'dense_images_per_s',
+    'masked_over_dense',
+  ):
     result[k] = main_row[k]
   result['floor_ratio'] = main_row['masked_step_s'] / (main_row['flops_per_step'] / best)
-  result['dense_floor_ratio'] = main_row['dense_step_s'] / (main_row['dense_flops_per_step']
-                                                            / best)
+  result['dense_floor_ratio'] = main_row['dense_step_s'] / (main_row['dense_flops_per_step'] / best)
   cfg = load_config(config_path, rest)
-  same_as_ref = (cfg.model.name == 'convmixer' and cfg.model.dim == REFERENCE['dim']
-                 and cfg.model.depth == REFERENCE['depth']
-                 and args.batch_size == REFERENCE['batch'])
+  same_as_ref = (
+    cfg.model.name == 'convmixer'
+    and cfg.model.dim == REFERENCE['dim']
+    and cfg.model.depth == REFERENCE['depth']
+    and args.batch_size == REFERENCE['batch']
+  )
   if same_as_ref:
     result['reference'] = REFERENCE['name']
     result['reference_step_s'] = REFERENCE['step_s']

@@ -18,8 +18,11 @@ from ml_collections import config_flags
 from pemn_jax import build, train
 
 config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), '..', 'pemn_jax', 'configs', 'demo.py'),
-    'Config file (default: pemn_jax/configs/demo.py).', lock_config=True)
+  'config',
+  os.path.join(os.path.dirname(__file__), '..', 'pemn_jax', 'configs', 'demo.py'),
+  'Config file (default: pemn_jax/configs/demo.py).',
+  lock_config=True,
+)
 flags.DEFINE_string('workdir', 'workdirs/demo', 'Where checkpoints and metrics go.')
 FLAGS = flags.FLAGS
 
@@ -31,9 +34,12 @@ def main(argv):
   config = FLAGS.config
   workdir = FLAGS.workdir
   s = config.strategy
-  print(f'pemn demo: masked ConvMixer-{config.model.dim}/{config.model.depth}, {s.name} '
-        f'r={s.rp_ratio:g}, keep {s.keep_fraction}, on {config.data.name}, '
-        f'{config.train.num_epochs} epochs; workdir {workdir}', flush=True)
+  print(
+    f'pemn demo: masked ConvMixer-{config.model.dim}/{config.model.depth}, {s.name} '
+    f'r={s.rp_ratio:g}, keep {s.keep_fraction}, on {config.data.name}, '
+    f'{config.train.num_epochs} epochs; workdir {workdir}',
+    flush=True,
+  )
   try:
     summary = train.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError) as e:
@@ -42,8 +48,10 @@ def main(argv):
   if not summary['finished']:
     return 130
   print()
-  print(f"test accuracy: final {summary['final_accuracy']:.4f}, best {summary['best_accuracy']:.4f}"
-        f" (epoch {summary['best_epoch']}); chance is 0.1000")
+  print(
+    f'test accuracy: final {summary["final_accuracy"]:.4f}, best {summary["best_accuracy"]:.4f}'
+    f' (epoch {summary["best_epoch"]}); chance is 0.1000'
+  )
   print(build.summarize(config)['storage_table'])
   wd = summary['workdir']
   print(f'workdir      {wd}')

@@ -29,54 +29,94 @@ RESULTS = os.path.join(ROOT, 'experiments', 'results')
 CONFIGS = os.path.join(ROOT, 'pemn_jax', 'configs')
 
 STRATEGY_POINTS = [  # (label, overrides) of figure 3, in the paper's order
-    ('Dense', {'model.masked': False}),
-    ('Mask', {'strategy.name': 'mask'}),
-    ('One-layer', {'strategy.name': 'one_layer'}),
-    ('MP', {'strategy.name': 'max_layer_padding'}),
-    ('RP 1e-1', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-1}),
-    ('RP 1e-2', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2}),
-    ('RP 1e-3', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-3}),
-    ('RP 1e-4', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-4}),
-    ('RP 1e-5', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-5}),
+  ('Dense', {'model.masked': False}),
+  ('Mask', {'strategy.name': 'mask'}),
+  ('One-layer', {'strategy.name': 'one_layer'}),
+  ('MP', {'strategy.name': 'max_layer_padding'}),
+  ('RP 1e-1', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-1}),
+  ('RP 1e-2', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2}),
+  ('RP 1e-3', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-3}),
+  ('RP 1e-4', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-4}),
+  ('RP 1e-5', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-5}),
 ]
 
 # Scaled-down recipe shared by every point of a grid (see the grid's README for the why).
 CIFAR_BASE = {
-    'model.dim': 128, 'model.depth': 4, 'model.kernel_size': 5, 'model.patch_size': 4,
-    'train.batch_size': 128, 'train.num_epochs': 4, 'train.peak_lr': 0.01,
-    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
-    'data.name': 'cifar10_jpeg',
+  'model.dim': 128,
+  'model.depth': 4,
+  'model.kernel_size': 5,
+  'model.patch_size': 4,
+  'train.batch_size': 128,
+  'train.num_epochs': 4,
+  'train.peak_lr': 0.01,
+  'train.checkpoint_every_steps': 200,
+  'train.log_every_steps': 50,
+  'train.progress': False,
+  'data.name': 'cifar10_jpeg',
 }
 FMNIST_BASE = {
-    'model.dim': 64, 'model.depth': 4, 'model.kernel_size': 5, 'model.patch_size': 2,
-    'train.batch_size': 128, 'train.num_epochs': 2, 'train.peak_lr': 0.01,
-    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
-    'data.name': 'fashion_mnist', 'data.augment': False,
+  'model.dim': 64,
+  'model.depth': 4,
+  'model.kernel_size': 5,
+  'model.patch_size': 2,
+  'train.batch_size': 128,
+  'train.num_epochs': 2,
+  'train.peak_lr': 0.01,
+  'train.checkpoint_every_steps': 200,
+  'train.log_every_steps': 50,
+  'train.progress': False,
+  'data.name': 'fashion_mnist',
+  'data.augment': False,
 }
 
 
 VIT_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask', 'MP', 'RP 1e-2', 'RP 1e-4')]
 RESNET_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-1', 'RP 1e-2')] + [
-    (f'{method.capitalize()} {s:.0%}', {'model.masked': False, 'model.sparsity_method': method,
-                                        'model.sparsity': s})
-    for method in ('random', 'magnitude') for s in (0.90, 0.92, 0.94, 0.96)]
+  (
+    f'{method.capitalize()} {s:.0%}',
+    {'model.masked': False, 'model.sparsity_method': method, 'model.sparsity': s},
+  )
+  for method in ('random', 'magnitude')
+  for s in (0.90, 0.92, 0.94, 0.96)
+]
 DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask')]
 # Claim 5, second half (ResNet-56 loses less than ResNet-32): dense and two PEMN points.
 RESNET_DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-2')]
 # The bfloat16 compute option's accuracy effect (performance issue): the demo, both dtypes.
 DTYPE_POINTS = [('float32', {'model.dtype': 'float32'}), ('bfloat16', {'model.dtype': 'bfloat16'})]
-KEEP_POINTS = [(f'k={k:g}', {'strategy.name': 'random_vector_padding', 'strategy.rp_ratio': 1e-2,
-                             'strategy.keep_fraction': k}) for k in (0.5, 0.3, 0.1, 0.05)]
+KEEP_POINTS = [
+  (
+    f'k={k:g}',
+    {
+      'strategy.name': 'random_vector_padding',
+      'strategy.rp_ratio': 1e-2,
+      'strategy.keep_fraction': k,
+    },
+  )
+  for k in (0.5, 0.3, 0.1, 0.05)
+]
 CIFAR_VIT_BASE = {
-    'model.dim': 128, 'model.depth': 4, 'model.patch_size': 4, 'model.mlp_ratio': 2.0,
-    'train.batch_size': 128, 'train.num_epochs': 4, 'train.peak_lr': 1e-3,
-    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
-    'data.name': 'cifar10_jpeg',
+  'model.dim': 128,
+  'model.depth': 4,
+  'model.patch_size': 4,
+  'model.mlp_ratio': 2.0,
+  'train.batch_size': 128,
+  'train.num_epochs': 4,
+  'train.peak_lr': 1e-3,
+  'train.checkpoint_every_steps': 200,
+  'train.log_every_steps': 50,
+  'train.progress': False,
+  'data.name': 'cifar10_jpeg',
 }
 CIFAR_RESNET_BASE = {
-    'model.depth': 20, 'train.batch_size': 128, 'train.num_epochs': 2, 'train.peak_lr': 0.01,
-    'train.checkpoint_every_steps': 200, 'train.log_every_steps': 50, 'train.progress': False,
-    'data.name': 'cifar10_jpeg',
+  'model.depth': 20,
+  'train.batch_size': 128,
+  'train.num_epochs': 2,
+  'train.peak_lr': 0.01,
+  'train.checkpoint_every_steps': 200,
+  'train.log_every_steps': 50,
+  'train.progress': False,
+  'data.name': 'cifar10_jpeg',
 }
 
 
@@ -88,35 +128,47 @@ def _grid(base, config, seeds, points=STRATEGY_POINTS):
   runs = []
   for seed in seeds:
     for label, over in points:
-      runs.append({'name': f'{_slug(label)}_s{seed}', 'label': label, 'seed': seed,
-                   'config': config, 'overrides': {**base, **over, 'seed': seed}})
+      runs.append(
+        {
+          'name': f'{_slug(label)}_s{seed}',
+          'label': label,
+          'seed': seed,
+          'config': config,
+          'overrides': {**base, **over, 'seed': seed},
+        }
+      )
   return runs
 
 
 GRIDS = {
-    'cifar_convmixer': lambda: _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1)),
-    'fmnist_convmixer': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0, 1)),
-    # Claim 3 (deeper models narrow the gap): the CIFAR grid's recipe at depth 8, Dense and Mask.
-    'cifar_convmixer_d8': lambda: _grid({**CIFAR_BASE, 'model.depth': 8}, 'convmixer_cifar10.py',
-                                        (0, 1), DEPTH_POINTS),
-    'cifar_vit': lambda: _grid(CIFAR_VIT_BASE, 'vit_cifar10.py', (0, 1), VIT_POINTS),
-    'cifar_resnet': lambda: _grid(CIFAR_RESNET_BASE, 'resnet_cifar10.py', (0,), RESNET_POINTS),
-    # Claim 5, second half: the ResNet-20 grid's recipe at depths 32 and 56.
-    'cifar_resnet32': lambda: _grid({**CIFAR_RESNET_BASE, 'model.depth': 32}, 'resnet_cifar10.py',
-                                    (0,), RESNET_DEPTH_POINTS),
-    'cifar_resnet56': lambda: _grid({**CIFAR_RESNET_BASE, 'model.depth': 56}, 'resnet_cifar10.py',
-                                    (0,), RESNET_DEPTH_POINTS),
-    'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
-    # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
-    'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
-    'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
+  'cifar_convmixer': lambda: _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1)),
+  'fmnist_convmixer': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0, 1)),
+  # Claim 3 (deeper models narrow the gap): the CIFAR grid's recipe at depth 8, Dense and Mask.
+  'cifar_convmixer_d8': lambda: _grid(
+    {**CIFAR_BASE, 'model.depth': 8}, 'convmixer_cifar10.py', (0, 1), DEPTH_POINTS
+  ),
+  'cifar_vit': lambda: _grid(CIFAR_VIT_BASE, 'vit_cifar10.py', (0, 1), VIT_POINTS),
+  'cifar_resnet': lambda: _grid(CIFAR_RESNET_BASE, 'resnet_cifar10.py', (0,), RESNET_POINTS),
+  # Claim 5, second half: the ResNet-20 grid's recipe at depths 32 and 56.
+  'cifar_resnet32': lambda: _grid(
+    {**CIFAR_RESNET_BASE, 'model.depth': 32}, 'resnet_cifar10.py', (0,), RESNET_DEPTH_POINTS
+  ),
+  'cifar_resnet56': lambda: _grid(
+    {**CIFAR_RESNET_BASE, 'model.depth': 56}, 'resnet_cifar10.py', (0,), RESNET_DEPTH_POINTS
+  ),
+  'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
+  # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
+  'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
+  'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
 }
 DATASET_LABELS = {
-    'fashion_mnist_embedded': ('embedded Fashion-MNIST subset (pemn_jax/data_files: 10,000 '
-                               'train / 2,000 test)'),
-    'cifar10_jpeg': 'CIFAR-10 (JPEG-q75 mirror), 50,000 train / 10,000 test',
-    'fashion_mnist': ('Fashion-MNIST (official files, Debian dataset-fashion-mnist), '
-                      '60,000 / 10,000'),
+  'fashion_mnist_embedded': (
+    'embedded Fashion-MNIST subset (pemn_jax/data_files: 10,000 train / 2,000 test)'
+  ),
+  'cifar10_jpeg': 'CIFAR-10 (JPEG-q75 mirror), 50,000 train / 10,000 test',
+  'fashion_mnist': (
+    'Fashion-MNIST (official files, Debian dataset-fashion-mnist), 60,000 / 10,000'
+  ),
 }
 
 
@@ -140,8 +192,12 @@ def native_kernels() -> str:
 
 
 def command(run, workdir, extra) -> list[str]:
-  cmd = [os.path.join('.venv', 'bin', 'pemn'), 'train',
-         f"--config={os.path.join('pemn_jax', 'configs', run['config'])}", f'--workdir={workdir}']
+  cmd = [
+    os.path.join('.venv', 'bin', 'pemn'),
+    'train',
+    f'--config={os.path.join("pemn_jax", "configs", run["config"])}',
+    f'--workdir={workdir}',
+  ]
   for k, v in {**run['overrides'], **extra}.items():
     cmd.append(f'--config.{k}={v}')
   return cmd
@@ -153,8 +209,11 @@ def do_run(args) -> int:
     by_name = {r['name']: r for r in runs}
     unknown = [n for n in args.only.split(',') if n not in by_name]
     if unknown:
-      print(f'--only: no run named {", ".join(unknown)} in grid {args.grid} '
-            f'(have: {", ".join(by_name)})', file=sys.stderr)
+      print(
+        f'--only: no run named {", ".join(unknown)} in grid {args.grid} '
+        f'(have: {", ".join(by_name)})',
+        file=sys.stderr,
+      )
       return 2
     runs = [by_name[n] for n in args.only.split(',')]
   extra = {}
@@ -163,58 +222,101 @@ def do_run(args) -> int:
   outdir = os.path.join(RESULTS, args.grid, 'runs')
   os.makedirs(outdir, exist_ok=True)
   for run in runs:
-    record_path = os.path.join(outdir, f"{run['name']}.json")
+    record_path = os.path.join(outdir, f'{run["name"]}.json')
     if os.path.exists(record_path):
-      print(f"[grid] {run['name']}: done already ({record_path})", flush=True)
+      print(f'[grid] {run["name"]}: done already ({record_path})', flush=True)
       continue
     workdir = os.path.relpath(os.path.join(args.workroot, args.grid, run['name']), ROOT)
     run_extra = dict(extra) if 'cifar10' in run['overrides'].get('data.name', '') else {}
     cmd = command(run, workdir, run_extra)
-    print(f"[grid] {run['name']}: {shlex.join(cmd)}", flush=True)
+    print(f'[grid] {run["name"]}: {shlex.join(cmd)}', flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, check=False)
     if proc.returncode != 0:
-      print(f"[grid] {run['name']}: exit {proc.returncode}; stopping the grid", flush=True)
+      print(f'[grid] {run["name"]}: exit {proc.returncode}; stopping the grid', flush=True)
       return proc.returncode
     with open(os.path.join(ROOT, workdir, 'summary.json')) as f:
       summary = json.load(f)
     with open(os.path.join(ROOT, workdir, 'config.json')) as f:
       summary_config = json.load(f)
     inspect = subprocess.run(
-        [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', '--json',
-         *[a for a in cmd[2:] if not a.startswith('--workdir')]],
-        cwd=ROOT, check=True, capture_output=True, text=True)
+      [
+        os.path.join(ROOT, '.venv', 'bin', 'pemn'),
+        'inspect',
+        '--json',
+        *[a for a in cmd[2:] if not a.startswith('--workdir')],
+      ],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+      text=True,
+    )
     info = json.loads(inspect.stdout)
     art_path = os.path.join(ROOT, workdir, 'model.pemn')
-    subprocess.run([os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'export', f'--workdir={workdir}',
-                    '--best', f'--out={art_path}'], cwd=ROOT, check=True, capture_output=True)
-    art = json.loads(subprocess.run(
-        [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', f'--artifact={art_path}',
-         '--json'], cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    subprocess.run(
+      [
+        os.path.join(ROOT, '.venv', 'bin', 'pemn'),
+        'export',
+        f'--workdir={workdir}',
+        '--best',
+        f'--out={art_path}',
+      ],
+      cwd=ROOT,
+      check=True,
+      capture_output=True,
+    )
+    art = json.loads(
+      subprocess.run(
+        [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', f'--artifact={art_path}', '--json'],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+      ).stdout
+    )
     record = {
-        'grid': args.grid, 'run': run['name'], 'label': run['label'], 'seed': run['seed'],
-        'command': shlex.join(cmd), 'cwd': ROOT,
-        'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-        'machine': machine(), 'native_kernels': native_kernels(),
-        'wall_seconds': time.time() - t0,
-        'dataset': DATASET_LABELS.get(summary_config['data']['name'],
-                                      summary_config['data']['name']),
-        'best_accuracy': summary['best_accuracy'], 'best_epoch': summary['best_epoch'],
-        'final_accuracy': summary['final_accuracy'], 'steps': summary['total_steps'],
-        'masked_weights': info['masked_weights'], 'unique_values': info['unique_values'],
-        'storage': info['storage'],
-        'csr_bits': info.get('csr_bits'),
-        'artifact': {k: art.get(k) for k in ('file_bytes', 'dense_fp32_bytes', 'mask_bytes',
-                                              'mask_bits_per_entry', 'other_bytes',
-                                              'ratio_vs_dense_fp32', 'sparse_kernel_bytes',
-                                              'csr_bytes')},
+      'grid': args.grid,
+      'run': run['name'],
+      'label': run['label'],
+      'seed': run['seed'],
+      'command': shlex.join(cmd),
+      'cwd': ROOT,
+      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+      'machine': machine(),
+      'native_kernels': native_kernels(),
+      'wall_seconds': time.time() - t0,
+      'dataset': DATASET_LABELS.get(summary_config['data']['name'], summary_config['data']['name']),
+      'best_accuracy': summary['best_accuracy'],
+      'best_epoch': summary['best_epoch'],
+      'final_accuracy': summary['final_accuracy'],
+      'steps': summary['total_steps'],
+      'masked_weights': info['masked_weights'],
+      'unique_values': info['unique_values'],
+      'storage': info['storage'],
+      'csr_bits': info.get('csr_bits'),
+      'artifact': {
+        k: art.get(k)
+        for k in (
+          'file_bytes',
+          'dense_fp32_bytes',
+          'mask_bytes',
+          'mask_bits_per_entry',
+          'other_bytes',
+          'ratio_vs_dense_fp32',
+          'sparse_kernel_bytes',
+          'csr_bytes',
+        )
+      },
     }
     tmp = record_path + '.tmp'
     with open(tmp, 'w') as f:
       json.dump(record, f, indent=2)
     os.replace(tmp, record_path)
-    print(f"[grid] {run['name']}: best {record['best_accuracy']:.4f} final "
-          f"{record['final_accuracy']:.4f} ({record['wall_seconds']:.0f} s)", flush=True)
+    print(
+      f'[grid] {run["name"]}: best {record["best_accuracy"]:.4f} final '
+      f'{record["final_accuracy"]:.4f} ({record["wall_seconds"]:.0f} s)',
+      flush=True,
+    )
   return 0
 
 
@@ -259,8 +361,9 @@ def do_report(args) -> int:
   if not records:
     print(f'no records for grid {args.grid}', file=sys.stderr)
     return 1
-  order = [lbl for pts in (STRATEGY_POINTS, RESNET_POINTS, KEEP_POINTS, DTYPE_POINTS)
-           for lbl, _ in pts]
+  order = [
+    lbl for pts in (STRATEGY_POINTS, RESNET_POINTS, KEEP_POINTS, DTYPE_POINTS) for lbl, _ in pts
+  ]
   labels = list(dict.fromkeys(lbl for lbl in order if any(r['label'] == lbl for r in records)))
   rows, means, spreads = [], [], []
   for lbl in labels:
@@ -271,28 +374,40 @@ def do_report(args) -> int:
     means.append(best.mean())
     spreads.append(best.std() if len(best) > 1 else 0.0)
     art = rs[0].get('artifact') or {}
-    paper = (st['dense_fp32_bits'] / rs[0]['csr_bits'] if rs[0].get('csr_bits')
-             else st['ratio_paper'])
-    rows.append(f"| {lbl} | {len(rs)} | {best.mean():.2f} ± {spreads[-1]:.2f} | "
-                f"{final.mean():.2f} ± {(final.std() if len(final) > 1 else 0):.2f} | "
-                f"{rs[0]['unique_values']:,} | {paper:.2f}x | {st['ratio_entropy']:.2f}x | "
-                f"{art.get('file_bytes', 0):,} |")
+    paper = (
+      st['dense_fp32_bits'] / rs[0]['csr_bits'] if rs[0].get('csr_bits') else st['ratio_paper']
+    )
+    rows.append(
+      f'| {lbl} | {len(rs)} | {best.mean():.2f} ± {spreads[-1]:.2f} | '
+      f'{final.mean():.2f} ± {(final.std() if len(final) > 1 else 0):.2f} | '
+      f'{rs[0]["unique_values"]:,} | {paper:.2f}x | {st["ratio_entropy"]:.2f}x | '
+      f'{art.get("file_bytes", 0):,} |'
+    )
   r0 = records[0]
-  md = [f'# Grid `{args.grid}`', '',
-        f"Dataset: {r0['dataset']}. Machine: {r0['machine']}.", '',
-        'Accuracy in % (mean ± std over seeds); best = best epoch (as the reference reports), '
-        'final = last epoch. Compression vs dense fp32 weights, BN excluded.', '',
-        'Sparse baselines: the paper-convention column is CSR (32-bit values and indices).',
-        '',
-        '| strategy | seeds | best acc | final acc | unique random values | paper convention '
-        '| ours (key + entropy-coded masks, bound) | .pemn file bytes (seed 0) |',
-        '|---|---|---|---|---|---|---|---|', *rows, '',
-        '## Commands (one per run, exactly as executed; cwd = repository root)', '']
+  md = [
+    f'# Grid `{args.grid}`',
+    '',
+    f'Dataset: {r0["dataset"]}. Machine: {r0["machine"]}.',
+    '',
+    'Accuracy in % (mean ± std over seeds); best = best epoch (as the reference reports), '
+    'final = last epoch. Compression vs dense fp32 weights, BN excluded.',
+    '',
+    'Sparse baselines: the paper-convention column is CSR (32-bit values and indices).',
+    '',
+    '| strategy | seeds | best acc | final acc | unique random values | paper convention '
+    '| ours (key + entropy-coded masks, bound) | .pemn file bytes (seed 0) |',
+    '|---|---|---|---|---|---|---|---|',
+    *rows,
+    '',
+    '## Commands (one per run, exactly as executed; cwd = repository root)',
+    '',
+  ]
   for r in records:
-    md.append(f"- `{r['run']}` ({r['date']}, {r['wall_seconds']:.0f} s): `{r['command']}`")
+    md.append(f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{r["command"]}`')
   md.append('')
-  md.append(f'Regenerate this file and the plot: `python experiments/grid.py report --grid '
-            f'{args.grid}`')
+  md.append(
+    f'Regenerate this file and the plot: `python experiments/grid.py report --grid {args.grid}`'
+  )
   out = os.path.join(RESULTS, args.grid)
   with open(os.path.join(out, 'README.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
@@ -303,13 +418,18 @@ def do_report(args) -> int:
 
   fig, ax = plt.subplots(figsize=(7, 3.6))
   x = np.arange(len(labels))
-  ax.bar(x, means, yerr=spreads, color=['#777777' if lbl == 'Dense' else '#3b75af'
-                                        for lbl in labels], capsize=3)
+  ax.bar(
+    x,
+    means,
+    yerr=spreads,
+    color=['#777777' if lbl == 'Dense' else '#3b75af' for lbl in labels],
+    capsize=3,
+  )
   ax.set_xticks(x, labels, rotation=30)
   lo = max(0.0, min(means) - 10)
   ax.set_ylim(lo, min(100, max(means) + 5))
   ax.set_ylabel('best test accuracy (%)')
-  ax.set_title(f"{short_dataset(r0['dataset'])}: accuracy vs weight strategy")
+  ax.set_title(f'{short_dataset(r0["dataset"])}: accuracy vs weight strategy')
   for xi, m in zip(x, means):
     ax.text(xi, m + 0.3, f'{m:.1f}', ha='center', fontsize=8)
   fig.tight_layout()
@@ -317,13 +437,20 @@ def do_report(args) -> int:
   plt.close(fig)
   # Accuracy against storage, two ways (the paper's figures 4-5): the paper's convention (CSR
   # for sparse baselines) and the real .pemn file on disk; sparse baselines as lines by method.
-  styles = {'PEMN': dict(marker='*', s=90, color='#3b75af'),
-            'Dense': dict(marker='o', s=40, color='#777777'),
-            'Random': dict(marker='s', s=30, color='#d9822b'),
-            'Magnitude': dict(marker='^', s=34, color='#4c9a2a')}
+  styles = {
+    'PEMN': dict(marker='*', s=90, color='#3b75af'),
+    'Dense': dict(marker='o', s=40, color='#777777'),
+    'Random': dict(marker='s', s=30, color='#d9822b'),
+    'Magnitude': dict(marker='^', s=34, color='#4c9a2a'),
+  }
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-  panels = (("paper's convention: 32-bit unique values + 1-bit masks; CSR for sparse; BN "
-             'excluded', 'paper'), ('our .pemn file on disk (BN, header and key included)', 'file'))
+  panels = (
+    (
+      "paper's convention: 32-bit unique values + 1-bit masks; CSR for sparse; BN excluded",
+      'paper',
+    ),
+    ('our .pemn file on disk (BN, header and key included)', 'file'),
+  )
   for ax, (title, convention) in zip(axes, panels):
     fams = {}
     for lbl, mean in zip(labels, means):
@@ -333,21 +460,26 @@ def do_report(args) -> int:
     for fam, pts in fams.items():
       pts.sort()
       xs, ys = [p[0] for p in pts], [p[1] for p in pts]
-      ax.scatter(xs, ys, label=fam if fam != 'PEMN' else 'PEMN (masks on random weights)',
-                 **styles[fam])
+      ax.scatter(
+        xs, ys, label=fam if fam != 'PEMN' else 'PEMN (masks on random weights)', **styles[fam]
+      )
       if fam in ('Random', 'Magnitude'):
         ax.plot(xs, ys, color=styles[fam]['color'], lw=1)
       for x_, y_, lbl in pts:
-        ax.annotate(lbl.replace('Random ', '').replace('Magnitude ', ''), (x_, y_), fontsize=7,
-                    xytext=(3, 3), textcoords='offset points')
+        ax.annotate(
+          lbl.replace('Random ', '').replace('Magnitude ', ''),
+          (x_, y_),
+          fontsize=7,
+          xytext=(3, 3),
+          textcoords='offset points',
+        )
     ax.set_xscale('log')
     xs_all = [p[0] for pts in fams.values() for p in pts]
     if xs_all and max(xs_all) < 10 * min(xs_all):
       # Less than a decade: no major (power-of-ten) tick would be labelled; zoom to the data
       # and label the minor ticks in plain bytes instead.
       ax.set_xlim(min(xs_all) / 1.25, max(xs_all) * 1.25)
-      ax.xaxis.set_minor_formatter(
-          matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
+      ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
       ax.tick_params(axis='x', which='minor', labelsize=7)
     else:
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -355,7 +487,7 @@ def do_report(args) -> int:
     ax.set_title(title, fontsize=8)
   axes[0].set_ylabel('best test accuracy (%)')
   axes[0].legend(fontsize=7)
-  fig.suptitle(f"{short_dataset(r0['dataset'])}: accuracy vs storage")
+  fig.suptitle(f'{short_dataset(r0["dataset"])}: accuracy vs storage')
   fig.tight_layout()
   fig.savefig(os.path.join(out, 'accuracy_vs_storage.png'), dpi=120)
   plt.close(fig)

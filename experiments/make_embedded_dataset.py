@@ -28,108 +28,108 @@ import numpy as np
 from pemn_jax.data import builders
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "pemn_jax" / "data_files" / "fashion_mnist_subset"
+DEFAULT_OUT = REPO / 'pemn_jax' / 'data_files' / 'fashion_mnist_subset'
 
 
 def md5(data: bytes) -> str:
-    """Hex md5 of bytes.
+  """Hex md5 of bytes.
 
-    Args:
-        data: bytes to hash.
+  Args:
+      data: bytes to hash.
 
-    Returns:
-        The hex digest.
-    """
-    return hashlib.md5(data).hexdigest()
+  Returns:
+      The hex digest.
+  """
+  return hashlib.md5(data).hexdigest()
 
 
 def _debian_version() -> str:
-    """Version of the installed Debian package, or 'unknown' where dpkg is absent."""
-    try:
-        out = subprocess.run(
+  """Version of the installed Debian package, or 'unknown' where dpkg is absent."""
+  try:
+    out = subprocess.run(
             ["dpkg-query", "-W", "-f=${Version}", "dataset-fashion-mnist"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return out.stdout.strip() or 'unknown'
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
 
 
 def first_per_class(labels: np.ndarray, per_class: int) -> np.ndarray:
-    """Indices of the first `per_class` examples of every class, in increasing index order.
+  """Indices of the first `per_class` examples of every class, in increasing index order.
 
-    Args:
-        labels: (N,) integer labels.
-        per_class: how many to keep per class.
+  Args:
+      labels: (N,) integer labels.
+      per_class: how many to keep per class.
 
-    Returns:
-        Sorted int64 indices.
+  Returns:
+      Sorted int64 indices.
 
-    Raises:
-        ValueError: a class has fewer than `per_class` examples.
-    """
-    chosen = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < per_class:
-            raise ValueError(f"class {c} has only {len(idx)} examples (< {per_class})")
-        chosen.append(idx[:per_class])
-    return np.sort(np.concatenate(chosen))
+  Raises:
+      ValueError: a class has fewer than `per_class` examples.
+  """
+  chosen = []
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < per_class:
+      raise ValueError(f'class {c} has only {len(idx)} examples (< {per_class})')
+    chosen.append(idx[:per_class])
+  return np.sort(np.concatenate(chosen))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Builds the subset and its PROVENANCE.md.
+  """Builds the subset and its PROVENANCE.md.
 
-    Args:
-        argv: command-line arguments (default: sys.argv[1:]).
-    """
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source_dir", default=builders.DEFAULT_FASHION_MNIST_DIR)
-    parser.add_argument("--out_dir", default=str(DEFAULT_OUT))
-    parser.add_argument("--train_per_class", type=int, default=1000)
-    parser.add_argument("--test_per_class", type=int, default=200)
-    args = parser.parse_args(argv)
+  Args:
+      argv: command-line arguments (default: sys.argv[1:]).
+  """
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--source_dir', default=builders.DEFAULT_FASHION_MNIST_DIR)
+  parser.add_argument('--out_dir', default=str(DEFAULT_OUT))
+  parser.add_argument('--train_per_class', type=int, default=1000)
+  parser.add_argument('--test_per_class', type=int, default=200)
+  args = parser.parse_args(argv)
 
-    source = pathlib.Path(args.source_dir)
-    missing = builders.missing_idx_files(source)
-    if missing:
-        sys.exit(f"{source} lacks {missing}: apt-get install dataset-fashion-mnist")
-    out = pathlib.Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+  source = pathlib.Path(args.source_dir)
+  missing = builders.missing_idx_files(source)
+  if missing:
+    sys.exit(f'{source} lacks {missing}: apt-get install dataset-fashion-mnist')
+  out = pathlib.Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    counts = {}
-    for split, per_class in (("train", args.train_per_class), ("test", args.test_per_class)):
-        images, labels = builders.read_idx_split(source, split)
-        keep = first_per_class(labels, per_class)
-        counts[split] = len(keep)
-        image_name, label_name = builders.IDX_FILES[split]
-        for name, array in ((image_name, images[keep, ..., 0]), (label_name, labels[keep])):
-            src_bytes = (source / name).read_bytes()
-            builders.write_idx(out / name, array)
-            out_bytes = (out / name).read_bytes()
-            rows.append(
-                (
-                    name,
-                    md5(src_bytes),
-                    md5(gzip.decompress(src_bytes)),
-                    md5(out_bytes),
-                    md5(gzip.decompress(out_bytes)),
-                    len(out_bytes),
-                )  # fmt: skip
-            )
-        print(f"{split}: kept {len(keep)} of {len(labels)}")
+  rows = []
+  counts = {}
+  for split, per_class in (('train', args.train_per_class), ('test', args.test_per_class)):
+    images, labels = builders.read_idx_split(source, split)
+    keep = first_per_class(labels, per_class)
+    counts[split] = len(keep)
+    image_name, label_name = builders.IDX_FILES[split]
+    for name, array in ((image_name, images[keep, ..., 0]), (label_name, labels[keep])):
+      src_bytes = (source / name).read_bytes()
+      builders.write_idx(out / name, array)
+      out_bytes = (out / name).read_bytes()
+      rows.append(
+        (
+          name,
+          md5(src_bytes),
+          md5(gzip.decompress(src_bytes)),
+          md5(out_bytes),
+          md5(gzip.decompress(out_bytes)),
+          len(out_bytes),
+        )  # fmt: skip
+      )
+    print(f'{split}: kept {len(keep)} of {len(labels)}')
 
-    total = sum(r[-1] for r in rows)
-    table = "\n".join(
-        f"| `{n}` | `{s}` | `{su}` | `{o}` | `{ou}` | {size:,} |" for n, s, su, o, ou, size in rows
-    )
-    command = (
-        ".venv/bin/python experiments/make_embedded_dataset.py"
-        f" --source_dir {args.source_dir}"
-        f" --train_per_class {args.train_per_class} --test_per_class {args.test_per_class}"
-    )
-    provenance = f"""# Fashion-MNIST subset shipped with pemn-jax
+  total = sum(r[-1] for r in rows)
+  table = '\n'.join(
+    f'| `{n}` | `{s}` | `{su}` | `{o}` | `{ou}` | {size:,} |' for n, s, su, o, ou, size in rows
+  )
+  command = (
+    '.venv/bin/python experiments/make_embedded_dataset.py'
+    f' --source_dir {args.source_dir}'
+    f' --train_per_class {args.train_per_class} --test_per_class {args.test_per_class}'
+  )
+  provenance = f"""# Fashion-MNIST subset shipped with pemn-jax
 
 The default dataset of pemn-jax (`data.name = 'fashion_mnist_embedded'`), read by the TFDS builder
 `pemn_jax.data.builders.FashionMnistEmbedded`.
@@ -139,8 +139,8 @@ The default dataset of pemn-jax (`data.name = 'fashion_mnist_embedded'`), read b
 - Taken from: the Debian package `dataset-fashion-mnist` (version {_debian_version()}); its four
   IDX files in `{args.source_dir}` are byte-identical to the official ones.
 - Subset: the first {args.train_per_class} training and the first {args.test_per_class} test
-  images of each of the 10 classes, in their original file order: {counts["train"]:,} train /
-  {counts["test"]:,} test, class-balanced. No randomness.
+  images of each of the 10 classes, in their original file order: {counts['train']:,} train /
+  {counts['test']:,} test, class-balanced. No randomness.
 - Format: IDX, the official format and file names, gzip level 9 with mtime 0; images
   (N, 28, 28) uint8, labels (N,) uint8 in 0..9.
 - Total size: {total:,} bytes.
@@ -174,9 +174,9 @@ NONINFRINGEMENT. IN NO EVENT SHALL THE AUTHORS OR COPYRIGHT HOLDERS BE LIABLE FO
 OR OTHER LIABILITY, WHETHER IN AN ACTION OF CONTRACT, TORT OR OTHERWISE, ARISING FROM, OUT OF OR IN
 CONNECTION WITH THE SOFTWARE OR THE USE OR OTHER DEALINGS IN THE SOFTWARE.
 """
-    (out / "PROVENANCE.md").write_text(provenance)
-    print(f"wrote {out} ({total:,} bytes of data)")
+  (out / 'PROVENANCE.md').write_text(provenance)
+  print(f'wrote {out} ({total:,} bytes of data)')
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == '__main__':
+  main()

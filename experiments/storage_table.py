@@ -23,17 +23,19 @@ from pemn_jax import artifact, build, layers
 from pemn_jax.configs import common
 
 MODELS = [
-    ('ConvMixer-256/6', dict(name='convmixer', dim=256, depth=6)),
-    ('ConvMixer-256/8', dict(name='convmixer', dim=256, depth=8)),
-    ('ConvMixer-512/6', dict(name='convmixer', dim=512, depth=6)),
-    ('ConvMixer-512/8', dict(name='convmixer', dim=512, depth=8)),
-    ('ResNet-32', dict(name='resnet', depth=32)),
-    ('ResNet-56', dict(name='resnet', depth=56)),
-    ('ViT-256/6', dict(name='vit', dim=256, depth=6, patch_size=4)),
+  ('ConvMixer-256/6', dict(name='convmixer', dim=256, depth=6)),
+  ('ConvMixer-256/8', dict(name='convmixer', dim=256, depth=8)),
+  ('ConvMixer-512/6', dict(name='convmixer', dim=512, depth=6)),
+  ('ConvMixer-512/8', dict(name='convmixer', dim=512, depth=8)),
+  ('ResNet-32', dict(name='resnet', depth=32)),
+  ('ResNet-56', dict(name='resnet', depth=56)),
+  ('ViT-256/6', dict(name='vit', dim=256, depth=6, patch_size=4)),
 ]
-STRATS = [('Mask', 'mask', None), ('One-layer', 'one_layer', None),
-          ('MP', 'max_layer_padding', None)] + [
-    (f'RP {r:g}', 'random_vector_padding', r) for r in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)]
+STRATS = [
+  ('Mask', 'mask', None),
+  ('One-layer', 'one_layer', None),
+  ('MP', 'max_layer_padding', None),
+] + [(f'RP {r:g}', 'random_vector_padding', r) for r in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)]
 
 
 def config_for(model, strategy, rp, keep=0.5):
@@ -47,42 +49,57 @@ def config_for(model, strategy, rp, keep=0.5):
 
 
 def main():
-  print('# Storage of every strategy: the paper\'s convention and ours')
+  print("# Storage of every strategy: the paper's convention and ours")
   print()
-  print(f'Command: `python experiments/storage_table.py > experiments/results/storage.md`; '
-        f'{datetime.date.today()}; {platform.machine()}, jax {jax.__version__}. '
-        'Ratios are dense fp32 weights / storage (BN excluded unless said); keep fraction 0.5. '
-        'Arithmetic from `pemn_jax.storage` (no training needed: storage does not depend on '
-        'the trained values at a fixed keep fraction).')
+  print(
+    f'Command: `python experiments/storage_table.py > experiments/results/storage.md`; '
+    f'{datetime.date.today()}; {platform.machine()}, jax {jax.__version__}. '
+    'Ratios are dense fp32 weights / storage (BN excluded unless said); keep fraction 0.5. '
+    'Arithmetic from `pemn_jax.storage` (no training needed: storage does not depend on '
+    'the trained values at a fixed keep fraction).'
+  )
   for title, model in MODELS:
     print(f'\n## {title}\n')
-    print('| strategy | unique values | paper | paper, BN incl. | ours: key + 1-bit masks '
-          '| ours: key + entropy-coded masks |')
+    print(
+      '| strategy | unique values | paper | paper, BN incl. | ours: key + 1-bit masks '
+      '| ours: key + entropy-coded masks |'
+    )
     print('|---|---|---|---|---|---|')
     for label, strategy, rp in STRATS:
       shapes_info = build.summarize(config_for(model, strategy, rp), abstract=True)
       st = shapes_info['storage']
-      print(f"| {label} | {shapes_info['unique_values']:,} | {st['ratio_paper']:.2f}x | "
-            f"{st['ratio_paper_with_bn']:.2f}x | {st['ratio_key_only']:.2f}x | "
-            f"{st['ratio_entropy']:.2f}x |")
+      print(
+        f'| {label} | {shapes_info["unique_values"]:,} | {st["ratio_paper"]:.2f}x | '
+        f'{st["ratio_paper_with_bn"]:.2f}x | {st["ratio_key_only"]:.2f}x | '
+        f'{st["ratio_entropy"]:.2f}x |'
+      )
   print('\n## Real artifact files: ConvMixer-256/8 (freshly initialised, k = 0.5)\n')
-  print('The `.pemn` file holds the config, key, masks, BN parameters and running statistics, '
-        'and a JSON header; ratios are dense fp32 weights (2,324,480 bytes) / file size.\n')
+  print(
+    'The `.pemn` file holds the config, key, masks, BN parameters and running statistics, '
+    'and a JSON header; ratios are dense fp32 weights (2,324,480 bytes) / file size.\n'
+  )
   print('| strategy | keep | file bytes | mask bits / entry | ratio vs dense fp32 |')
   print('|---|---|---|---|---|')
   model = MODELS[1][1]
   rows = [(lbl, s, r, 0.5) for lbl, s, r in STRATS] + [
-      ('RP 0.01', 'random_vector_padding', 1e-2, k) for k in (0.3, 0.1, 0.05)]
+    ('RP 0.01', 'random_vector_padding', 1e-2, k) for k in (0.3, 0.1, 0.05)
+  ]
   with tempfile.TemporaryDirectory() as tmp:
     for label, strategy, rp, keep in rows:
       c = config_for(model, strategy, rp, keep)
       m = build.build_model(c)
       v = build.init_variables(m, c)
       path = os.path.join(tmp, 'm.pemn')
-      info = artifact.export(c, {'params': v['params'], 'batch_stats': v['batch_stats']}, path,
-                             fingerprint=build.frozen_fingerprint(v[layers.FROZEN]))
-      print(f"| {label} | {keep} | {info['file_bytes']:,} | {info['mask_bits_per_entry']:.4f} | "
-            f"{info['ratio_vs_dense_fp32']:.2f}x |")
+      info = artifact.export(
+        c,
+        {'params': v['params'], 'batch_stats': v['batch_stats']},
+        path,
+        fingerprint=build.frozen_fingerprint(v[layers.FROZEN]),
+      )
+      print(
+        f'| {label} | {keep} | {info["file_bytes"]:,} | {info["mask_bits_per_entry"]:.4f} | '
+        f'{info["ratio_vs_dense_fp32"]:.2f}x |'
+      )
   return 0
 
 

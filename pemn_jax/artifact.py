@@ -71,9 +71,15 @@ def masks_of(config: ml_collections.ConfigDict, params: dict) -> dict[tuple[str,
   return out
 
 
-def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
-           step: int = 0, frozen_key: jax.Array | None = None,
-           fingerprint: str | None = None) -> dict:
+def export(
+  config: ml_collections.ConfigDict,
+  variables: dict,
+  out_path: str,
+  *,
+  step: int = 0,
+  frozen_key: jax.Array | None = None,
+  fingerprint: str | None = None,
+) -> dict:
   """Writes a trained network to ``out_path`` atomically (a temporary file, then a rename).
 
   Args:
@@ -96,16 +102,23 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
 
   def add(kind, path, data: bytes, **meta):
     nonlocal offset
-    entries.append({'kind': kind, 'path': list(path), 'offset': offset, 'length': len(data),
-                    **meta})
+    entries.append(
+      {'kind': kind, 'path': list(path), 'offset': offset, 'length': len(data), **meta}
+    )
     chunks.append(data)
     offset += len(data)
 
   if masked:
     for path, mask in masks_of(config, variables['params']).items():
       data = codec.encode_mask(mask)
-      add('mask', path, data, shape=list(mask.shape), ones=int(mask.sum()),
-          codec=['packbits', 'rans'][data[0] & 0x0F])
+      add(
+        'mask',
+        path,
+        data,
+        shape=list(mask.shape),
+        ones=int(mask.sum()),
+        codec=['packbits', 'rans'][data[0] & 0x0F],
+      )
   for collection in ('params', 'batch_stats'):
     for path, leaf in strategies.tree_items(variables.get(collection, {})):
       if collection == 'params' and path[-1] == 'scores':
@@ -117,23 +130,40 @@ def export(config: ml_collections.ConfigDict, variables: dict, out_path: str, *,
         nz = w != 0
         pos = codec.encode_mask(nz)
         vals = np.ascontiguousarray(w[nz]).astype('<f4').tobytes()
-        add('sparse', ('params', *path), pos + vals, shape=list(w.shape), ones=int(nz.sum()),
-            positions_length=len(pos), dtype='float32')
+        add(
+          'sparse',
+          ('params', *path),
+          pos + vals,
+          shape=list(w.shape),
+          ones=int(nz.sum()),
+          positions_length=len(pos),
+          dtype='float32',
+        )
         continue
       a = np.asarray(jax.device_get(leaf))
-      add('array', (collection, *path), np.ascontiguousarray(a).astype(a.dtype.newbyteorder('<'))
-          .tobytes(), shape=list(a.shape), dtype=a.dtype.name)
+      add(
+        'array',
+        (collection, *path),
+        np.ascontiguousarray(a).astype(a.dtype.newbyteorder('<')).tobytes(),
+        shape=list(a.shape),
+        dtype=a.dtype.name,
+      )
   header = {
-      'format_version': FORMAT_VERSION,
-      'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
-      'config': config.to_dict(),
-      'step': int(step),
-      'key': ({'impl': str(jax.random.key_impl(frozen_key)),
-               'data': [int(x) for x in np.asarray(jax.random.key_data(frozen_key))]}
-              if has_frozen else None),
-      'frozen_fingerprint': fingerprint,
-      'entries': entries,
+    'format_version': FORMAT_VERSION,
+    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
+    'config': config.to_dict(),
+    'step': int(step),
+    'key': (
+      {
+        'impl': str(jax.random.key_impl(frozen_key)),
+        'data': [int(x) for x in np.asarray(jax.random.key_data(frozen_key))],
+      }
+      if has_frozen
+      else None
+    ),
+    'frozen_fingerprint': fingerprint,
+    'entries': entries,
   }
   hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hdr)) + hdr + b''.join(chunks)
@@ -193,19 +223,23 @@ def read(path: str) -> tuple[dict, bytes]:
     raise ArtifactError(f'{path} is not a pemn artifact (no PEMNJAX magic at the start)')
   _, version, hlen = _PREFIX.unpack_from(blob)
   if version > FORMAT_VERSION:
-    raise ArtifactError(f'{path} has artifact format version {version}; this pemn-jax reads '
-                        f'up to {FORMAT_VERSION}: upgrade pemn-jax')
+    raise ArtifactError(
+      f'{path} has artifact format version {version}; this pemn-jax reads '
+      f'up to {FORMAT_VERSION}: upgrade pemn-jax'
+    )
   if len(blob) < _PREFIX.size + hlen + _DIGEST:
-    raise ArtifactError(f'{path} is truncated ({len(blob)} bytes; the header alone needs '
-                        f'{_PREFIX.size + hlen + _DIGEST})')
+    raise ArtifactError(
+      f'{path} is truncated ({len(blob)} bytes; the header alone needs '
+      f'{_PREFIX.size + hlen + _DIGEST})'
+    )
   body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
   if hashlib.sha256(body).digest() != digest:
     raise ArtifactError(f'{path} is corrupted or truncated (sha256 checksum mismatch)')
   try:
-    header = json.loads(zlib.decompress(body[_PREFIX.size:_PREFIX.size + hlen]))
+    header = json.loads(zlib.decompress(body[_PREFIX.size : _PREFIX.size + hlen]))
   except (ValueError, zlib.error) as e:
     raise ArtifactError(f'{path} has an unreadable header: {e}') from None
-  payload = body[_PREFIX.size + hlen:]
+  payload = body[_PREFIX.size + hlen :]
   end = max((e['offset'] + e['length'] for e in header['entries']), default=0)
   if end != len(payload):
     raise ArtifactError(f'{path}: payload is {len(payload)} bytes, entries need {end}')
@@ -234,16 +268,18 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
   model = build.build_model(config)
   variables: dict = {'params': {}, 'batch_stats': {}}
   for e in header['entries']:
-    data = payload[e['offset']:e['offset'] + e['length']]
+    data = payload[e['offset'] : e['offset'] + e['length']]
     if e['kind'] == 'mask':
       mask = codec.decode_mask(data, tuple(e['shape']))
       _set(variables['params'], e['path'], jnp.asarray(mask, jnp.float32))
     elif e['kind'] == 'sparse':
-      nz = codec.decode_mask(data[:e['positions_length']], tuple(e['shape']))
-      vals = np.frombuffer(data[e['positions_length']:], dtype='<f4')
+      nz = codec.decode_mask(data[: e['positions_length']], tuple(e['shape']))
+      vals = np.frombuffer(data[e['positions_length'] :], dtype='<f4')
       if vals.size != int(nz.sum()):
-        raise ArtifactError(f"{path}: sparse entry {'/'.join(e['path'])} has {vals.size} "
-                            f'values for {int(nz.sum())} positions')
+        raise ArtifactError(
+          f'{path}: sparse entry {"/".join(e["path"])} has {vals.size} '
+          f'values for {int(nz.sum())} positions'
+        )
       w = np.zeros(e['shape'], np.float32)
       w[nz] = vals
       _set(variables['params'], e['path'][1:], jnp.asarray(w))
@@ -251,14 +287,17 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
       a = np.frombuffer(data, dtype=np.dtype(e['dtype']).newbyteorder('<')).reshape(e['shape'])
       _set(variables[e['path'][0]], e['path'][1:], jnp.asarray(a.astype(e['dtype'])))
   if header['key'] is not None:
-    key = jax.random.wrap_key_data(np.asarray(header['key']['data'], np.uint32),
-                                   impl=header['key']['impl'])
+    key = jax.random.wrap_key_data(
+      np.asarray(header['key']['data'], np.uint32), impl=header['key']['impl']
+    )
     fresh = build.init_variables(model, config, frozen_key=key)
     frozen = fresh[layers.FROZEN]
     fingerprint = header.get('frozen_fingerprint')
     if fingerprint and build.frozen_fingerprint(frozen) != fingerprint:
-      raise ArtifactError(f'{path}: the random weights regenerated from its key do not match '
-                          'the fingerprint recorded at export (JAX changed its random stream?)')
+      raise ArtifactError(
+        f'{path}: the random weights regenerated from its key do not match '
+        'the fingerprint recorded at export (JAX changed its random stream?)'
+      )
     variables[layers.FROZEN] = frozen
   if not variables['batch_stats']:
     del variables['batch_stats']
@@ -286,8 +325,14 @@ def evaluate(path: str, config_override: ml_collections.ConfigDict | None = None
   _, replicated, batch_sharding = train.mesh_and_shardings()
   variables = jax.device_put(variables, replicated)
   eval_step = train.jit_eval_step(model, replicated, batch_sharding)
-  result = train.evaluate(eval_step, variables['params'], variables.get('batch_stats', {}),
-                          variables.get(layers.FROZEN), config, batch_sharding)
+  result = train.evaluate(
+    eval_step,
+    variables['params'],
+    variables.get('batch_stats', {}),
+    variables.get(layers.FROZEN),
+    config,
+    batch_sharding,
+  )
   result['step'] = header['step']
   return result
 
@@ -296,8 +341,9 @@ def evaluate(path: str, config_override: ml_collections.ConfigDict | None = None
 # Dense materialisation.
 
 
-def materialize_dense(config: ml_collections.ConfigDict, variables: dict
-                      ) -> tuple[ml_collections.ConfigDict, dict]:
+def materialize_dense(
+  config: ml_collections.ConfigDict, variables: dict
+) -> tuple[ml_collections.ConfigDict, dict]:
   """An ordinary dense Flax parameter tree of a masked network (weights = random x mask).
 
   The returned config has ``model.masked = False``; ``build.build_model`` of it applied to the
@@ -342,36 +388,55 @@ def inspect(path: str) -> dict:
   norm = sum(2 * int(np.prod(e['shape'])) for e in arrays if e['path'][-1] == 'scale')
   s = cfg['strategy']
   info = {
-      'path': path, 'file_bytes': file_bytes, 'format_version': header['format_version'],
-      'created': header['created'], 'versions': header['versions'], 'step': header['step'],
-      'model': cfg['model'], 'masked': bool(masks), 'strategy': s['name'] if masks else 'dense',
-      'rp_ratio': (s.get('rp_ratio') if masks and s['name'] == 'random_vector_padding'
-                   else None),
-      'keep_fraction': s['keep_fraction'] if masks else 1.0, 'seed': cfg['seed'],
-      'key': header['key'], 'masked_weights': masked_weights,
-      'dense_fp32_bytes': dense_weights * 4, 'mask_bytes': mask_bytes,
-      'mask_bits_per_entry': 8 * mask_bytes / masked_weights if masked_weights else None,
-      'mask_entropy_bits_per_entry': (sum(codec.entropy_bits(int(np.prod(e['shape'])), e['ones'])
-                                          for e in masks) / masked_weights
-                                      if masked_weights else None),
-      'other_bytes': sum(e['length'] for e in arrays),
-      'norm_values': norm,
-      'layers': [{'path': '/'.join(e['path'][:-1]), 'shape': e['shape'], 'codec': e['codec'],
-                  'bytes': e['length'], 'keep': e['ones'] / max(1, int(np.prod(e['shape'])))}
-                 for e in masks],
+    'path': path,
+    'file_bytes': file_bytes,
+    'format_version': header['format_version'],
+    'created': header['created'],
+    'versions': header['versions'],
+    'step': header['step'],
+    'model': cfg['model'],
+    'masked': bool(masks),
+    'strategy': s['name'] if masks else 'dense',
+    'rp_ratio': (s.get('rp_ratio') if masks and s['name'] == 'random_vector_padding' else None),
+    'keep_fraction': s['keep_fraction'] if masks else 1.0,
+    'seed': cfg['seed'],
+    'key': header['key'],
+    'masked_weights': masked_weights,
+    'dense_fp32_bytes': dense_weights * 4,
+    'mask_bytes': mask_bytes,
+    'mask_bits_per_entry': 8 * mask_bytes / masked_weights if masked_weights else None,
+    'mask_entropy_bits_per_entry': (
+      sum(codec.entropy_bits(int(np.prod(e['shape'])), e['ones']) for e in masks) / masked_weights
+      if masked_weights
+      else None
+    ),
+    'other_bytes': sum(e['length'] for e in arrays),
+    'norm_values': norm,
+    'layers': [
+      {
+        'path': '/'.join(e['path'][:-1]),
+        'shape': e['shape'],
+        'codec': e['codec'],
+        'bytes': e['length'],
+        'keep': e['ones'] / max(1, int(np.prod(e['shape']))),
+      }
+      for e in masks
+    ],
   }
   if sparse_entries:
     m = cfg['model']
-    info['strategy'] = f"sparse_{m['sparsity_method']}"
+    info['strategy'] = f'sparse_{m["sparsity_method"]}'
     info['sparsity'] = m['sparsity']
     info['sparse_kernel_bytes'] = sum(e['length'] for e in sparse_entries)
-    info['csr_bytes'] = storage.csr_bits([tuple(e['shape']) for e in sparse_entries],
-                                         m['sparsity']) / 8
+    info['csr_bytes'] = (
+      storage.csr_bits([tuple(e['shape']) for e in sparse_entries], m['sparsity']) / 8
+    )
   info['ratio_vs_dense_fp32'] = info['dense_fp32_bytes'] / file_bytes
   info['ratio_vs_dense_fp32_with_bn'] = (info['dense_fp32_bytes'] + 4 * norm) / file_bytes
   if masks:
-    rep = storage.report([tuple(e['shape']) for e in masks], norm, s['name'], s['keep_fraction'],
-                         s.get('rp_ratio'))
+    rep = storage.report(
+      [tuple(e['shape']) for e in masks], norm, s['name'], s['keep_fraction'], s.get('rp_ratio')
+    )
     info['paper_bytes'] = rep.paper_bits / 8
     info['paper_bytes_with_bn'] = rep.paper_bits_with_bn / 8
   return info
@@ -380,30 +445,44 @@ def inspect(path: str) -> dict:
 def format_inspect(info: dict) -> str:
   """A human-readable summary of ``inspect``'s dict."""
   m = info['model']
-  strat = info['strategy'] + (f" r={info['rp_ratio']:g}" if info['rp_ratio'] else '')
-  lines = [f"{info['path']}: pemn artifact v{info['format_version']}, {info['file_bytes']:,} bytes,"
-           f" step {info['step']}, created {info['created']} (jax {info['versions']['jax']})",
-           f"  model {m['name']} dim={m.get('dim')} depth={m.get('depth')}; strategy {strat}; "
-           f"keep {info['keep_fraction']}; seed {info['seed']}"]
+  strat = info['strategy'] + (f' r={info["rp_ratio"]:g}' if info['rp_ratio'] else '')
+  lines = [
+    f'{info["path"]}: pemn artifact v{info["format_version"]}, {info["file_bytes"]:,} bytes,'
+    f' step {info["step"]}, created {info["created"]} (jax {info["versions"]["jax"]})',
+    f'  model {m["name"]} dim={m.get("dim")} depth={m.get("depth")}; strategy {strat}; '
+    f'keep {info["keep_fraction"]}; seed {info["seed"]}',
+  ]
   if info['masked']:
-    lines.append(f"  key {info['key']['impl']} {info['key']['data']} (the random values are "
-                 'regenerated, not stored)')
-    lines.append(f"  {'layer':40s} {'shape':>20s} {'codec':>9s} {'bytes':>9s} {'keep':>6s}")
+    lines.append(
+      f'  key {info["key"]["impl"]} {info["key"]["data"]} (the random values are '
+      'regenerated, not stored)'
+    )
+    lines.append(f'  {"layer":40s} {"shape":>20s} {"codec":>9s} {"bytes":>9s} {"keep":>6s}')
     for layer in info['layers']:
-      lines.append(f"  {layer['path']:40s} {str(tuple(layer['shape'])):>20s} "
-                   f"{layer['codec']:>9s} {layer['bytes']:>9,} {layer['keep']:6.3f}")
-    lines.append(f"  masks: {info['mask_bytes']:,} bytes = {info['mask_bits_per_entry']:.4f} "
-                 f"bits/entry (entropy bound {info['mask_entropy_bits_per_entry']:.4f})")
+      lines.append(
+        f'  {layer["path"]:40s} {str(tuple(layer["shape"])):>20s} '
+        f'{layer["codec"]:>9s} {layer["bytes"]:>9,} {layer["keep"]:6.3f}'
+      )
+    lines.append(
+      f'  masks: {info["mask_bytes"]:,} bytes = {info["mask_bits_per_entry"]:.4f} '
+      f'bits/entry (entropy bound {info["mask_entropy_bits_per_entry"]:.4f})'
+    )
   if 'csr_bytes' in info:
-    lines.append(f"  sparse kernels ({info['sparsity']:.0%} removed): "
-                 f"{info['sparse_kernel_bytes']:,} bytes as values + coded positions; "
-                 f"{info['csr_bytes']:,.0f} bytes in CSR (32-bit values and indices)")
-  lines.append(f"  other arrays (BN/LN and any dense leaf): {info['other_bytes']:,} bytes")
-  lines.append(f"  dense fp32 weights: {info['dense_fp32_bytes']:,} bytes -> this file is "
-               f"{info['ratio_vs_dense_fp32']:.2f}x smaller "
-               f"({info['ratio_vs_dense_fp32_with_bn']:.2f}x counting BN in the dense model)")
+    lines.append(
+      f'  sparse kernels ({info["sparsity"]:.0%} removed): '
+      f'{info["sparse_kernel_bytes"]:,} bytes as values + coded positions; '
+      f'{info["csr_bytes"]:,.0f} bytes in CSR (32-bit values and indices)'
+    )
+  lines.append(f'  other arrays (BN/LN and any dense leaf): {info["other_bytes"]:,} bytes')
+  lines.append(
+    f'  dense fp32 weights: {info["dense_fp32_bytes"]:,} bytes -> this file is '
+    f'{info["ratio_vs_dense_fp32"]:.2f}x smaller '
+    f'({info["ratio_vs_dense_fp32_with_bn"]:.2f}x counting BN in the dense model)'
+  )
   if info['masked']:
-    lines.append(f"  the paper's convention (stored values + 1-bit masks): "
-                 f"{info['paper_bytes']:,.0f} bytes without BN, "
-                 f"{info['paper_bytes_with_bn']:,.0f} with BN")
+    lines.append(
+      f"  the paper's convention (stored values + 1-bit masks): "
+      f'{info["paper_bytes"]:,.0f} bytes without BN, '
+      f'{info["paper_bytes_with_bn"]:,.0f} with BN'
+    )
   return '\n'.join(lines)

@@ -23,13 +23,17 @@ from pemn_jax import layers, masking, ops, sparse, strategies
 from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT, remat
 
 MODEL_NAMES = ('convmixer', 'resnet', 'vit', 'mlp')
-REMAT_MODELS = ('convmixer', 'vit')   # models with identical blocks (``models.remat``)
+REMAT_MODELS = ('convmixer', 'vit')  # models with identical blocks (``models.remat``)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Image shapes of the datasets we know without opening them (inspect needs no data).
 KNOWN_INPUT_SHAPES = {
-    'cifar10': (32, 32, 3), 'cifar10_jpeg': (32, 32, 3), 'cifar100': (32, 32, 3),
-    'svhn_cropped': (32, 32, 3), 'mnist': (28, 28, 1), 'fashion_mnist': (28, 28, 1),
-    'fashion_mnist_embedded': (28, 28, 1),
+  'cifar10': (32, 32, 3),
+  'cifar10_jpeg': (32, 32, 3),
+  'cifar100': (32, 32, 3),
+  'svhn_cropped': (32, 32, 3),
+  'mnist': (28, 28, 1),
+  'fashion_mnist': (28, 28, 1),
+  'fashion_mnist_embedded': (28, 28, 1),
 }
 
 
@@ -51,33 +55,40 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       _positive_int(m, f'model.{field}', m[field])
   remat_blocks = m.get('remat_blocks', 'none')
   if remat_blocks not in remat.REMAT_CHOICES:
-    raise ValueError(f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, '
-                     f'got {remat_blocks!r}')
+    raise ValueError(
+      f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, got {remat_blocks!r}'
+    )
   if remat_blocks != 'none' and m.name not in REMAT_MODELS:
-    raise ValueError(f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
-                     f'(identical blocks), got {m.name!r}')
+    raise ValueError(
+      f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
+      f'(identical blocks), got {m.name!r}'
+    )
   if m.get('dtype', 'float32') not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
   if m.get('conv_impl', 'auto') not in ops.CONV_IMPLS:
     raise ValueError(f'model.conv_impl must be one of {ops.CONV_IMPLS}, got {m.conv_impl!r}')
   if m.get('conv_impl', 'auto') == 'native' and m.get('dtype', 'float32') != 'float32':
-    raise ValueError("model.conv_impl='native' needs model.dtype='float32' (the native kernels "
-                     f"are float32), got model.dtype={m.dtype!r}; use model.conv_impl='auto'")
+    raise ValueError(
+      "model.conv_impl='native' needs model.dtype='float32' (the native kernels "
+      f"are float32), got model.dtype={m.dtype!r}; use model.conv_impl='auto'"
+    )
   if m.name == 'resnet' and (m.depth - 2) % 6:
     raise ValueError(f'model.depth must be 6n+2 for resnet (20, 32, 56, ...), got {m.depth}')
   if m.name == 'vit':
     heads = m.get('num_heads') or max(1, m.dim // 64)
     if m.dim % heads or m.dim % 4:
-      raise ValueError(f'model.dim ({m.dim}) must be divisible by 4 and by model.num_heads '
-                       f'({heads}) for vit')
+      raise ValueError(
+        f'model.dim ({m.dim}) must be divisible by 4 and by model.num_heads ({heads}) for vit'
+      )
   if m.name == 'mlp':
     dims = m.get('hidden_dims', (100, 100, 100))
     if not all(isinstance(d, int) and d > 0 for d in dims):
       raise ValueError(f'model.hidden_dims must be positive integers, got {dims!r}')
   method = m.get('sparsity_method')
   if method is not None and m.get('masked', True):
-    raise ValueError('model.sparsity_method is for the dense sparse baselines: set '
-                     'model.masked=False with it')
+    raise ValueError(
+      'model.sparsity_method is for the dense sparse baselines: set model.masked=False with it'
+    )
   sparse.validate(method, m.get('sparsity'))
   s = config.strategy
   masking.validate_keep_fraction(s.keep_fraction, 'strategy.keep_fraction')
@@ -102,29 +113,47 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   m, s = config.model, config.strategy
   impl = m.get('conv_impl', 'auto')
   if m.get('masked', True):
-    conv = functools.partial(layers.MaskedConv, keep_fraction=s.keep_fraction,
-                             score_abs=s.get('score_abs', True), conv_impl=impl)
-    dense = functools.partial(layers.MaskedDense, keep_fraction=s.keep_fraction,
-                              score_abs=s.get('score_abs', True))
+    conv = functools.partial(
+      layers.MaskedConv,
+      keep_fraction=s.keep_fraction,
+      score_abs=s.get('score_abs', True),
+      conv_impl=impl,
+    )
+    dense = functools.partial(
+      layers.MaskedDense, keep_fraction=s.keep_fraction, score_abs=s.get('score_abs', True)
+    )
   elif m.get('sparsity_method'):
-    conv = functools.partial(sparse.SparseConv, method=m.sparsity_method, sparsity=m.sparsity,
-                             conv_impl=impl)
+    conv = functools.partial(
+      sparse.SparseConv, method=m.sparsity_method, sparsity=m.sparsity, conv_impl=impl
+    )
     dense = functools.partial(sparse.SparseDense, method=m.sparsity_method, sparsity=m.sparsity)
   else:
     conv = functools.partial(layers.Conv, conv_impl=impl)
     dense = layers.Dense
-  common = dict(conv=conv, dense=dense, dtype=DTYPES[m.get('dtype', 'float32')],
-                num_classes=m.num_classes)
+  common = dict(
+    conv=conv, dense=dense, dtype=DTYPES[m.get('dtype', 'float32')], num_classes=m.num_classes
+  )
   if m.name == 'convmixer':
-    return ConvMixer(dim=m.dim, depth=m.depth, kernel_size=m.kernel_size,
-                     patch_size=m.patch_size, remat_blocks=m.get('remat_blocks', 'none'),
-                     **common)
+    return ConvMixer(
+      dim=m.dim,
+      depth=m.depth,
+      kernel_size=m.kernel_size,
+      patch_size=m.patch_size,
+      remat_blocks=m.get('remat_blocks', 'none'),
+      **common,
+    )
   if m.name == 'resnet':
     return CifarResNet(depth=m.depth, width=m.get('width', 16), **common)
   if m.name == 'vit':
-    return ViT(dim=m.dim, depth=m.depth, patch_size=m.patch_size, num_heads=m.get('num_heads'),
-               mlp_ratio=m.get('mlp_ratio', 2.0), remat_blocks=m.get('remat_blocks', 'none'),
-               **common)
+    return ViT(
+      dim=m.dim,
+      depth=m.depth,
+      patch_size=m.patch_size,
+      num_heads=m.get('num_heads'),
+      mlp_ratio=m.get('mlp_ratio', 2.0),
+      remat_blocks=m.get('remat_blocks', 'none'),
+      **common,
+    )
   return MLP(hidden_dims=tuple(m.get('hidden_dims', (100, 100, 100))), **common)
 
 
@@ -164,9 +193,13 @@ def _trainable_kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[st
   return order
 
 
-def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
-                   shape: tuple[int, ...] | None = None, *,
-                   frozen_key: jax.Array | None = None) -> dict[str, Any]:
+def init_variables(
+  model: nn.Module,
+  config: ml_collections.ConfigDict,
+  shape: tuple[int, ...] | None = None,
+  *,
+  frozen_key: jax.Array | None = None,
+) -> dict[str, Any]:
   """All variables of a fresh model, with the weight strategy applied to ``frozen``.
 
   Args:
@@ -190,8 +223,9 @@ def init_variables(model: nn.Module, config: ml_collections.ConfigDict,
     v = model.init({'params': pk, layers.FROZEN: fk}, jnp.zeros((1, *shape), jnp.float32))
     v = dict(v)
     if layers.FROZEN in v and config.model.get('masked', True):
-      v[layers.FROZEN] = strategies.apply_strategy(v[layers.FROZEN], order, s.name,
-                                                   s.get('rp_ratio'))
+      v[layers.FROZEN] = strategies.apply_strategy(
+        v[layers.FROZEN], order, s.name, s.get('rp_ratio')
+      )
     return v
 
   return init(params_key, frozen_key)
@@ -210,12 +244,16 @@ def frozen_fingerprint(frozen: dict) -> str:
 
 def norm_values(params: dict) -> int:
   """Values the normalisation layers need at inference: 2 per channel (scale and shift)."""
-  return sum(2 * int(np.prod(leaf.shape)) for path, leaf in strategies.tree_items(params)
-             if path[-1] == 'scale')
+  return sum(
+    2 * int(np.prod(leaf.shape))
+    for path, leaf in strategies.tree_items(params)
+    if path[-1] == 'scale'
+  )
 
 
-def summarize(config: ml_collections.ConfigDict, variables: dict | None = None, *,
-              abstract: bool = False) -> dict:
+def summarize(
+  config: ml_collections.ConfigDict, variables: dict | None = None, *, abstract: bool = False
+) -> dict:
   """Per-layer shapes, counts and the storage report of the model a config describes.
 
   Args:
@@ -248,13 +286,20 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None, 
   shapes = [tuple(k.shape) for k in kernels]
   nv = norm_values(variables['params'])
   out = {
-      'model': config.model.name, 'masked': masked,
-      'layers': [{'path': '/'.join(p[:-1]), 'shape': list(sh),
-                  'torch_shape': list(layers.torch_shape(sh)), 'size': int(np.prod(sh))}
-                 for p, sh in zip(order, shapes)],
-      'masked_weights': int(sum(np.prod(sh) for sh in shapes)),
-      'norm_values': nv,
-      'trainable_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))),
+    'model': config.model.name,
+    'masked': masked,
+    'layers': [
+      {
+        'path': '/'.join(p[:-1]),
+        'shape': list(sh),
+        'torch_shape': list(layers.torch_shape(sh)),
+        'size': int(np.prod(sh)),
+      }
+      for p, sh in zip(order, shapes)
+    ],
+    'masked_weights': int(sum(np.prod(sh) for sh in shapes)),
+    'norm_values': nv,
+    'trainable_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))),
   }
   if masked:
     rep = storage.report(shapes, nv, s.name, s.keep_fraction, s.get('rp_ratio'))
@@ -263,9 +308,13 @@ def summarize(config: ml_collections.ConfigDict, variables: dict | None = None, 
       out['distinct_values_present'] = strategies.unique_values(variables[layers.FROZEN])
   else:
     rep = storage.report(shapes, nv, 'mask', 1.0)
-    rep = dataclasses.replace(rep, strategy='dense', paper_bits=rep.dense_fp32_bits,
-                              key_only_bits=rep.dense_fp32_bits,
-                              entropy_bits=float(rep.dense_fp32_bits))
+    rep = dataclasses.replace(
+      rep,
+      strategy='dense',
+      paper_bits=rep.dense_fp32_bits,
+      key_only_bits=rep.dense_fp32_bits,
+      entropy_bits=float(rep.dense_fp32_bits),
+    )
     out['unique_values'] = out['masked_weights']
     if config.model.get('sparsity_method'):
       out['sparsity'] = config.model.sparsity

@@ -34,30 +34,42 @@ def _accuracy(metrics: dict) -> float:
 
 def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
   """The run's CheckpointManager over ``workdir/checkpoints``."""
-  policy = pp.AnyPreservationPolicy([
+  policy = pp.AnyPreservationPolicy(
+    [
       pp.LatestN(n=max_to_keep),
       pp.BestN(get_metric_fn=_accuracy, n=1, keep_checkpoints_without_metrics=False),
-  ])
+    ]
+  )
   # Readers (evaluate, export) open the manager without create and without tmp clean-up, so
   # they never touch the directory; orbax's own read_only mode only adds warnings.
   # ``best_fn`` makes orbax write each step's metrics to disk (it does so only when best_fn is
   # set) and read them back when a manager is reopened: without it a resumed run sees the
   # earlier evaluated checkpoints as metric-less, and BestN deletes the best one.
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=_accuracy, best_mode='max', create=not read_only,
-      enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')),
-                               options=options)
+    preservation_policy=policy,
+    best_fn=_accuracy,
+    best_mode='max',
+    create=not read_only,
+    enable_async_checkpointing=True,
+    cleanup_tmp_directories=not read_only,
+  )
+  return ocp.CheckpointManager(
+    os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options
+  )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict,
-         accuracy: float | None = None) -> None:
+def save(
+  mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, accuracy: float | None = None
+) -> None:
   """Saves (asynchronously) the state and meta; ``accuracy`` makes it a best-candidate."""
   # Always a dict: with best_fn set, orbax warns on every save that has no metrics.
   metrics = {} if accuracy is None else {'accuracy': float(accuracy)}
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                          meta=ocp.args.JsonSave(meta)),
-            metrics=metrics, force=True)
+  mngr.save(
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    metrics=metrics,
+    force=True,
+  )
 
 
 def best_step(mngr: ocp.CheckpointManager) -> int | None:
@@ -79,10 +91,11 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> ValueEr
   if len(detail) > 400:
     detail = detail[:400] + '...'
   return ValueError(
-      f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
-      f'{detail}. The checkpoint is corrupted (or was written for a different model); it was '
-      'left untouched. Delete that step directory to resume from an earlier checkpoint, or use '
-      'a new --workdir.')
+    f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
+    f'{detail}. The checkpoint is corrupted (or was written for a different model); it was '
+    'left untouched. Delete that step directory to resume from an earlier checkpoint, or use '
+    'a new --workdir.'
+  )
 
 
 def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
@@ -108,8 +121,12 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
       step and directory, and the checkpoints are left untouched.
   """
   try:
-    restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    restored = mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+      ),
+    )
   except Exception as e:  # orbax raises many types; the user needs one clear message
     raise _unreadable(mngr, step, e) from e
   return restored['state'], restored['meta']
@@ -123,8 +140,11 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 def identity(config) -> dict:
   """The config fields that define which network a checkpoint belongs to (JSON-ready)."""
   return _without_execution_fields(
-      {k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
-       for k in IDENTITY_FIELDS})
+    {
+      k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
+      for k in IDENTITY_FIELDS
+    }
+  )
 
 
 def _without_execution_fields(ident: dict) -> dict:
@@ -159,9 +179,12 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
 
   walk(saved, current, defaults, '')
   if diffs:
-    raise ValueError(f'{where} holds checkpoints of a different model ('
-                     + '; '.join(diffs) + '). Use a new --workdir, or the matching config. '
-                     'The existing checkpoints were left untouched.')
+    raise ValueError(
+      f'{where} holds checkpoints of a different model ('
+      + '; '.join(diffs)
+      + '). Use a new --workdir, or the matching config. '
+      'The existing checkpoints were left untouched.'
+    )
 
 
 def _norm(v):

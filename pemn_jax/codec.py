@@ -80,12 +80,12 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = [
-    "METHOD_PACKBITS",
-    "METHOD_RANS",
-    "decode_mask",
-    "encode_mask",
-    "entropy_bits",
-    "packed_bits",
+  'METHOD_PACKBITS',
+  'METHOD_RANS',
+  'decode_mask',
+  'encode_mask',
+  'entropy_bits',
+  'packed_bits',
 ]
 
 METHOD_PACKBITS = 0
@@ -106,56 +106,56 @@ _X_INIT = 1  # encoder start state (= required decoder end state)
 
 
 def entropy_bits(n: int, ones: int) -> float:
-    """Entropy bound ``n * H(ones / n)`` in bits for a mask with ``ones`` ones out of ``n``."""
-    n, ones = int(n), int(ones)
-    if n < 0 or ones < 0 or ones > n:
-        raise ValueError(f"need 0 <= ones <= n, got n={n}, ones={ones}")
-    if ones == 0 or ones == n:
-        return 0.0
-    zeros = n - ones
-    return -(ones * math.log2(ones / n) + zeros * math.log2(zeros / n))
+  """Entropy bound ``n * H(ones / n)`` in bits for a mask with ``ones`` ones out of ``n``."""
+  n, ones = int(n), int(ones)
+  if n < 0 or ones < 0 or ones > n:
+    raise ValueError(f'need 0 <= ones <= n, got n={n}, ones={ones}')
+  if ones == 0 or ones == n:
+    return 0.0
+  zeros = n - ones
+  return -(ones * math.log2(ones / n) + zeros * math.log2(zeros / n))
 
 
 def packed_bits(n: int) -> int:
-    """Size in bits of the bit-packed payload (``np.packbits``) of ``n`` entries."""
-    n = int(n)
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    return 8 * ((n + 7) // 8)
+  """Size in bits of the bit-packed payload (``np.packbits``) of ``n`` entries."""
+  n = int(n)
+  if n < 0:
+    raise ValueError(f'n must be >= 0, got {n}')
+  return 8 * ((n + 7) // 8)
 
 
 # ----------------------------------------------------------------------------- varints
 
 
 def _put_varint(out: bytearray, v: int) -> None:
-    if v < 0:
-        raise ValueError("varint must be non-negative")
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return
+  if v < 0:
+    raise ValueError('varint must be non-negative')
+  while True:
+    b = v & 0x7F
+    v >>= 7
+    if v:
+      out.append(b | 0x80)
+    else:
+      out.append(b)
+      return
 
 
 def _get_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
-    v = 0
-    shift = 0
-    while True:
-        if pos >= len(data):
-            raise ValueError(f"mask codec: truncated data while reading {what}")
-        b = data[pos]
-        pos += 1
-        v |= (b & 0x7F) << shift
-        if not b & 0x80:
-            if b == 0 and shift:
-                raise ValueError(f"mask codec: non-canonical varint for {what}")
-            return v, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError(f"mask codec: varint for {what} is too long (corrupted data?)")
+  v = 0
+  shift = 0
+  while True:
+    if pos >= len(data):
+      raise ValueError(f'mask codec: truncated data while reading {what}')
+    b = data[pos]
+    pos += 1
+    v |= (b & 0x7F) << shift
+    if not b & 0x80:
+      if b == 0 and shift:
+        raise ValueError(f'mask codec: non-canonical varint for {what}')
+      return v, pos
+    shift += 7
+    if shift > 63:
+      raise ValueError(f'mask codec: varint for {what} is too long (corrupted data?)')
 
 
 # ----------------------------------------------------------------------------- rANS model
@@ -163,197 +163,193 @@ def _get_varint(data: bytes, pos: int, what: str) -> tuple[int, int]:
 
 @lru_cache(maxsize=1)
 def _popcount16() -> np.ndarray:
-    sym = np.arange(_NSYM, dtype=">u2").view(np.uint8)
-    return np.unpackbits(sym).reshape(_NSYM, _SYM_BITS).sum(axis=1).astype(np.intp)
+  sym = np.arange(_NSYM, dtype='>u2').view(np.uint8)
+  return np.unpackbits(sym).reshape(_NSYM, _SYM_BITS).sum(axis=1).astype(np.intp)
 
 
 @lru_cache(maxsize=4)
 def _table(n: int, ones: int) -> tuple[np.ndarray, np.ndarray, list[int], list[int]]:
-    """Static rANS table for the i.i.d. Bernoulli(ones/n) model of 16-bit symbols.
+  """Static rANS table for the i.i.d. Bernoulli(ones/n) model of 16-bit symbols.
 
-    Exact integer arithmetic, so encoder and decoder agree on every platform.
-    Returns (freq, cum) as int64 arrays and as Python lists (cum has NSYM + 1 entries).
-    """
-    zeros = n - ones
-    scale = _M - _NSYM
-    den = n**_SYM_BITS
-    fj = [scale * ones**j * zeros ** (_SYM_BITS - j) // den + 1 for j in range(_SYM_BITS + 1)]
-    freq = np.asarray(fj, dtype=np.int64)[_popcount16()]
-    resid = _M - int(freq.sum())
-    assert 0 <= resid <= _NSYM
-    freq[int(np.argmax(freq))] += resid
-    cum = np.zeros(_NSYM + 1, dtype=np.int64)
-    np.cumsum(freq, out=cum[1:])
-    assert int(cum[-1]) == _M
-    return freq, cum, freq.tolist(), cum.tolist()
+  Exact integer arithmetic, so encoder and decoder agree on every platform.
+  Returns (freq, cum) as int64 arrays and as Python lists (cum has NSYM + 1 entries).
+  """
+  zeros = n - ones
+  scale = _M - _NSYM
+  den = n**_SYM_BITS
+  fj = [scale * ones**j * zeros ** (_SYM_BITS - j) // den + 1 for j in range(_SYM_BITS + 1)]
+  freq = np.asarray(fj, dtype=np.int64)[_popcount16()]
+  resid = _M - int(freq.sum())
+  assert 0 <= resid <= _NSYM
+  freq[int(np.argmax(freq))] += resid
+  cum = np.zeros(_NSYM + 1, dtype=np.int64)
+  np.cumsum(freq, out=cum[1:])
+  assert int(cum[-1]) == _M
+  return freq, cum, freq.tolist(), cum.tolist()
 
 
 def _symbols(bits: np.ndarray) -> np.ndarray:
-    packed = np.packbits(bits)
-    if packed.size % 2:
-        packed = np.append(packed, np.uint8(0))
-    return packed.view(">u2")
+  packed = np.packbits(bits)
+  if packed.size % 2:
+    packed = np.append(packed, np.uint8(0))
+  return packed.view('>u2')
 
 
 def _rans_encode(bits: np.ndarray, ones: int) -> tuple[int, bytes]:
-    """Return (length of the final state in bytes, state bytes + words)."""
-    n = bits.size
-    freq, cum, _, _ = _table(n, ones)
-    syms = _symbols(bits).astype(np.intp)
-    f_sel = freq[syms]
-    f_list = f_sel.tolist()
-    c_list = cum[syms].tolist()
-    xmax_list = (f_sel.astype(np.uint64) << np.uint64(_WORD_BITS)).tolist()
+  """Return (length of the final state in bytes, state bytes + words)."""
+  n = bits.size
+  freq, cum, _, _ = _table(n, ones)
+  syms = _symbols(bits).astype(np.intp)
+  f_sel = freq[syms]
+  f_list = f_sel.tolist()
+  c_list = cum[syms].tolist()
+  xmax_list = (f_sel.astype(np.uint64) << np.uint64(_WORD_BITS)).tolist()
 
-    x = _X_INIT
-    words: list[int] = []
-    emit = words.append
-    for i in range(len(f_list) - 1, -1, -1):
-        f = f_list[i]
-        if x >= xmax_list[i]:
-            emit(x & _WORD_MASK)
-            x >>= _WORD_BITS
-        q, r = divmod(x, f)
-        x = (q << _PREC_BITS) + r + c_list[i]
+  x = _X_INIT
+  words: list[int] = []
+  emit = words.append
+  for i in range(len(f_list) - 1, -1, -1):
+    f = f_list[i]
+    if x >= xmax_list[i]:
+      emit(x & _WORD_MASK)
+      x >>= _WORD_BITS
+    q, r = divmod(x, f)
+    x = (q << _PREC_BITS) + r + c_list[i]
 
-    state = x.to_bytes((x.bit_length() + 7) // 8, "little")
-    words.reverse()  # decoder reads words in the reverse order of emission
-    return len(state), state + np.asarray(words, dtype="<u4").tobytes()
+  state = x.to_bytes((x.bit_length() + 7) // 8, 'little')
+  words.reverse()  # decoder reads words in the reverse order of emission
+  return len(state), state + np.asarray(words, dtype='<u4').tobytes()
 
 
 def _rans_decode(payload: bytes, slen: int, n: int, ones: int) -> np.ndarray:
-    if not 1 <= slen <= 8:
-        raise ValueError(f"mask codec: invalid rANS state length {slen} (corrupted data?)")
-    if len(payload) < slen:
-        raise ValueError("mask codec: truncated data inside the rANS state")
-    state = payload[:slen]
-    if state[-1] == 0:
-        raise ValueError("mask codec: non-canonical rANS state (corrupted data?)")
-    body = payload[slen:]
-    if len(body) % 4:
-        raise ValueError(
-            f"mask codec: rANS body of {len(body)} bytes is not a whole number of 32-bit words "
-            "(truncated or corrupted data)"
-        )
-    words = np.frombuffer(body, dtype="<u4").tolist()
-    nwords = len(words)
+  if not 1 <= slen <= 8:
+    raise ValueError(f'mask codec: invalid rANS state length {slen} (corrupted data?)')
+  if len(payload) < slen:
+    raise ValueError('mask codec: truncated data inside the rANS state')
+  state = payload[:slen]
+  if state[-1] == 0:
+    raise ValueError('mask codec: non-canonical rANS state (corrupted data?)')
+  body = payload[slen:]
+  if len(body) % 4:
+    raise ValueError(
+      f'mask codec: rANS body of {len(body)} bytes is not a whole number of 32-bit words '
+      '(truncated or corrupted data)'
+    )
+  words = np.frombuffer(body, dtype='<u4').tolist()
+  nwords = len(words)
 
-    _, _, freq, cum = _table(n, ones)
-    nsym = (n + _SYM_BITS - 1) // _SYM_BITS
-    out = [0] * nsym
-    x = int.from_bytes(state, "little")
-    pos = 0
-    for i in range(nsym):
-        slot = x & _SLOT_MASK
-        s = bisect_right(cum, slot) - 1
-        x = freq[s] * (x >> _PREC_BITS) + slot - cum[s]
-        if x < _L and pos < nwords:
-            x = (x << _WORD_BITS) | words[pos]
-            pos += 1
-        out[i] = s
-    if pos != nwords or x != _X_INIT:
-        raise ValueError(
-            "mask codec: rANS stream is inconsistent (decoder ended in state "
-            f"{x} after {pos}/{nwords} words; truncated or corrupted data)"
-        )
-    raw = np.asarray(out, dtype=">u2").view(np.uint8)
-    bits = np.unpackbits(raw)
-    if bits[n:].any():
-        raise ValueError("mask codec: nonzero padding bits in rANS payload (corrupted data)")
-    return bits[:n].astype(bool)
+  _, _, freq, cum = _table(n, ones)
+  nsym = (n + _SYM_BITS - 1) // _SYM_BITS
+  out = [0] * nsym
+  x = int.from_bytes(state, 'little')
+  pos = 0
+  for i in range(nsym):
+    slot = x & _SLOT_MASK
+    s = bisect_right(cum, slot) - 1
+    x = freq[s] * (x >> _PREC_BITS) + slot - cum[s]
+    if x < _L and pos < nwords:
+      x = (x << _WORD_BITS) | words[pos]
+      pos += 1
+    out[i] = s
+  if pos != nwords or x != _X_INIT:
+    raise ValueError(
+      'mask codec: rANS stream is inconsistent (decoder ended in state '
+      f'{x} after {pos}/{nwords} words; truncated or corrupted data)'
+    )
+  raw = np.asarray(out, dtype='>u2').view(np.uint8)
+  bits = np.unpackbits(raw)
+  if bits[n:].any():
+    raise ValueError('mask codec: nonzero padding bits in rANS payload (corrupted data)')
+  return bits[:n].astype(bool)
 
 
 # ----------------------------------------------------------------------------- public API
 
 
 def _as_flat_bool(mask: np.ndarray) -> np.ndarray:
-    arr = np.asarray(mask)
-    if arr.dtype != np.bool_:
-        raise TypeError(f"encode_mask expects a boolean array, got dtype {arr.dtype}")
-    return arr.ravel()  # C order; copies non-contiguous input
+  arr = np.asarray(mask)
+  if arr.dtype != np.bool_:
+    raise TypeError(f'encode_mask expects a boolean array, got dtype {arr.dtype}')
+  return arr.ravel()  # C order; copies non-contiguous input
 
 
 def encode_mask(mask: np.ndarray, method: int | None = None) -> bytes:
-    """Encode a boolean mask (any shape, C order) into self-describing bytes.
+  """Encode a boolean mask (any shape, C order) into self-describing bytes.
 
-    ``method=None`` (default) stores whichever of packbits (0) and rANS (1) is smaller
-    (packbits on ties); pass ``METHOD_PACKBITS`` or ``METHOD_RANS`` to force one.
-    The shape is not stored; only the entry count n is, and it is checked on decode.
-    """
-    bits = _as_flat_bool(mask)
-    n = bits.size
-    if method not in (None, METHOD_PACKBITS, METHOD_RANS):
-        raise ValueError(f"unknown mask codec method {method!r}")
+  ``method=None`` (default) stores whichever of packbits (0) and rANS (1) is smaller
+  (packbits on ties); pass ``METHOD_PACKBITS`` or ``METHOD_RANS`` to force one.
+  The shape is not stored; only the entry count n is, and it is checked on decode.
+  """
+  bits = _as_flat_bool(mask)
+  n = bits.size
+  if method not in (None, METHOD_PACKBITS, METHOD_RANS):
+    raise ValueError(f'unknown mask codec method {method!r}')
 
-    candidates = []
-    if method in (None, METHOD_PACKBITS):
-        out = bytearray([METHOD_PACKBITS])
-        _put_varint(out, n)
-        out += np.packbits(bits).tobytes()
-        candidates.append(bytes(out))
-    if method in (None, METHOD_RANS):
-        ones = int(np.count_nonzero(bits))
-        slen, body = _rans_encode(bits, ones) if 0 < ones < n else (0, b"")
-        out = bytearray([METHOD_RANS | (slen << 4)])
-        _put_varint(out, n)
-        _put_varint(out, ones)
-        out += body
-        candidates.append(bytes(out))
-    return min(candidates, key=len)  # min() keeps the first (packbits) on ties
+  candidates = []
+  if method in (None, METHOD_PACKBITS):
+    out = bytearray([METHOD_PACKBITS])
+    _put_varint(out, n)
+    out += np.packbits(bits).tobytes()
+    candidates.append(bytes(out))
+  if method in (None, METHOD_RANS):
+    ones = int(np.count_nonzero(bits))
+    slen, body = _rans_encode(bits, ones) if 0 < ones < n else (0, b'')
+    out = bytearray([METHOD_RANS | (slen << 4)])
+    _put_varint(out, n)
+    _put_varint(out, ones)
+    out += body
+    candidates.append(bytes(out))
+  return min(candidates, key=len)  # min() keeps the first (packbits) on ties
 
 
 def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
-    """Decode bytes from :func:`encode_mask` into a boolean array of ``shape``.
+  """Decode bytes from :func:`encode_mask` into a boolean array of ``shape``.
 
-    Raises ``ValueError`` if the data is truncated, corrupted, or does not match ``shape``.
-    """
-    data = bytes(data)
-    shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
-    if any(s < 0 for s in shape):
-        raise ValueError(f"invalid shape {shape}")
-    n_expected = math.prod(shape)
-    if not data:
-        raise ValueError("mask codec: empty data")
-    method, slen = data[0] & 0x0F, data[0] >> 4
-    n, pos = _get_varint(data, 1, "entry count")
-    if n != n_expected:
-        raise ValueError(
-            f"mask codec: data holds {n} entries but shape {shape} needs {n_expected}"
-        )
+  Raises ``ValueError`` if the data is truncated, corrupted, or does not match ``shape``.
+  """
+  data = bytes(data)
+  shape = (int(shape),) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+  if any(s < 0 for s in shape):
+    raise ValueError(f'invalid shape {shape}')
+  n_expected = math.prod(shape)
+  if not data:
+    raise ValueError('mask codec: empty data')
+  method, slen = data[0] & 0x0F, data[0] >> 4
+  n, pos = _get_varint(data, 1, 'entry count')
+  if n != n_expected:
+    raise ValueError(f'mask codec: data holds {n} entries but shape {shape} needs {n_expected}')
 
-    if method == METHOD_PACKBITS:
-        if slen:
-            raise ValueError(f"mask codec: invalid packbits method byte {data[0]:#04x}")
-        payload = data[pos:]
-        need = (n + 7) // 8
-        if len(payload) != need:
-            raise ValueError(
-                f"mask codec: packbits payload is {len(payload)} bytes, expected {need} "
-                "(truncated or corrupted data)"
-            )
-        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
-        if bits[n:].any():
-            raise ValueError("mask codec: nonzero padding bits in packbits payload")
-        flat = bits[:n].astype(bool)
-    elif method == METHOD_RANS:
-        ones, pos = _get_varint(data, pos, "count of ones")
-        if ones > n:
-            raise ValueError(f"mask codec: count of ones {ones} exceeds entry count {n}")
-        payload = data[pos:]
-        if ones == 0 or ones == n:
-            if payload or slen:
-                raise ValueError("mask codec: unexpected payload after a constant-mask header")
-            flat = np.full(n, ones == n, dtype=bool)
-        else:
-            flat = _rans_decode(payload, slen, n, ones)
-            got = int(np.count_nonzero(flat))
-            if got != ones:
-                raise ValueError(
-                    f"mask codec: decoded {got} ones but header says {ones} (corrupted data)"
-                )
+  if method == METHOD_PACKBITS:
+    if slen:
+      raise ValueError(f'mask codec: invalid packbits method byte {data[0]:#04x}')
+    payload = data[pos:]
+    need = (n + 7) // 8
+    if len(payload) != need:
+      raise ValueError(
+        f'mask codec: packbits payload is {len(payload)} bytes, expected {need} '
+        '(truncated or corrupted data)'
+      )
+    bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8))
+    if bits[n:].any():
+      raise ValueError('mask codec: nonzero padding bits in packbits payload')
+    flat = bits[:n].astype(bool)
+  elif method == METHOD_RANS:
+    ones, pos = _get_varint(data, pos, 'count of ones')
+    if ones > n:
+      raise ValueError(f'mask codec: count of ones {ones} exceeds entry count {n}')
+    payload = data[pos:]
+    if ones == 0 or ones == n:
+      if payload or slen:
+        raise ValueError('mask codec: unexpected payload after a constant-mask header')
+      flat = np.full(n, ones == n, dtype=bool)
     else:
-        raise ValueError(f"mask codec: unknown method id {method} (corrupted data?)")
+      flat = _rans_decode(payload, slen, n, ones)
+      got = int(np.count_nonzero(flat))
+      if got != ones:
+        raise ValueError(f'mask codec: decoded {got} ones but header says {ones} (corrupted data)')
+  else:
+    raise ValueError(f'mask codec: unknown method id {method} (corrupted data?)')
 
-    if flat.size != n_expected:  # defensive: never hand back a wrong-length mask
-        raise ValueError(f"mask codec: decoded {flat.size} entries, expected {n_expected}")
-    return flat.reshape(shape)
+  if flat.size != n_expected:  # defensive: never hand back a wrong-length mask
+    raise ValueError(f'mask codec: decoded {flat.size} entries, expected {n_expected}')
+  return flat.reshape(shape)

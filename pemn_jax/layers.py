@@ -99,8 +99,13 @@ BN_MOMENTUM, BN_EPSILON = 0.9, 1e-5
 
 def batch_norm(train: bool, dtype: Dtype | None = None):
   """The BatchNorm every model uses: PyTorch's defaults (momentum 0.1 there, 0.9 here; eps 1e-5)."""
-  return functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                           epsilon=BN_EPSILON, dtype=dtype)
+  return functools.partial(
+    nn.BatchNorm,
+    use_running_average=not train,
+    momentum=BN_MOMENTUM,
+    epsilon=BN_EPSILON,
+    dtype=dtype,
+  )
 
 
 def gelu(x):
@@ -115,6 +120,7 @@ class FusedGeluBatchNorm(nn.Module):
   ``var``), same statistics (biased batch variance, ``E[z^2] - E[z]^2``), same running-average
   update and the same gradients; only float32, only in training (``gelu_batch_norm`` decides).
   """
+
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
 
@@ -159,8 +165,9 @@ def _trainable_kernel(module: nn.Module, shape) -> jax.Array:
 def _masked_kernel(module: nn.Module, shape) -> jax.Array:
   """Frozen random kernel x straight-through top-k mask of the module's trainable scores."""
   masking.validate_keep_fraction(module.keep_fraction)
-  frozen = module.variable(FROZEN, 'kernel',
-                           lambda: kaiming_normal_frozen(module.make_rng(FROZEN), shape)).value
+  frozen = module.variable(
+    FROZEN, 'kernel', lambda: kaiming_normal_frozen(module.make_rng(FROZEN), shape)
+  ).value
   scores = module.param('scores', uniform_fan_in, shape)
   mask = masking.score_mask(scores, module.keep_fraction, module.score_abs)
   return jax.lax.stop_gradient(frozen) * mask.astype(frozen.dtype)
@@ -196,13 +203,15 @@ class _ConvBase(nn.Module):
     cin = x.shape[-1]
     g = self.feature_group_count
     if cin % g or self.features % g:
-      raise ValueError(f'feature_group_count={g} must divide input channels ({cin}) and '
-                       f'features ({self.features})')
+      raise ValueError(
+        f'feature_group_count={g} must divide input channels ({cin}) and features ({self.features})'
+      )
     shape = (*self.kernel_size, cin // g, self.features)
     kernel = self.effective_kernel(shape)
     dtype = self.dtype or x.dtype
-    y = ops.conv(x.astype(dtype), kernel.astype(dtype), tuple(self.strides), self.padding,
-                 g, self.conv_impl)
+    y = ops.conv(
+      x.astype(dtype), kernel.astype(dtype), tuple(self.strides), self.padding, g, self.conv_impl
+    )
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
     return checkpoint_name(y, CHECKPOINT_NAME)
@@ -224,6 +233,7 @@ class Conv(_ConvBase):
 
 class MaskedDense(_DenseBase):
   """Dense layer on a frozen random kernel with a learned top-k mask."""
+
   keep_fraction: float = 0.5
   score_abs: bool = True
 
@@ -233,6 +243,7 @@ class MaskedDense(_DenseBase):
 
 class MaskedConv(_ConvBase):
   """2-D conv on a frozen random kernel with a learned top-k mask (groups, strides, padding)."""
+
   keep_fraction: float = 0.5
   score_abs: bool = True
 

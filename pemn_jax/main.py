@@ -21,8 +21,9 @@ from ml_collections import config_flags
 
 SUBCOMMANDS = ('inspect', 'train', 'evaluate', 'export')
 
-config_flags.DEFINE_config_file('config', None, 'Path to an ml_collections config file.',
-                                lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Path to an ml_collections config file.', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
 flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 flags.DEFINE_bool('best', False, 'Use the best checkpoint (by test accuracy), not the latest.')
@@ -56,10 +57,20 @@ def maybe_initialize_distributed() -> None:
   if FLAGS.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)
   if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-  elif any(v in os.environ for v in ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                                     'TPU_WORKER_HOSTNAMES', 'MEGASCALE_COORDINATOR_ADDRESS')):
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
+  elif any(
+    v in os.environ
+    for v in (
+      'SLURM_JOB_ID',
+      'OMPI_COMM_WORLD_SIZE',
+      'TPU_WORKER_HOSTNAMES',
+      'MEGASCALE_COORDINATOR_ADDRESS',
+    )
+  ):
     jax.distributed.initialize()
 
 
@@ -78,13 +89,15 @@ def cmd_inspect() -> int:
     summary.pop('storage_table')
     print(json.dumps(summary, indent=2))
     return 0
-  print(f"model {config.model.name} ({'masked' if summary['masked'] else 'dense baseline'})")
-  print(f"  {'layer':40s} {'Flax shape':>20s} {'size':>10s}")
+  print(f'model {config.model.name} ({"masked" if summary["masked"] else "dense baseline"})')
+  print(f'  {"layer":40s} {"Flax shape":>20s} {"size":>10s}')
   for layer in summary['layers']:
-    print(f"  {layer['path']:40s} {str(tuple(layer['shape'])):>20s} {layer['size']:>10,}")
-  print(f"masked weights {summary['masked_weights']:,}; unique random values "
-        f"{summary['unique_values']:,}; norm values {summary['norm_values']:,}; trainable "
-        f"parameters {summary['trainable_params']:,}")
+    print(f'  {layer["path"]:40s} {str(tuple(layer["shape"])):>20s} {layer["size"]:>10,}')
+  print(
+    f'masked weights {summary["masked_weights"]:,}; unique random values '
+    f'{summary["unique_values"]:,}; norm values {summary["norm_values"]:,}; trainable '
+    f'parameters {summary["trainable_params"]:,}'
+  )
   print(summary['storage_table'])
   return 0
 
@@ -110,8 +123,10 @@ def cmd_evaluate() -> int:
   if FLAGS.json:
     print(json.dumps(result))
   else:
-    print(f"accuracy {result['accuracy']:.4f}  loss {result['loss']:.4f}  "
-          f"examples {result['num_examples']}  step {result['step']}")
+    print(
+      f'accuracy {result["accuracy"]:.4f}  loss {result["loss"]:.4f}  '
+      f'examples {result["num_examples"]}  step {result["step"]}'
+    )
   return 0
 
 
@@ -119,21 +134,29 @@ def cmd_export() -> int:
   from pemn_jax import artifact
 
   info = artifact.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
-  print(json.dumps(info) if FLAGS.json else
-        f"wrote {FLAGS.out}: {info['file_bytes']:,} bytes "
-        f"(dense fp32 weights / file = {info['ratio_vs_dense_fp32']:.2f}x)")
+  print(
+    json.dumps(info)
+    if FLAGS.json
+    else f'wrote {FLAGS.out}: {info["file_bytes"]:,} bytes '
+    f'(dense fp32 weights / file = {info["ratio_vs_dense_fp32"]:.2f}x)'
+  )
   return 0
 
 
 def main(argv) -> int:
-  commands = {'inspect': cmd_inspect, 'train': cmd_train, 'evaluate': cmd_evaluate,
-              'export': cmd_export}
+  commands = {
+    'inspect': cmd_inspect,
+    'train': cmd_train,
+    'evaluate': cmd_evaluate,
+    'export': cmd_export,
+  }
   if not FLAGS['verbosity'].present:
     # orbax logs every checkpoint step at INFO; our own progress goes to stdout.
     logging.set_verbosity(logging.WARNING)
   if len(argv) != 2 or argv[1] not in commands:
-    print(f'usage: pemn {{{",".join(SUBCOMMANDS)}}} [flags]  (see pemn --helpfull)',
-          file=sys.stderr)
+    print(
+      f'usage: pemn {{{",".join(SUBCOMMANDS)}}} [flags]  (see pemn --helpfull)', file=sys.stderr
+    )
     return 2
   try:
     return commands[argv[1]]()
@@ -175,8 +198,7 @@ def _ignore_closed_loop_callbacks() -> None:
 def _not_an_unretrieved_orbax_read(record) -> bool:
   """``logging`` filter: False for asyncio's report of an orbax read nobody awaited."""
   msg = str(record.msg)
-  return not (msg.startswith('Future exception was never retrieved')
-              and 'async_deserialize' in msg)
+  return not (msg.startswith('Future exception was never retrieved') and 'async_deserialize' in msg)
 
 
 # XLA:CPU mallocs the step's whole scratch buffer every step; with glibc's default that is a
@@ -190,8 +212,7 @@ MALLOC_TUNABLE = 'glibc.malloc.hugetlb=1'
 def _reexec_with_malloc_tunable() -> None:
   import os
 
-  if sys.platform != 'linux' or 'GLIBC_TUNABLES' in os.environ or os.environ.get(
-      'PEMN_NO_REEXEC'):
+  if sys.platform != 'linux' or 'GLIBC_TUNABLES' in os.environ or os.environ.get('PEMN_NO_REEXEC'):
     return
   env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLE)
   try:

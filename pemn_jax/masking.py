@@ -40,8 +40,9 @@ def validate_keep_fraction(keep_fraction: float, field: str = 'strategy.keep_fra
   if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, numbers.Real):
     raise ValueError(f'{field} must be a number in (0, 1], got {keep_fraction!r}')
   if not 0.0 < float(keep_fraction) <= 1.0 or math.isnan(keep_fraction):
-    raise ValueError(f'{field} must be in (0, 1] (the fraction of weights KEPT), '
-                     f'got {keep_fraction!r}')
+    raise ValueError(
+      f'{field} must be in (0, 1] (the fraction of weights KEPT), got {keep_fraction!r}'
+    )
   return float(keep_fraction)
 
 

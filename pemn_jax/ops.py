@@ -50,8 +50,13 @@ def _pads(in_hw, kernel_hw, strides, padding: Padding) -> list[tuple[int, int]]:
 def conv_xla(x, kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group_count=1):
   """The reference: ``lax.conv_general_dilated`` in NHWC / HWIO."""
   return lax.conv_general_dilated(
-      x, kernel, window_strides=tuple(strides), padding=padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=feature_group_count)
+    x,
+    kernel,
+    window_strides=tuple(strides),
+    padding=padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=feature_group_count,
+  )
 
 
 def _shift_add(xp, kernel, out_hw, strides):
@@ -62,9 +67,12 @@ def _shift_add(xp, kernel, out_hw, strides):
   out = None
   for i in range(kh):
     for j in range(kw):
-      window = lax.slice(xp, (0, i, j, 0),
-                         (xp.shape[0], i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, c),
-                         (1, sh, sw, 1))
+      window = lax.slice(
+        xp,
+        (0, i, j, 0),
+        (xp.shape[0], i + sh * (out_h - 1) + 1, j + sw * (out_w - 1) + 1, c),
+        (1, sh, sw, 1),
+      )
       term = window * kernel[i, j, 0]
       out = term if out is None else out + term
   return out
@@ -107,7 +115,7 @@ def _depthwise_kernel_grad(x, g, pads, kh, kw):
         if o1 <= o0 or q1 <= q0:  # this tap only ever sees padding
           rows.append(jnp.zeros((c,), acc_dtype))
           continue
-        xs = xc[:, o0 + i - ph0:o1 + i - ph0, q0 + j - pw0:q1 + j - pw0]
+        xs = xc[:, o0 + i - ph0 : o1 + i - ph0, q0 + j - pw0 : q1 + j - pw0]
         rows.append(jnp.sum((xs * gc[:, o0:o1, q0:q1]).astype(acc_dtype), axis=(0, 1, 2)))
     return jnp.stack(rows)
 
@@ -116,6 +124,7 @@ def _depthwise_kernel_grad(x, g, pads, kh, kw):
   if chunk == n:
     total = partial(x, g)
   else:
+
     def body(k, acc):
       xc = lax.dynamic_slice_in_dim(x, k * chunk, chunk, 0)
       gc = lax.dynamic_slice_in_dim(g, k * chunk, chunk, 0)
@@ -133,8 +142,11 @@ def _pad_or_crop(a, hw_pads):
   (h0, h1), (w0, w1) = hw_pads
   n, h, w, c = a.shape
   a = lax.slice(a, (0, max(-h0, 0), max(-w0, 0), 0), (n, h - max(-h1, 0), w - max(-w1, 0), c))
-  return lax.pad(a, jnp.zeros((), a.dtype),
-                 ((0, 0, 0), (max(h0, 0), max(h1, 0), 0), (max(w0, 0), max(w1, 0), 0), (0, 0, 0)))
+  return lax.pad(
+    a,
+    jnp.zeros((), a.dtype),
+    ((0, 0, 0), (max(h0, 0), max(h1, 0), 0), (max(w0, 0), max(w1, 0), 0), (0, 0, 0)),
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -146,8 +158,9 @@ def _depthwise_s1(x, kernel, pads, use_native=False):
   (ph0, ph1), (pw0, pw1) = pads
   kh, kw = kernel.shape[:2]
   if use_native:
-    return native.depthwise(x, kernel, (ph0, pw0),
-                            (x.shape[1] + ph0 + ph1 - kh + 1, x.shape[2] + pw0 + pw1 - kw + 1))
+    return native.depthwise(
+      x, kernel, (ph0, pw0), (x.shape[1] + ph0 + ph1 - kh + 1, x.shape[2] + pw0 + pw1 - kw + 1)
+    )
   xp = lax.pad(x, jnp.zeros((), x.dtype), ((0, 0, 0), (ph0, ph1, 0), (pw0, pw1, 0), (0, 0, 0)))
   return _shift_add(xp, kernel, (xp.shape[1] - kh + 1, xp.shape[2] - kw + 1), (1, 1))
 
@@ -175,8 +188,9 @@ def _depthwise_s1_bwd(pads, use_native, res, g):
 _depthwise_s1.defvjp(_depthwise_s1_fwd, _depthwise_s1_bwd)
 
 
-def depthwise_shift_add(x, kernel, strides=(1, 1), padding: Padding = 'SAME',
-                        use_native: bool = False):
+def depthwise_shift_add(
+  x, kernel, strides=(1, 1), padding: Padding = 'SAME', use_native: bool = False
+):
   """Depthwise conv (kernel ``(kh, kw, 1, C)``) as ``kh * kw`` shifted multiply-adds.
 
   Stride 1 (ConvMixer's case) has its own VJP: the input gradient is the same shift-add on the
@@ -209,14 +223,20 @@ def patchify_dot(x, kernel):
   ph, pw, c, o = kernel.shape
   n, h, w, _ = x.shape
   hp, wp = h // ph, w // pw
-  x = x[:, :hp * ph, :wp * pw, :]
+  x = x[:, : hp * ph, : wp * pw, :]
   x = x.reshape(n, hp, ph, wp, pw, c).transpose(0, 1, 3, 2, 4, 5)
   y = jnp.dot(x.reshape(n * hp * wp, ph * pw * c), kernel.reshape(ph * pw * c, o))
   return y.reshape(n, hp, wp, o)
 
 
-def conv(x, kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group_count: int = 1,
-         impl: str = 'auto'):
+def conv(
+  x,
+  kernel,
+  strides=(1, 1),
+  padding: Padding = 'SAME',
+  feature_group_count: int = 1,
+  impl: str = 'auto',
+):
   """2-D convolution, NHWC x HWIO -> NHWC, dispatched to the fastest exact formulation.
 
   Args:
@@ -241,11 +261,15 @@ def conv(x, kernel, strides=(1, 1), padding: Padding = 'SAME', feature_group_cou
   depthwise = feature_group_count == c and cin_g == 1 and cout == c and c > 1
   if depthwise and impl == 'native':
     if not native.available():
-      raise ValueError("model.conv_impl='native' needs the native kernels, which did not load: "
-                       f"{native.unavailable_reason()}; use 'auto' to fall back to XLA")
+      raise ValueError(
+        "model.conv_impl='native' needs the native kernels, which did not load: "
+        f"{native.unavailable_reason()}; use 'auto' to fall back to XLA"
+      )
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
-      raise ValueError("model.conv_impl='native' computes in float32, got "
-                       f'{x.dtype} (model.dtype); use \'auto\' for other dtypes')
+      raise ValueError(
+        "model.conv_impl='native' computes in float32, got "
+        f"{x.dtype} (model.dtype); use 'auto' for other dtypes"
+      )
   if depthwise and (impl in ('fast', 'native') or on_cpu):
     use_native = impl == 'native' or (impl == 'auto' and native.usable(x, kernel))
     return depthwise_shift_add(x, kernel, strides, padding, use_native)

@@ -33,12 +33,18 @@ def validate(method: str | None, sparsity: float | None) -> None:
   if method is None:
     return
   if method not in SPARSE_METHODS:
-    raise ValueError(f'model.sparsity_method must be one of {SPARSE_METHODS} or None, '
-                     f'got {method!r}')
-  if (sparsity is None or isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real)
-      or not 0.0 <= sparsity < 1.0):
-    raise ValueError(f'model.sparsity must be in [0, 1) (the fraction of weights removed), '
-                     f'got {sparsity!r}')
+    raise ValueError(
+      f'model.sparsity_method must be one of {SPARSE_METHODS} or None, got {method!r}'
+    )
+  if (
+    sparsity is None
+    or isinstance(sparsity, bool)
+    or not isinstance(sparsity, numbers.Real)
+    or not 0.0 <= sparsity < 1.0
+  ):
+    raise ValueError(
+      f'model.sparsity must be in [0, 1) (the fraction of weights removed), got {sparsity!r}'
+    )
 
 
 def _sparse_kernel(module: nn.Module, shape) -> jax.Array:
@@ -47,9 +53,10 @@ def _sparse_kernel(module: nn.Module, shape) -> jax.Array:
   kernel = module.param('kernel', layers.uniform_fan_in, shape)
   if module.method == 'random':
     mask = module.variable(
-        layers.FROZEN, 'mask',
-        lambda: masking.topk_mask(jax.random.uniform(module.make_rng(layers.FROZEN), shape),
-                                  keep)).value
+      layers.FROZEN,
+      'mask',
+      lambda: masking.topk_mask(jax.random.uniform(module.make_rng(layers.FROZEN), shape), keep),
+    ).value
   else:
     mask = masking.topk_mask(jax.lax.stop_gradient(jnp.abs(kernel)), keep)
   return kernel * jax.lax.stop_gradient(mask).astype(kernel.dtype)
@@ -57,6 +64,7 @@ def _sparse_kernel(module: nn.Module, shape) -> jax.Array:
 
 class SparseDense(layers._DenseBase):  # noqa: SLF001 - same package, shared dense machinery
   """Dense layer keeping a fraction ``1 - sparsity`` of its trainable weights."""
+
   method: str = 'random'
   sparsity: float = 0.9
 
@@ -66,6 +74,7 @@ class SparseDense(layers._DenseBase):  # noqa: SLF001 - same package, shared den
 
 class SparseConv(layers._ConvBase):  # noqa: SLF001
   """Conv layer keeping a fraction ``1 - sparsity`` of its trainable weights."""
+
   method: str = 'random'
   sparsity: float = 0.9
 

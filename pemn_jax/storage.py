@@ -29,8 +29,8 @@ import numpy as np
 from pemn_jax import masking, strategies
 
 FLOAT_BITS = 32
-KEY_BITS = 64          # a threefry2x32 key: two uint32 words
-STRATEGY_BITS = 136    # strategy id (8 bits), rp ratio and keep fraction (float64 each)
+KEY_BITS = 64  # a threefry2x32 key: two uint32 words
+STRATEGY_BITS = 136  # strategy id (8 bits), rp ratio and keep fraction (float64 each)
 
 
 def binary_entropy(p: float) -> float:
@@ -43,6 +43,7 @@ def binary_entropy(p: float) -> float:
 @dataclasses.dataclass(frozen=True)
 class StorageReport:
   """Bits needed to store a model, by convention (see the module docstring)."""
+
   strategy: str
   rp_ratio: float | None
   keep_fraction: float
@@ -70,15 +71,15 @@ class StorageReport:
     """JSON-ready: the fields, the with-BN totals and the compression ratios vs dense fp32."""
     d = dataclasses.asdict(self)
     d.update(
-        dense_fp32_bits_with_bn=self.dense_fp32_bits_with_bn,
-        paper_bits_with_bn=self.paper_bits_with_bn,
-        key_only_bits_with_bn=self.key_only_bits + self.norm_bits,
-        entropy_bits_with_bn=self.entropy_bits + self.norm_bits,
-        ratio_paper=self.dense_fp32_bits / self.paper_bits,
-        ratio_paper_with_bn=self.dense_fp32_bits_with_bn / self.paper_bits_with_bn,
-        ratio_key_only=self.dense_fp32_bits / self.key_only_bits,
-        ratio_entropy=self.dense_fp32_bits / self.entropy_bits,
-        ratio_entropy_with_bn=self.dense_fp32_bits_with_bn / (self.entropy_bits + self.norm_bits),
+      dense_fp32_bits_with_bn=self.dense_fp32_bits_with_bn,
+      paper_bits_with_bn=self.paper_bits_with_bn,
+      key_only_bits_with_bn=self.key_only_bits + self.norm_bits,
+      entropy_bits_with_bn=self.entropy_bits + self.norm_bits,
+      ratio_paper=self.dense_fp32_bits / self.paper_bits,
+      ratio_paper_with_bn=self.dense_fp32_bits_with_bn / self.paper_bits_with_bn,
+      ratio_key_only=self.dense_fp32_bits / self.key_only_bits,
+      ratio_entropy=self.dense_fp32_bits / self.entropy_bits,
+      ratio_entropy_with_bn=self.dense_fp32_bits_with_bn / (self.entropy_bits + self.norm_bits),
     )
     return d
 
@@ -92,8 +93,13 @@ def mask_entropy_bits(shapes: Sequence[tuple[int, ...]], keep_fraction: float) -
   return total
 
 
-def report(shapes: Sequence[tuple[int, ...]], norm_values: int, strategy: str,
-           keep_fraction: float, rp_ratio: float | None = None) -> StorageReport:
+def report(
+  shapes: Sequence[tuple[int, ...]],
+  norm_values: int,
+  strategy: str,
+  keep_fraction: float,
+  rp_ratio: float | None = None,
+) -> StorageReport:
   """Storage of a masked model.
 
   Args:
@@ -108,15 +114,25 @@ def report(shapes: Sequence[tuple[int, ...]], norm_values: int, strategy: str,
   stored = strategies.stored_value_count(shapes, strategy, rp_ratio)
   header = KEY_BITS + STRATEGY_BITS
   return StorageReport(
-      strategy=strategy, rp_ratio=rp_ratio if strategy == 'random_vector_padding' else None,
-      keep_fraction=keep_fraction, masked_weights=p, stored_values=stored,
-      norm_values=norm_values, dense_fp32_bits=FLOAT_BITS * p,
-      paper_bits=FLOAT_BITS * stored + p, key_only_bits=header + p,
-      entropy_bits=header + mask_entropy_bits(shapes, keep_fraction))
+    strategy=strategy,
+    rp_ratio=rp_ratio if strategy == 'random_vector_padding' else None,
+    keep_fraction=keep_fraction,
+    masked_weights=p,
+    stored_values=stored,
+    norm_values=norm_values,
+    dense_fp32_bits=FLOAT_BITS * p,
+    paper_bits=FLOAT_BITS * stored + p,
+    key_only_bits=header + p,
+    entropy_bits=header + mask_entropy_bits(shapes, keep_fraction),
+  )
 
 
-def csr_bits(shapes: Sequence[tuple[int, ...]], sparsity: float, value_bits: int = FLOAT_BITS,
-             index_bits: int = 32) -> int:
+def csr_bits(
+  shapes: Sequence[tuple[int, ...]],
+  sparsity: float,
+  value_bits: int = FLOAT_BITS,
+  index_bits: int = 32,
+) -> int:
   """A conventional sparse network in CSR: kept values + column indices + row pointers.
 
   Each kernel is viewed in PyTorch layout as a (out, in * kh * kw) matrix; a fraction
@@ -138,16 +154,20 @@ def format_table(r: StorageReport) -> str:
   d = r.as_dict()
   mb = lambda bits: f'{bits / 8 / 2**20:9.3f} MiB'
   rows = [
-      ('dense fp32', r.dense_fp32_bits, r.dense_fp32_bits_with_bn),
-      ('paper convention (values + 1-bit masks)', r.paper_bits, r.paper_bits_with_bn),
-      ('ours: key + 1-bit masks', r.key_only_bits, d['key_only_bits_with_bn']),
-      ('ours: key + entropy-coded masks (bound)', r.entropy_bits, d['entropy_bits_with_bn']),
+    ('dense fp32', r.dense_fp32_bits, r.dense_fp32_bits_with_bn),
+    ('paper convention (values + 1-bit masks)', r.paper_bits, r.paper_bits_with_bn),
+    ('ours: key + 1-bit masks', r.key_only_bits, d['key_only_bits_with_bn']),
+    ('ours: key + entropy-coded masks (bound)', r.entropy_bits, d['entropy_bits_with_bn']),
   ]
   strat = r.strategy + (f' r={r.rp_ratio:g}' if r.rp_ratio else '')
-  lines = [f'storage ({strat}, keep {r.keep_fraction:g}; {r.masked_weights:,} masked weights, '
-           f'{r.stored_values:,} stored random values, {r.norm_values:,} norm values)',
-           f'  {"":42s} {"BN excluded":>25s} {"BN included":>25s}']
+  lines = [
+    f'storage ({strat}, keep {r.keep_fraction:g}; {r.masked_weights:,} masked weights, '
+    f'{r.stored_values:,} stored random values, {r.norm_values:,} norm values)',
+    f'  {"":42s} {"BN excluded":>25s} {"BN included":>25s}',
+  ]
   for name, bits, bits_bn in rows:
-    lines.append(f'  {name:42s} {mb(bits)} {r.dense_fp32_bits / bits:7.2f}x '
-                 f'{mb(bits_bn)} {r.dense_fp32_bits_with_bn / bits_bn:7.2f}x')
+    lines.append(
+      f'  {name:42s} {mb(bits)} {r.dense_fp32_bits / bits:7.2f}x '
+      f'{mb(bits_bn)} {r.dense_fp32_bits_with_bn / bits_bn:7.2f}x'
+    )
   return '\n'.join(lines)

@@ -44,11 +44,17 @@ def validate(name: str, rp_ratio: float | None = None) -> None:
   if name not in STRATEGIES:
     raise ValueError(f'strategy.name must be one of {STRATEGIES}, got {name!r}')
   if name == 'random_vector_padding':
-    if (rp_ratio is None or isinstance(rp_ratio, bool)
-        or not isinstance(rp_ratio, numbers.Real) or math.isnan(rp_ratio)
-        or not 0.0 < rp_ratio <= 1.0):
-      raise ValueError('strategy.rp_ratio must be a number in (0, 1] for random_vector_padding '
-                       f'(the paper uses {RP_RATIOS_OF_THE_PAPER}), got {rp_ratio!r}')
+    if (
+      rp_ratio is None
+      or isinstance(rp_ratio, bool)
+      or not isinstance(rp_ratio, numbers.Real)
+      or math.isnan(rp_ratio)
+      or not 0.0 < rp_ratio <= 1.0
+    ):
+      raise ValueError(
+        'strategy.rp_ratio must be a number in (0, 1] for random_vector_padding '
+        f'(the paper uses {RP_RATIOS_OF_THE_PAPER}), got {rp_ratio!r}'
+      )
 
 
 def rp_vector_length(largest_size: int, rp_ratio: float) -> int:
@@ -100,8 +106,9 @@ def largest_index(shapes: Sequence[tuple[int, ...]]) -> int:
   return sizes.index(max(sizes))
 
 
-def apply_strategy(frozen: dict, order: Sequence[Path], name: str,
-                   rp_ratio: float | None = None) -> dict:
+def apply_strategy(
+  frozen: dict, order: Sequence[Path], name: str, rp_ratio: float | None = None
+) -> dict:
   """Rewrites the frozen kernels as the strategy prescribes (pure; works under ``jit``).
 
   Args:
@@ -132,19 +139,20 @@ def apply_strategy(frozen: dict, order: Sequence[Path], name: str,
     big = largest_index(shapes)
     u = layers.to_torch_layout(kernels[big]).reshape(-1)
     if name == 'random_vector_padding':
-      v = u[:rp_vector_length(u.size, rp_ratio)]
+      v = u[: rp_vector_length(u.size, rp_ratio)]
       reps = -(-u.size // v.size)
-      u = jnp.tile(v, reps)[:u.size]
+      u = jnp.tile(v, reps)[: u.size]
     for i, s in enumerate(shapes):
-      new[i] = _place(u[:int(np.prod(s))], s)
+      new[i] = _place(u[: int(np.prod(s))], s)
   out = frozen
   for p, k in zip(order, new):
     out = _set_path(out, p, k)
   return out
 
 
-def stored_value_count(shapes: Sequence[tuple[int, ...]], name: str,
-                       rp_ratio: float | None = None) -> int:
+def stored_value_count(
+  shapes: Sequence[tuple[int, ...]], name: str, rp_ratio: float | None = None
+) -> int:
   """How many random values the paper's convention stores for a strategy.
 
   Args:

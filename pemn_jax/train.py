@@ -45,6 +45,7 @@ from pemn_jax.data import pipeline
 
 class TrainState(flax.struct.PyTreeNode):
   """Everything that trains (and is checkpointed). The frozen weights are NOT here."""
+
   step: jax.Array
   params: Any
   batch_stats: Any
@@ -74,8 +75,9 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   t = config.train
   if t.optimizer != 'adamw':
     raise ValueError(f"train.optimizer must be 'adamw', got {t.optimizer!r}")
-  return optax.adamw(lr_schedule(config, total_steps), b1=t.b1, b2=t.b2, eps=t.eps,
-                     weight_decay=t.weight_decay)
+  return optax.adamw(
+    lr_schedule(config, total_steps), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay
+  )
 
 
 def step_compiler_options() -> dict | None:
@@ -111,22 +113,21 @@ def make_train_step(model, tx):
       variables = {'params': params, 'batch_stats': state.batch_stats}
       if frozen is not None:
         variables[layers.FROZEN] = frozen
-      logits, updates = model.apply(variables, batch['image'], train=True,
-                                    mutable=['batch_stats'])
+      logits, updates = model.apply(variables, batch['image'], train=True, mutable=['batch_stats'])
       loss = cross_entropy(logits, batch['label']).mean()
       return loss, (logits, updates.get('batch_stats', state.batch_stats))
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
-        'loss': loss,
-        'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
-        'grad_norm': optax.tree.norm(grads),
+      'loss': loss,
+      'accuracy': jnp.mean(jnp.argmax(logits, -1) == batch['label']),
+      'grad_norm': optax.tree.norm(grads),
     }
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), metrics
+    return state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    ), metrics
 
   return train_step
 
@@ -148,9 +149,11 @@ def in_mesh(fn: Callable, mesh) -> Callable:
 
 def jit_eval_step(model, replicated, batch_sharding):
   """``make_eval_step`` jitted with the state replicated and the batch sharded over 'data'."""
-  return jax.jit(in_mesh(make_eval_step(model), batch_sharding.mesh),
-                 in_shardings=(replicated, replicated, replicated, batch_sharding),
-                 out_shardings=replicated)
+  return jax.jit(
+    in_mesh(make_eval_step(model), batch_sharding.mesh),
+    in_shardings=(replicated, replicated, replicated, batch_sharding),
+    out_shardings=replicated,
+  )
 
 
 def make_eval_step(model):
@@ -163,9 +166,11 @@ def make_eval_step(model):
     logits = model.apply(variables, batch['image'], train=False)
     mask = batch['mask']
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    return {'correct': jnp.sum(correct * mask),
-            'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
-            'count': jnp.sum(mask)}
+    return {
+      'correct': jnp.sum(correct * mask),
+      'loss': jnp.sum(cross_entropy(logits, batch['label']) * mask),
+      'count': jnp.sum(mask),
+    }
 
   return eval_step
 
@@ -178,21 +183,29 @@ def evaluate(eval_fn, params, batch_stats, frozen, config, batch_sharding) -> di
   """Accuracy and loss over the whole test split (every example exactly once)."""
   totals = {'correct': 0.0, 'loss': 0.0, 'count': 0.0}
   for batch in pipeline.eval_batches(
-      config.data, global_batch_size=config.train.eval_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count()):
+    config.data,
+    global_batch_size=config.train.eval_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  ):
     batch = to_global(batch, batch_sharding)
     sums = jax.device_get(eval_fn(params, batch_stats, frozen, batch))
     for k in totals:
       totals[k] += float(sums[k])
   n = max(totals['count'], 1.0)
-  return {'accuracy': totals['correct'] / n, 'loss': totals['loss'] / n,
-          'num_examples': int(totals['count'])}
+  return {
+    'accuracy': totals['correct'] / n,
+    'loss': totals['loss'] / n,
+    'num_examples': int(totals['count']),
+  }
 
 
 def to_global(local_batch: dict, sharding) -> dict:
   """This process's slice of a batch -> one global array per key, sharded over 'data'."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in local_batch.items()
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,16 +227,24 @@ def setup_model(config: ml_collections.ConfigDict, replicated) -> Setup:
   frozen = variables.get(layers.FROZEN)
   fingerprint = build.frozen_fingerprint(frozen) if frozen is not None else 'dense'
   variables = jax.device_put(variables, replicated)
-  return Setup(model=model, frozen=variables.get(layers.FROZEN), fingerprint=fingerprint,
-               variables=variables)
+  return Setup(
+    model=model, frozen=variables.get(layers.FROZEN), fingerprint=fingerprint, variables=variables
+  )
 
 
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
   """Checks the train fields that a run needs before anything is written."""
   t = config.train
   n = jax.device_count()
-  for field in ('batch_size', 'eval_batch_size', 'num_epochs', 'checkpoint_every_steps',
-                'max_checkpoints', 'log_every_steps', 'eval_every_epochs'):
+  for field in (
+    'batch_size',
+    'eval_batch_size',
+    'num_epochs',
+    'checkpoint_every_steps',
+    'max_checkpoints',
+    'log_every_steps',
+    'eval_every_epochs',
+  ):
     v = t[field]
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
       raise ValueError(f'train.{field} must be a positive integer, got {v!r}')
@@ -231,14 +252,19 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'train.num_steps must be a positive integer or unset, got {t.num_steps!r}')
   for field in ('batch_size', 'eval_batch_size'):
     if t[field] % n:
-      raise ValueError(f'train.{field} ({t[field]}) must be divisible by the number of devices '
-                       f'({n}); choose a multiple of {n}')
+      raise ValueError(
+        f'train.{field} ({t[field]}) must be divisible by the number of devices '
+        f'({n}); choose a multiple of {n}'
+      )
   if not (0.0 <= t.warmup_fraction <= t.decay_fraction <= 1.0):
-    raise ValueError('train.warmup_fraction <= train.decay_fraction must both be in [0, 1], '
-                     f'got {t.warmup_fraction} and {t.decay_fraction}')
+    raise ValueError(
+      'train.warmup_fraction <= train.decay_fraction must both be in [0, 1], '
+      f'got {t.warmup_fraction} and {t.decay_fraction}'
+    )
   if not (t.peak_lr > 0 and t.weight_decay >= 0):
-    raise ValueError(f'train.peak_lr must be > 0 and train.weight_decay >= 0, got '
-                     f'{t.peak_lr} and {t.weight_decay}')
+    raise ValueError(
+      f'train.peak_lr must be > 0 and train.weight_decay >= 0, got {t.peak_lr} and {t.weight_decay}'
+    )
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -337,8 +363,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pipeline.prepare(config.data)
   info = pipeline.get_dataset_info(config.data)
   if config.model.num_classes != info.num_classes:
-    raise ValueError(f'model.num_classes ({config.model.num_classes}) does not match the '
-                     f'{info.num_classes} classes of data.name={config.data.name!r}')
+    raise ValueError(
+      f'model.num_classes ({config.model.num_classes}) does not match the '
+      f'{info.num_classes} classes of data.name={config.data.name!r}'
+    )
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(info, t.batch_size)
   total_steps = total_train_steps(config, info)
@@ -348,10 +376,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   s = setup_model(config, replicated)
   tx = make_optimizer(config, total_steps)
   variables = s.variables
-  state = jax.jit(lambda p, b: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                                          batch_stats=b, opt_state=tx.init(p)),
-                  out_shardings=replicated)(variables['params'],
-                                            variables.get('batch_stats', {}))
+  state = jax.jit(
+    lambda p, b: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)
+    ),
+    out_shardings=replicated,
+  )(variables['params'], variables.get('batch_stats', {}))
 
   # Resume (the default), after checking the workdir belongs to this model.
   os.makedirs(workdir, exist_ok=True)
@@ -359,17 +389,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_path = os.path.join(workdir, 'config.json')
   mngr = checkpointing.manager(workdir, t.max_checkpoints)
   latest = mngr.latest_step()
-  meta = {'fingerprint': s.fingerprint, 'identity': identity, 'best_accuracy': -1.0,
-          'best_step': None, 'best_epoch': None}
+  meta = {
+    'fingerprint': s.fingerprint,
+    'identity': identity,
+    'best_accuracy': -1.0,
+    'best_step': None,
+    'best_epoch': None,
+  }
   if latest is not None:
     # Identity first (meta only): a checkpoint of another model must fail naming the fields
     # that differ, not with a shape or tree mismatch from restoring its state.
     saved = checkpointing.restore_meta(mngr, latest)
     checkpointing.check_identity(saved['identity'], identity, workdir)
     if saved['fingerprint'] != s.fingerprint:
-      raise ValueError(f'the frozen random weights regenerated for {workdir} do not match the '
-                       'fingerprint stored with its checkpoints (a different JAX random stream '
-                       'or strategy code?); refusing to resume on different weights')
+      raise ValueError(
+        f'the frozen random weights regenerated for {workdir} do not match the '
+        'fingerprint stored with its checkpoints (a different JAX random stream '
+        'or strategy code?); refusing to resume on different weights'
+      )
     abstract = checkpointing.abstract_like(state, replicated)
     state, saved = checkpointing.restore(mngr, latest, abstract)
     meta.update({k: saved[k] for k in ('best_accuracy', 'best_step', 'best_epoch')})
@@ -378,15 +415,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f'pemn: resuming from checkpoint step {latest} in {workdir}', flush=True)
   elif os.path.exists(config_path):  # every process checks, so none is left waiting
     with open(config_path) as f:
-      checkpointing.check_identity(checkpointing.identity(
-          ml_collections.ConfigDict(json.load(f))), identity, workdir)
+      checkpointing.check_identity(
+        checkpointing.identity(ml_collections.ConfigDict(json.load(f))), identity, workdir
+      )
   if is_main:
     _write_json_atomic(config_path, config.to_dict())
 
-  train_step = jax.jit(in_mesh(make_train_step(s.model, tx), mesh),
-                       in_shardings=(replicated, replicated, batch_sharding),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,),
-                       compiler_options=step_compiler_options())
+  train_step = jax.jit(
+    in_mesh(make_train_step(s.model, tx), mesh),
+    in_shardings=(replicated, replicated, batch_sharding),
+    out_shardings=(replicated, replicated),
+    donate_argnums=(0,),
+    compiler_options=step_compiler_options(),
+  )
   eval_step = jit_eval_step(s.model, replicated, batch_sharding)
 
   start = int(jax.device_get(state.step))
@@ -396,8 +437,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if is_main and t.progress and start < total_steps:
     from tqdm import tqdm
 
-    progress = tqdm(total=total_steps, initial=start, unit='step', dynamic_ncols=True,
-                    desc='train')
+    progress = tqdm(total=total_steps, initial=start, unit='step', dynamic_ncols=True, desc='train')
   last_eval = None
   step = start
   t0 = time.time()
@@ -407,9 +447,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       first = step - epoch * steps_per_epoch
       epoch_steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
       batches = pipeline.train_batches(
-          config.data, global_batch_size=t.batch_size, seed=config.seed, epoch=epoch,
-          process_index=jax.process_index(), process_count=jax.process_count(),
-          start_step_in_epoch=first)
+        config.data,
+        global_batch_size=t.batch_size,
+        seed=config.seed,
+        epoch=epoch,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        start_step_in_epoch=first,
+      )
       running = []
       for _, local in zip(range(first, epoch_steps), batches):
         state, metrics = train_step(state, s.frozen, to_global(local, batch_sharding))
@@ -423,21 +468,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           m['steps_per_s'] = (step - start) / max(time.time() - t0, 1e-9)
           writer.write('train', step, m)
           if progress is not None:
-            progress.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['accuracy']:.3f}")
+            progress.set_postfix(loss=f'{m["loss"]:.3f}', acc=f'{m["accuracy"]:.3f}')
           running = []
         end_of_epoch = step == epoch * steps_per_epoch + epoch_steps
         if end_of_epoch and ((epoch + 1) % t.eval_every_epochs == 0 or step == total_steps):
-          last_eval = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
-                               batch_sharding)
+          last_eval = evaluate(
+            eval_step, state.params, state.batch_stats, s.frozen, config, batch_sharding
+          )
           last_eval.update(epoch=epoch + 1)
           # >=: on ties the later checkpoint is the best, as orbax's BestN keeps the later one
           # (with > the recorded best_step could name a checkpoint BestN has deleted).
           if last_eval['accuracy'] >= meta['best_accuracy']:
             meta.update(best_accuracy=last_eval['accuracy'], best_step=step, best_epoch=epoch + 1)
           writer.write('eval', step, last_eval)
-          line = (f"epoch {epoch + 1}/{num_epochs} step {step}/{total_steps}: test accuracy "
-                  f"{last_eval['accuracy']:.4f} loss {last_eval['loss']:.4f} "
-                  f"(best {meta['best_accuracy']:.4f} at epoch {meta['best_epoch']})")
+          line = (
+            f'epoch {epoch + 1}/{num_epochs} step {step}/{total_steps}: test accuracy '
+            f'{last_eval["accuracy"]:.4f} loss {last_eval["loss"]:.4f} '
+            f'(best {meta["best_accuracy"]:.4f} at epoch {meta["best_epoch"]})'
+          )
           logging.info(line)
           if progress is not None:
             progress.write(line)
@@ -463,20 +511,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if step >= total_steps and last_eval is None:
     # Nothing left to train (a finished or fully checkpointed workdir run again): evaluate the
     # final state so the summary still reports the final accuracy.
-    last_eval = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
-                         batch_sharding)
+    last_eval = evaluate(
+      eval_step, state.params, state.batch_stats, s.frozen, config, batch_sharding
+    )
   summary = {
-      'workdir': os.path.abspath(workdir), 'step': step, 'total_steps': total_steps,
-      'finished': step >= total_steps, 'best_accuracy': meta['best_accuracy'],
-      'best_epoch': meta['best_epoch'], 'best_step': meta['best_step'],
-      'final_accuracy': last_eval['accuracy'] if last_eval and step >= total_steps else None,
-      'final_loss': last_eval['loss'] if last_eval and step >= total_steps else None,
-      'train_seconds_this_run': time.time() - t0,
-      'fingerprint': s.fingerprint,
+    'workdir': os.path.abspath(workdir),
+    'step': step,
+    'total_steps': total_steps,
+    'finished': step >= total_steps,
+    'best_accuracy': meta['best_accuracy'],
+    'best_epoch': meta['best_epoch'],
+    'best_step': meta['best_step'],
+    'final_accuracy': last_eval['accuracy'] if last_eval and step >= total_steps else None,
+    'final_loss': last_eval['loss'] if last_eval and step >= total_steps else None,
+    'train_seconds_this_run': time.time() - t0,
+    'fingerprint': s.fingerprint,
   }
   if interrupted:
-    msg = (f'pemn: stopped by {interrupted} at step {step}/{total_steps}; checkpoint written. '
-           f'Resume with the same command (pemn train --config ... --workdir {workdir}).')
+    msg = (
+      f'pemn: stopped by {interrupted} at step {step}/{total_steps}; checkpoint written. '
+      f'Resume with the same command (pemn train --config ... --workdir {workdir}).'
+    )
     logging.warning(msg)
     if is_main:
       print(msg, flush=True)
@@ -492,8 +547,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
-    raise FileNotFoundError(f'--workdir {workdir} holds no config.json: not a pemn training '
-                            'directory (run pemn train there first)')
+    raise FileNotFoundError(
+      f'--workdir {workdir} holds no config.json: not a pemn training '
+      'directory (run pemn train there first)'
+    )
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
 
@@ -506,18 +563,23 @@ def restore_workdir(workdir: str, best: bool = False):
   mngr = checkpointing.manager(workdir, read_only=True)
   step = checkpointing.best_step(mngr) if best else mngr.latest_step()
   if step is None:
-    raise FileNotFoundError(f'--workdir {workdir} holds no '
-                            f'{"evaluated " if best else ""}checkpoint')
+    raise FileNotFoundError(
+      f'--workdir {workdir} holds no {"evaluated " if best else ""}checkpoint'
+    )
   info = pipeline.get_dataset_info(config.data)
   tx = make_optimizer(config, total_train_steps(config, info))
-  template = jax.eval_shape(lambda p, b: TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)),
-      s.variables['params'], s.variables.get('batch_stats', {}))
-  state, meta = checkpointing.restore(mngr, step, checkpointing.abstract_like(template,
-                                                                              replicated))
+  template = jax.eval_shape(
+    lambda p, b: TrainState(
+      step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)
+    ),
+    s.variables['params'],
+    s.variables.get('batch_stats', {}),
+  )
+  state, meta = checkpointing.restore(mngr, step, checkpointing.abstract_like(template, replicated))
   if meta['fingerprint'] != s.fingerprint:
-    raise ValueError(f'the frozen weights regenerated for {workdir} do not match its '
-                     'checkpoint fingerprint')
+    raise ValueError(
+      f'the frozen weights regenerated for {workdir} do not match its checkpoint fingerprint'
+    )
   return config, s, state, step
 
 
@@ -530,7 +592,6 @@ def evaluate_workdir(workdir: str, best: bool = False) -> dict:
   config, s, state, step = restore_workdir(workdir, best)
   _, replicated, batch_sharding = mesh_and_shardings()
   eval_step = jit_eval_step(s.model, replicated, batch_sharding)
-  result = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config,
-                    batch_sharding)
+  result = evaluate(eval_step, state.params, state.batch_stats, s.frozen, config, batch_sharding)
   result['step'] = step
   return result

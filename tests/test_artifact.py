@@ -41,8 +41,9 @@ def test_artifact_logits_bit_identical_to_trained_model(trained):
   workdir, path = trained
   config, s, state, _ = train.restore_workdir(workdir)
   x = jax.random.normal(jax.random.key(3), (16, 28, 28, 1))
-  want = _logits(s.model, {'params': state.params, 'batch_stats': state.batch_stats,
-                           layers.FROZEN: s.frozen}, x)
+  want = _logits(
+    s.model, {'params': state.params, 'batch_stats': state.batch_stats, layers.FROZEN: s.frozen}, x
+  )
   _, model, variables, header = artifact.load(path)
   got = _logits(model, variables, x)
   np.testing.assert_array_equal(got, want)
@@ -63,18 +64,19 @@ def test_artifact_stores_no_random_values(trained):
   header, _ = artifact.read(path)
   kinds = {(e['kind'], e['path'][-1]) for e in header['entries']}
   assert ('array', 'kernel') not in kinds and ('array', 'scores') not in kinds
-  assert all(e['path'][0] in ('params', 'batch_stats') for e in header['entries']
-             if e['kind'] == 'array')
+  assert all(
+    e['path'][0] in ('params', 'batch_stats') for e in header['entries'] if e['kind'] == 'array'
+  )
   assert {e['codec'] for e in header['entries'] if e['kind'] == 'mask'} <= {'packbits', 'rans'}
 
 
 def test_inspect_json_keys(trained):
   _, path = trained
-  out = subprocess.run(PEMN + ['inspect', f'--artifact={path}', '--json'], check=True,
-                       capture_output=True, text=True).stdout
+  out = subprocess.run(
+    PEMN + ['inspect', f'--artifact={path}', '--json'], check=True, capture_output=True, text=True
+  ).stdout
   info = json.loads(out)
-  for key in ('file_bytes', 'dense_fp32_bytes', 'mask_bits_per_entry', 'keep_fraction',
-              'strategy'):
+  for key in ('file_bytes', 'dense_fp32_bytes', 'mask_bits_per_entry', 'keep_fraction', 'strategy'):
     assert key in info
   assert info['file_bytes'] == os.path.getsize(path)
   assert info['strategy'] == 'random_vector_padding' and info['keep_fraction'] == 0.5
@@ -86,7 +88,7 @@ def test_bad_files_give_one_line_errors(trained, tmp_path, damage):
   blob = open(path, 'rb').read()
   bad = tmp_path / 'bad.pemn'
   if damage == 'truncate':
-    bad.write_bytes(blob[:len(blob) // 2])
+    bad.write_bytes(blob[: len(blob) // 2])
   elif damage == 'flip':
     b = bytearray(blob)
     b[len(b) // 2] ^= 0x40
@@ -131,8 +133,9 @@ def test_materialize_dense_matches_masked_model(trained):
   dense_model = build.build_model(dense_config)
   assert layers.FROZEN not in dense_vars
   x = jax.random.normal(jax.random.key(4), (8, 28, 28, 1))
-  np.testing.assert_allclose(_logits(dense_model, dense_vars, x), _logits(model, variables, x),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    _logits(dense_model, dense_vars, x), _logits(model, variables, x), rtol=1e-5, atol=1e-5
+  )
   # Exactly half of every kernel survives (keep 0.5), the rest is zero.
   for k in jax.tree.leaves(dense_vars['params']):
     if k.ndim >= 2:
@@ -144,9 +147,12 @@ def test_entropy_coded_masks_for_small_keep_fraction(tmp_path):
   model = build.build_model(config)
   variables = build.init_variables(model, config)
   out = str(tmp_path / 'k01.pemn')
-  info = artifact.export(config, {'params': variables['params'],
-                                  'batch_stats': variables['batch_stats']}, out,
-                         fingerprint=build.frozen_fingerprint(variables[layers.FROZEN]))
+  info = artifact.export(
+    config,
+    {'params': variables['params'], 'batch_stats': variables['batch_stats']},
+    out,
+    fingerprint=build.frozen_fingerprint(variables[layers.FROZEN]),
+  )
   assert info['keep_fraction'] == 0.1
   # Far below one bit per entry, close to the entropy bound H(0.1) = 0.469.
   assert info['mask_bits_per_entry'] < 0.6
@@ -167,8 +173,9 @@ def test_fingerprint_mismatch_is_refused(trained, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize('method', ['random', 'magnitude'])
 def test_sparse_baselines_export_exactly_and_keep_the_right_count(tmp_path, method):
-  config = _config(**{'model.masked': False, 'model.sparsity_method': method,
-                      'model.sparsity': 0.9})
+  config = _config(
+    **{'model.masked': False, 'model.sparsity_method': method, 'model.sparsity': 0.9}
+  )
   model = build.build_model(config)
   variables = build.init_variables(model, config)
   x = jax.random.normal(jax.random.key(5), (4, 28, 28, 1))
@@ -178,9 +185,14 @@ def test_sparse_baselines_export_exactly_and_keep_the_right_count(tmp_path, meth
       eff = artifact._sparse_effective(config, variables, path, leaf)  # noqa: SLF001
       assert int(jnp.sum(eff != 0)) == -(-leaf.size // 10)
   out = str(tmp_path / f'{method}.pemn')
-  info = artifact.export(config, variables, out,
-                         fingerprint=(build.frozen_fingerprint(variables[layers.FROZEN])
-                                      if layers.FROZEN in variables else None))
+  info = artifact.export(
+    config,
+    variables,
+    out,
+    fingerprint=(
+      build.frozen_fingerprint(variables[layers.FROZEN]) if layers.FROZEN in variables else None
+    ),
+  )
   assert info['strategy'] == f'sparse_{method}' and info['csr_bytes'] > 0
   _, model2, v2, _ = artifact.load(out)
   np.testing.assert_array_equal(_logits(model, variables, x), _logits(model2, v2, x))
@@ -190,7 +202,8 @@ def test_sparse_config_errors_name_the_field():
   with pytest.raises(ValueError, match='model.sparsity_method'):
     build.build_model(_config(**{'model.masked': False, 'model.sparsity_method': 'lottery'}))
   with pytest.raises(ValueError, match='model.sparsity'):
-    build.build_model(_config(**{'model.masked': False, 'model.sparsity_method': 'random',
-                                 'model.sparsity': 1.0}))
+    build.build_model(
+      _config(**{'model.masked': False, 'model.sparsity_method': 'random', 'model.sparsity': 1.0})
+    )
   with pytest.raises(ValueError, match='model.masked=False'):
     build.build_model(_config(**{'model.sparsity_method': 'random'}))

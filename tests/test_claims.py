@@ -10,9 +10,15 @@ import claims  # noqa: E402
 
 
 def rec(label, acc, seed=0, uniq=100, paper_bits=8000, csr_bits=None, file_bytes=1000):
-  return {'label': label, 'best_accuracy': acc / 100, 'seed': seed, 'unique_values': uniq,
-          'storage': {'paper_bits': paper_bits}, 'csr_bits': csr_bits,
-          'artifact': {'file_bytes': file_bytes}}
+  return {
+    'label': label,
+    'best_accuracy': acc / 100,
+    'seed': seed,
+    'unique_values': uniq,
+    'storage': {'paper_bits': paper_bits},
+    'csr_bits': csr_bits,
+    'artifact': {'file_bytes': file_bytes},
+  }
 
 
 def claim_verdict(shallow, deep):
@@ -48,12 +54,12 @@ def test_claim4_compares_relative_drops():
 
 def test_claim5_compares_only_at_equal_or_smaller_storage():
   records = [
-      rec('Dense', 80, paper_bits=64000, file_bytes=9000),
-      rec('RP 1e-2', 60, paper_bits=2000, file_bytes=1000),
-      # Needs more storage than RP 1e-2 both ways, and is worse: one win per convention.
-      rec('Random 90%', 50, paper_bits=0, csr_bits=6400, file_bytes=1500),
-      # Smaller than RP 1e-2 both ways: never compared, even though it is better.
-      rec('Magnitude 96%', 70, paper_bits=0, csr_bits=1000, file_bytes=800),
+    rec('Dense', 80, paper_bits=64000, file_bytes=9000),
+    rec('RP 1e-2', 60, paper_bits=2000, file_bytes=1000),
+    # Needs more storage than RP 1e-2 both ways, and is worse: one win per convention.
+    rec('Random 90%', 50, paper_bits=0, csr_bits=6400, file_bytes=1500),
+    # Smaller than RP 1e-2 both ways: never compared, even though it is better.
+    rec('Magnitude 96%', 70, paper_bits=0, csr_bits=1000, file_bytes=800),
   ]
   verdict, lines = claims.claim5(records)
   assert verdict.startswith('supported')
@@ -66,9 +72,9 @@ def test_claim5_compares_only_at_equal_or_smaller_storage():
 
 def test_claim5_mixed_outcome_is_partial():
   records = [
-      rec('MP', 62, paper_bits=8000, file_bytes=1000),
-      rec('RP 1e-2', 58, paper_bits=2000, file_bytes=1000),
-      rec('Random 90%', 60, paper_bits=0, csr_bits=9000, file_bytes=1500),
+    rec('MP', 62, paper_bits=8000, file_bytes=1000),
+    rec('RP 1e-2', 58, paper_bits=2000, file_bytes=1000),
+    rec('Random 90%', 60, paper_bits=0, csr_bits=9000, file_bytes=1500),
   ]
   verdict, _ = claims.claim5(records)
   assert verdict == 'only partly: PEMN wins 2 of 4 comparisons'
@@ -90,8 +96,9 @@ def test_claim5_depth_needs_both_pemn_points_to_lose_a_point_less():
   assert _resnet_depth(70, 60, 58, 72, 65, 60.5)[0].startswith('not supported')
   assert _resnet_depth(70, 65, 63, 72, 60, 58)[0].startswith('contradicted')
   verdict, lines = _resnet_depth(70, 60, 58, 72, 65, 63)
-  assert lines[0] == ('MP: loses 10.00 points to Dense at depth 32, 7.00 at depth 56 '
-                      '(less by 3.00)')
+  assert lines[0] == (
+    'MP: loses 10.00 points to Dense at depth 32, 7.00 at depth 56 (less by 3.00)'
+  )
 
 
 def test_claim5_depth_without_a_point_is_not_measured():

@@ -22,8 +22,13 @@ SHIPPED = ('convmixer_cifar10', 'resnet_cifar10', 'vit_cifar10', 'mlp_mnist', 's
 
 def _pemn(*args, timeout=240):
   """Runs `python -m pemn_jax.main ARGS` (what the `pemn` console script calls)."""
-  return subprocess.run([sys.executable, '-m', 'pemn_jax.main', *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=timeout)
+  return subprocess.run(
+    [sys.executable, '-m', 'pemn_jax.main', *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -34,12 +39,17 @@ def _pemn(*args, timeout=240):
 def test_inspect_smoke_json():
   proc = _pemn('inspect', '--config', SMOKE, '--json')
   assert proc.returncode == 0, proc.stderr
-  summary = json.loads(proc.stdout)        # exactly one JSON object on stdout
+  summary = json.loads(proc.stdout)  # exactly one JSON object on stdout
   assert isinstance(summary, dict)
   for key in ('masked_weights', 'unique_values', 'storage'):
     assert key in summary
-  for key in ('dense_fp32_bits', 'paper_bits', 'paper_bits_with_bn', 'key_only_bits',
-              'entropy_bits'):
+  for key in (
+    'dense_fp32_bits',
+    'paper_bits',
+    'paper_bits_with_bn',
+    'key_only_bits',
+    'entropy_bits',
+  ):
     assert key in summary['storage'], key
   # smoke: ConvMixer-16/2, kernel 3, patch 4, on 28x28x1, 10 classes:
   # stem 4*4*1*16 = 256; per block 3*3*16 + 16*16 = 400; head 16*10 = 160.
@@ -53,16 +63,27 @@ def test_inspect_smoke_json():
   # 5 BatchNorms x 16 channels x (scale, shift), at 32 bits.
   assert st['paper_bits_with_bn'] == st['paper_bits'] + 32 * 5 * 16 * 2
   assert st['key_only_bits'] == 64 + 136 + 1216
-  assert st['entropy_bits'] == pytest.approx(st['key_only_bits'])    # k = 0.5, even sizes
+  assert st['entropy_bits'] == pytest.approx(st['key_only_bits'])  # k = 0.5, even sizes
   assert [layer['path'] for layer in summary['layers']] == [
-      'stem', 'block0_depthwise', 'block0_pointwise', 'block1_depthwise', 'block1_pointwise',
-      'head']
+    'stem',
+    'block0_depthwise',
+    'block0_pointwise',
+    'block1_depthwise',
+    'block1_pointwise',
+    'head',
+  ]
 
 
 @pytest.mark.slow
 def test_inspect_overrides_take_effect_text_mode():
-  proc = _pemn('inspect', '--config', SMOKE, '--config.model.dim=32',
-               '--config.strategy.name=max_layer_padding', '--config.strategy.keep_fraction=0.1')
+  proc = _pemn(
+    'inspect',
+    '--config',
+    SMOKE,
+    '--config.model.dim=32',
+    '--config.strategy.name=max_layer_padding',
+    '--config.strategy.keep_fraction=0.1',
+  )
   assert proc.returncode == 0, proc.stderr
   out = proc.stdout
   # dim 32: stem 512; per block 288 + 1024; head 320.
@@ -74,12 +95,15 @@ def test_inspect_overrides_take_effect_text_mode():
   assert 'Traceback' not in proc.stderr
 
 
-@pytest.mark.parametrize('override, field', [
+@pytest.mark.parametrize(
+  'override, field',
+  [
     ('--config.strategy.name=bogus', 'strategy.name'),
     ('--config.strategy.keep_fraction=1.5', 'strategy.keep_fraction'),
     ('--config.strategy.rp_ratio=0', 'strategy.rp_ratio'),
     ('--config.model.name=densenet', 'model.name'),
-])
+  ],
+)
 def test_inspect_bad_config_is_one_line_naming_the_field(override, field):
   proc = _pemn('inspect', '--config', SMOKE, override, '--json')
   assert proc.returncode != 0
@@ -132,8 +156,11 @@ def test_summary_lists_layers_by_depth(masked):
   config = _load('smoke')
   config.model.depth, config.model.masked = 12, masked
   _, summary = _abstract_summary(config)
-  expected = (['stem'] + [f'block{i}_{kind}' for i in range(12)
-                          for kind in ('depthwise', 'pointwise')] + ['head'])
+  expected = (
+    ['stem']
+    + [f'block{i}_{kind}' for i in range(12) for kind in ('depthwise', 'pointwise')]
+    + ['head']
+  )
   assert [layer['path'] for layer in summary['layers']] == expected
   assert summary['masked_weights'] == 256 + 12 * 400 + 160
 
@@ -141,9 +168,17 @@ def test_summary_lists_layers_by_depth(masked):
 def test_shipped_defaults():
   c = _load('convmixer_cifar10')
   assert (c.model.name, c.model.dim, c.model.depth, c.model.kernel_size, c.model.patch_size) == (
-      'convmixer', 256, 8, 5, 2)
+    'convmixer',
+    256,
+    8,
+    5,
+    2,
+  )
   assert (c.strategy.name, c.strategy.rp_ratio, c.strategy.keep_fraction) == (
-      'random_vector_padding', 1e-3, 0.5)
+    'random_vector_padding',
+    1e-3,
+    0.5,
+  )
   assert _load('resnet_cifar10').model.name == 'resnet'
   assert _load('vit_cifar10').model.name == 'vit'
   assert _load('mlp_mnist').model.name == 'mlp'
@@ -152,7 +187,9 @@ def test_shipped_defaults():
   assert summary['unique_values'] == 66
 
 
-@pytest.mark.parametrize('name, overrides', [
+@pytest.mark.parametrize(
+  'name, overrides',
+  [
     ('convmixer_cifar10', dict(dim=256, depth=6)),
     ('convmixer_cifar10', dict(dim=512, depth=6)),
     ('convmixer_cifar10', dict(dim=512, depth=8)),
@@ -161,16 +198,19 @@ def test_shipped_defaults():
     ('vit_cifar10', dict(dim=256, depth=8)),
     ('vit_cifar10', dict(dim=512, depth=6)),
     ('vit_cifar10', dict(dim=512, depth=8)),
-])
+  ],
+)
 def test_paper_grid_reachable_by_overrides(name, overrides):
   config = _load(name)
   for k, v in overrides.items():
     config.model[k] = v
   model = build.build_model(config)
   shape = build.input_shape(config)
-  abstract = jax.eval_shape(model.init, {'params': jax.random.key(0),
-                                         layers.FROZEN: jax.random.key(1)},
-                            jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  abstract = jax.eval_shape(
+    model.init,
+    {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)},
+    jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+  )
   shapes = [a.shape for a in jax.tree.leaves(abstract[layers.FROZEN])]
   for strategy in strategies.STRATEGIES:
     assert strategies.stored_value_count(shapes, strategy, 1e-2) > 0

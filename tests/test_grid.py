@@ -18,7 +18,8 @@ def _config(run):
   import importlib.util
 
   spec = importlib.util.spec_from_file_location(
-      'cfg', os.path.join(ROOT, 'pemn_jax', 'configs', run['config']))
+    'cfg', os.path.join(ROOT, 'pemn_jax', 'configs', run['config'])
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return common.with_overrides(mod.get_config(), run['overrides'])
@@ -37,15 +38,28 @@ def test_runs_of_a_grid_share_one_recipe(name):
   # Within a grid only the strategy point and the seed may differ (the fairness rule).
   runs = grid.GRIDS[name]()
   point_fields = ('strategy.', 'model.masked', 'model.sparsity', 'model.dtype', 'seed')
-  recipes = {tuple(sorted((k, str(v)) for k, v in r['overrides'].items()
-                          if not k.startswith(point_fields)))
-             for r in runs}
+  recipes = {
+    tuple(sorted((k, str(v)) for k, v in r['overrides'].items() if not k.startswith(point_fields)))
+    for r in runs
+  }
   assert len(recipes) == 1, recipes
 
 
 def test_only_runs_in_the_order_given_and_rejects_unknown_names():
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'experiments', 'grid.py'), 'run',
-                         '--grid', 'cifar_resnet', '--only', 'mp_s0,nope_s0'],
-                        capture_output=True, text=True, cwd=ROOT, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      os.path.join(ROOT, 'experiments', 'grid.py'),
+      'run',
+      '--grid',
+      'cifar_resnet',
+      '--only',
+      'mp_s0,nope_s0',
+    ],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    check=False,
+  )
   assert proc.returncode == 2
   assert 'no run named nope_s0 in grid cifar_resnet' in proc.stderr

@@ -57,7 +57,7 @@ class _Baselines(nn.Module):
 def test_dense_baselines_have_trainable_kernels_and_no_frozen():
   v = jax.jit(_Baselines().init)(RNGS, jnp.zeros((1, 8, 8, 4)))
   assert set(v) == {'params'}
-  assert set(v['params']['conv']) == {'kernel'}        # no bias by default
+  assert set(v['params']['conv']) == {'kernel'}  # no bias by default
   assert set(v['params']['dense']) == {'kernel'}
   assert set(v['params']['dense_bias']) == {'kernel', 'bias'}
   chex.assert_shape(v['params']['conv']['kernel'], (3, 3, 4, 6))
@@ -70,14 +70,15 @@ def test_dense_baselines_have_trainable_kernels_and_no_frozen():
 # Initialisation.
 
 
-@pytest.mark.parametrize('module, x_shape, flax_shape, torch_shape', [
+@pytest.mark.parametrize(
+  'module, x_shape, flax_shape, torch_shape',
+  [
     (layers.MaskedDense(5), (1, 3), (3, 5), (5, 3)),
     (layers.MaskedConv(4, (3, 2)), (1, 6, 6, 2), (3, 2, 2, 4), (4, 2, 3, 2)),
-    (layers.MaskedConv(6, (3, 3), feature_group_count=3), (1, 6, 6, 3), (3, 3, 1, 6),
-     (6, 1, 3, 3)),
-])
-def test_frozen_is_kaiming_normal_drawn_in_torch_layout(module, x_shape, flax_shape,
-                                                        torch_shape):
+    (layers.MaskedConv(6, (3, 3), feature_group_count=3), (1, 6, 6, 3), (3, 3, 1, 6), (6, 1, 3, 3)),
+  ],
+)
+def test_frozen_is_kaiming_normal_drawn_in_torch_layout(module, x_shape, flax_shape, torch_shape):
   v = module.init(RNGS, jnp.zeros(x_shape))
   # Scores are the only params (no bias, no trainable kernel); the kernel is in 'frozen'.
   assert set(v) == {'params', layers.FROZEN}
@@ -88,13 +89,13 @@ def test_frozen_is_kaiming_normal_drawn_in_torch_layout(module, x_shape, flax_sh
   w = v[layers.FROZEN]['kernel']
   assert w.shape == flax_shape
   assert layers.torch_shape(flax_shape) == torch_shape
-  fan_in = math.prod(torch_shape[1:])                 # in / groups * kh * kw
+  fan_in = math.prod(torch_shape[1:])  # in / groups * kh * kw
   key = _frozen_key_of_top_level_module(RNGS[layers.FROZEN])
   drawn = jax.random.normal(key, torch_shape) * np.float32(np.sqrt(2.0 / fan_in))
   if drawn.ndim == 2:
-    expected = drawn.T                                 # (out, in) -> (in, out)
+    expected = drawn.T  # (out, in) -> (in, out)
   else:
-    expected = drawn.transpose(2, 3, 1, 0)             # OIHW -> HWIO
+    expected = drawn.transpose(2, 3, 1, 0)  # OIHW -> HWIO
   np.testing.assert_array_equal(w, expected)
   # Drawing in Flax layout (equivalently, reshaping the PyTorch-layout draw instead of
   # transposing it) gives the same values in other places: the layout matters.
@@ -104,7 +105,7 @@ def test_frozen_is_kaiming_normal_drawn_in_torch_layout(module, x_shape, flax_sh
 def test_frozen_and_score_statistics_on_big_layers():
   fan_in = 512
   v = jax.jit(layers.MaskedDense(256).init)(RNGS, jnp.zeros((1, fan_in)))
-  w = _np(v[layers.FROZEN]['kernel']).ravel()      # 131,072 draws
+  w = _np(v[layers.FROZEN]['kernel']).ravel()  # 131,072 draws
   std = math.sqrt(2.0 / fan_in)
   assert abs(w.mean()) < 0.01 * std
   assert w.std() == pytest.approx(std, rel=0.01)
@@ -119,13 +120,14 @@ def test_frozen_and_score_statistics_on_big_layers():
   assert s.min() >= -bound and s.max() <= bound
   assert s.min() < -0.99 * bound and s.max() > 0.99 * bound
   assert abs(s.mean()) < 0.01 * bound
-  assert s.var() == pytest.approx(bound ** 2 / 3, rel=0.02)
+  assert s.var() == pytest.approx(bound**2 / 3, rel=0.02)
 
 
 def test_depthwise_conv_fan_in_is_kh_kw():
   # (in_channels / groups) * kh * kw = 25: std sqrt(2/25), score bound 1/5.
   v = jax.jit(layers.MaskedConv(256, (5, 5), feature_group_count=256).init)(
-      RNGS, jnp.zeros((1, 4, 4, 256)))
+    RNGS, jnp.zeros((1, 4, 4, 256))
+  )
   s = _np(v['params']['scores'])
   w = _np(v[layers.FROZEN]['kernel'])
   assert s.shape == w.shape == (5, 5, 1, 256)
@@ -135,8 +137,9 @@ def test_depthwise_conv_fan_in_is_kh_kw():
 
 def test_frozen_and_scores_use_different_streams():
   a = layers.MaskedDense(8).init(RNGS, jnp.zeros((1, 8)))
-  b = layers.MaskedDense(8).init({'params': RNGS['params'], layers.FROZEN: jax.random.key(9)},
-                                 jnp.zeros((1, 8)))
+  b = layers.MaskedDense(8).init(
+    {'params': RNGS['params'], layers.FROZEN: jax.random.key(9)}, jnp.zeros((1, 8))
+  )
   np.testing.assert_array_equal(a['params']['scores'], b['params']['scores'])
   assert not np.array_equal(a[layers.FROZEN]['kernel'], b[layers.FROZEN]['kernel'])
 
@@ -153,7 +156,7 @@ def test_masked_dense_effective_weight(k):
   w_eff = _np(module.apply(v, jnp.eye(7)))
   w = _np(v[layers.FROZEN]['kernel'])
   s = _np(v['params']['scores'])
-  kept = math.ceil(k * 70) if k != 0.3 else 21     # 0.3 * 70 = 21.000000000000004
+  kept = math.ceil(k * 70) if k != 0.3 else 21  # 0.3 * 70 = 21.000000000000004
   assert np.count_nonzero(w_eff) == kept == masking.num_kept(70, k)
   # The kept entries are the largest |score|, at their frozen values.
   mask = np.zeros(70)
@@ -163,20 +166,31 @@ def test_masked_dense_effective_weight(k):
 
 @pytest.mark.parametrize('groups, cin, cout', [(1, 3, 5), (4, 4, 4)], ids=['dense', 'depthwise'])
 def test_masked_conv_effective_weight(groups, cin, cout):
-  module = layers.MaskedConv(cout, (3, 3), strides=(2, 2), padding=((1, 0), (0, 1)),
-                             feature_group_count=groups, keep_fraction=0.3)
+  module = layers.MaskedConv(
+    cout,
+    (3, 3),
+    strides=(2, 2),
+    padding=((1, 0), (0, 1)),
+    feature_group_count=groups,
+    keep_fraction=0.3,
+  )
   x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 7, cin)), jnp.float32)
   v = module.init(RNGS, x)
   w = _np(v[layers.FROZEN]['kernel'])
   s = _np(v['params']['scores'])
   n = w.size
   mask = np.zeros(n)
-  mask[np.argsort(-np.abs(s).ravel(), kind='stable')[:masking.num_kept(n, 0.3)]] = 1
+  mask[np.argsort(-np.abs(s).ravel(), kind='stable')[: masking.num_kept(n, 0.3)]] = 1
   w_eff = (w * mask.reshape(w.shape)).astype(np.float32)
   assert np.count_nonzero(w_eff) == math.ceil(0.3 * n - 1e-9)
-  expected = lax.conv_general_dilated(x, w_eff, (2, 2), ((1, 0), (0, 1)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                      feature_group_count=groups)
+  expected = lax.conv_general_dilated(
+    x,
+    w_eff,
+    (2, 2),
+    ((1, 0), (0, 1)),
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
   chex.assert_trees_all_close(module.apply(v, x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -230,14 +244,17 @@ def test_conv_rejects_groups_not_dividing_channels():
 def _tiny_convmixer():
   conv = functools.partial(layers.MaskedConv, keep_fraction=0.5)
   dense = functools.partial(layers.MaskedDense, keep_fraction=0.5)
-  return ConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, conv=conv,
-                   dense=dense)
+  return ConvMixer(
+    dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, conv=conv, dense=dense
+  )
 
 
 def _batch(seed, n=4):
   rng = np.random.default_rng(seed)
-  return (jnp.asarray(rng.standard_normal((n, 8, 8, 3)), jnp.float32),
-          jnp.asarray(rng.integers(0, 3, n), jnp.int32))
+  return (
+    jnp.asarray(rng.standard_normal((n, 8, 8, 3)), jnp.float32),
+    jnp.asarray(rng.integers(0, 3, n), jnp.int32),
+  )
 
 
 def _paths(tree):
@@ -296,10 +313,11 @@ def test_gradient_and_optimizer_state_never_contain_frozen(tiny_convmixer):
   assert not any(layers.FROZEN in p or "'kernel'" in p for p in _paths(state))
   n_params = len(jax.tree.leaves(v['params']))
   stem_shape = v[layers.FROZEN]['stem']['kernel'].shape
-  n_stem_shaped = sum(1 for leaf in jax.tree.leaves(state)
-                      if getattr(leaf, 'shape', None) == stem_shape)
-  assert n_stem_shaped == 2        # mu and nu of stem/scores, nothing of stem's frozen kernel
-  assert len(jax.tree.leaves(state)) == 2 * n_params + 1   # mu, nu, count
+  n_stem_shaped = sum(
+    1 for leaf in jax.tree.leaves(state) if getattr(leaf, 'shape', None) == stem_shape
+  )
+  assert n_stem_shaped == 2  # mu and nu of stem/scores, nothing of stem's frozen kernel
+  assert len(jax.tree.leaves(state)) == 2 * n_params + 1  # mu, nu, count
 
 
 def test_jitted_train_step_does_not_retrace(tiny_convmixer):
@@ -310,15 +328,24 @@ def test_jitted_train_step_does_not_retrace(tiny_convmixer):
   @chex.assert_max_traces(n=1)
   def step(params, batch_stats, opt_state, frozen, x, y):
     def loss_fn(p):
-      logits, upd = model.apply({'params': p, 'batch_stats': batch_stats, layers.FROZEN: frozen},
-                                x, train=True, mutable=['batch_stats'])
+      logits, upd = model.apply(
+        {'params': p, 'batch_stats': batch_stats, layers.FROZEN: frozen},
+        x,
+        train=True,
+        mutable=['batch_stats'],
+      )
       return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+
     (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), upd['batch_stats'], opt_state, loss
 
-  params, stats, opt_state, frozen = v['params'], v['batch_stats'], tx.init(v['params']), \
-      v[layers.FROZEN]
+  params, stats, opt_state, frozen = (
+    v['params'],
+    v['batch_stats'],
+    tx.init(v['params']),
+    v[layers.FROZEN],
+  )
   losses = []
   for i in range(4):
     x, y = _batch(i)

@@ -21,26 +21,31 @@ from pemn_jax import masking
 # Exact kept counts.
 
 
-@pytest.mark.parametrize('n, k, expected', [
-    (10, 0.3, 3),      # 0.3 * 10 == 3.0000000000000004 in floating point: still 3
-    (10, 0.7, 7),      # 0.7 * 10 == 7.000000000000001
-    (100, 0.07, 7),    # 0.07 * 100 == 7.000000000000001
+@pytest.mark.parametrize(
+  'n, k, expected',
+  [
+    (10, 0.3, 3),  # 0.3 * 10 == 3.0000000000000004 in floating point: still 3
+    (10, 0.7, 7),  # 0.7 * 10 == 7.000000000000001
+    (100, 0.07, 7),  # 0.07 * 100 == 7.000000000000001
     (10, 0.5, 5),
-    (7, 0.5, 4),       # ceil(3.5)
+    (7, 0.5, 4),  # ceil(3.5)
     (3, 1 / 3, 1),
     (1000, 0.001, 1),
-    (9, 0.1, 1),       # ceil(0.9)
-    (11, 0.1, 2),      # ceil(1.1)
+    (9, 0.1, 1),  # ceil(0.9)
+    (11, 0.1, 2),  # ceil(1.1)
     (65536, 0.5, 32768),
     (5, 1.0, 5),
     (1, 0.5, 1),
-])
+  ],
+)
 def test_num_kept_is_exact_ceil(n, k, expected):
   assert masking.num_kept(n, k) == expected
 
 
-@pytest.mark.parametrize('shape, k', [((10,), 0.3), ((3, 7), 0.1), ((3, 7), 0.5),
-                                      ((2, 3, 4, 5), 0.25), ((2, 3, 4, 5), 0.7)])
+@pytest.mark.parametrize(
+  'shape, k',
+  [((10,), 0.3), ((3, 7), 0.1), ((3, 7), 0.5), ((2, 3, 4, 5), 0.25), ((2, 3, 4, 5), 0.7)],
+)
 def test_topk_mask_keeps_exactly_ceil_kn(shape, k):
   n = math.prod(shape)
   x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
@@ -57,23 +62,21 @@ def test_topk_mask_keeps_exactly_ceil_kn(shape, k):
 def test_mask_by_hand_on_abs_scores():
   s = jnp.array([0.1, -0.9, 0.4, -0.2, 0.8, 0.05, -0.6, 0.3, 0.0, 0.7])
   # |s| ranked: 0.9 (1), 0.8 (4), 0.7 (9) -> k = 0.3 keeps 3.
-  np.testing.assert_array_equal(masking.score_mask(s, 0.3),
-                                [0, 1, 0, 0, 1, 0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(masking.score_mask(s, 0.3), [0, 1, 0, 0, 1, 0, 0, 0, 0, 1])
   # k = 0.5 keeps 5: add 0.6 (6), 0.4 (2).
-  np.testing.assert_array_equal(masking.score_mask(s, 0.5),
-                                [0, 1, 1, 0, 1, 0, 1, 0, 0, 1])
+  np.testing.assert_array_equal(masking.score_mask(s, 0.5), [0, 1, 1, 0, 1, 0, 1, 0, 0, 1])
 
 
 def test_mask_by_hand_on_raw_scores():
   s = jnp.array([0.1, -0.9, 0.4, -0.2, 0.8, 0.05, -0.6, 0.3, 0.0, 0.7])
   # Raw scores ranked: 0.8 (4), 0.7 (9), 0.4 (2): large negative scores are dropped.
-  np.testing.assert_array_equal(masking.score_mask(s, 0.3, score_abs=False),
-                                [0, 0, 1, 0, 1, 0, 0, 0, 0, 1])
+  np.testing.assert_array_equal(
+    masking.score_mask(s, 0.3, score_abs=False), [0, 0, 1, 0, 1, 0, 0, 0, 0, 1]
+  )
 
 
 def test_mask_2d_ranks_over_the_whole_layer():
-  s = jnp.array([[0.5, -0.1, 0.2],
-                 [-0.7, 0.3, 0.05]])
+  s = jnp.array([[0.5, -0.1, 0.2], [-0.7, 0.3, 0.05]])
   # n = 6, k = 0.5 -> 3 kept: |s| = 0.7, 0.5, 0.3 (not per row).
   np.testing.assert_array_equal(masking.score_mask(s, 0.5), [[1, 0, 0], [1, 1, 0]])
 
@@ -83,8 +86,9 @@ def test_ties_broken_by_lower_index():
   # ceil(0.5 * 7) = 4: the 3.0 and the first three 2.0s.
   np.testing.assert_array_equal(masking.topk_mask(x, 0.5), [0, 1, 1, 1, 0, 0, 1])
   # All equal: the first ceil(k n) are kept.
-  np.testing.assert_array_equal(masking.topk_mask(jnp.zeros(10), 0.3),
-                                [1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(
+    masking.topk_mask(jnp.zeros(10), 0.3), [1, 1, 1, 0, 0, 0, 0, 0, 0, 0]
+  )
   # |s| ties between a positive and a negative score: lower index again.
   s = jnp.array([0.1, -0.4, 0.4, 0.2, -0.4])
   np.testing.assert_array_equal(masking.score_mask(s, 0.4), [0, 1, 1, 0, 0])
@@ -128,7 +132,9 @@ def test_gradient_with_abs_is_sign_times_upstream():
 def test_gradient_with_abs_is_zero_at_a_zero_score():
   # sign(0) = 0 (METHOD.md: dL/ds = sign(s) * ...; PyTorch's abs backward gives 0 there too).
   s = jnp.array([0.0, -0.5, 0.5, -0.0])
-  grad = jax.grad(lambda s: jnp.sum(masking.score_mask(s, 0.5) * jnp.array([1., 2., 3., 4.])))(s)
+  grad = jax.grad(lambda s: jnp.sum(masking.score_mask(s, 0.5) * jnp.array([1.0, 2.0, 3.0, 4.0])))(
+    s
+  )
   np.testing.assert_array_equal(grad, [0.0, -2.0, 3.0, 0.0])
 
 
@@ -155,8 +161,9 @@ def test_gradient_through_an_effective_weight_by_hand():
   assert np.all(np.asarray(grad) != 0)  # the 3 dropped scores get a gradient too
   np.testing.assert_array_equal(masking.score_mask(s, 0.5), [[0, 1], [0, 0], [1, 1]])
   # Forward value by hand: effective weight keeps w at the kept entries.
-  np.testing.assert_allclose(loss(s), np.sum(np.asarray(x) @ (np.asarray(w) * [[0, 1], [0, 0],
-                                                                                [1, 1]])))
+  np.testing.assert_allclose(
+    loss(s), np.sum(np.asarray(x) @ (np.asarray(w) * [[0, 1], [0, 0], [1, 1]]))
+  )
 
 
 def test_gradient_under_jit_and_vmap_matches():
@@ -172,8 +179,9 @@ def test_gradient_under_jit_and_vmap_matches():
 # Validation.
 
 
-@pytest.mark.parametrize('bad', [0, 0.0, -0.1, -1, 1.0000001, 1.5, 2, float('nan'),
-                                 float('inf'), True, False, '0.5', None])
+@pytest.mark.parametrize(
+  'bad', [0, 0.0, -0.1, -1, 1.0000001, 1.5, 2, float('nan'), float('inf'), True, False, '0.5', None]
+)
 def test_bad_keep_fraction_names_the_field(bad):
   with pytest.raises(ValueError, match=r'strategy\.keep_fraction') as e:
     masking.validate_keep_fraction(bad)

@@ -50,7 +50,7 @@ def _numpy_variables(abstract, seed):
       value = rng.uniform(0.5, 1.5, leaf.shape)
     elif name.endswith("['mean']") or name.endswith("['bias']"):
       value = rng.normal(0.0, 0.1, leaf.shape)
-    else:   # kernels and scores, at roughly Kaiming scale
+    else:  # kernels and scores, at roughly Kaiming scale
       value = rng.standard_normal(leaf.shape) * np.sqrt(2.0 / max(1, math.prod(leaf.shape[:-1])))
     return jnp.asarray(value, leaf.dtype)
 
@@ -85,28 +85,36 @@ def test_resnet_masked_weights(depth, expected):
   n = (depth - 2) // 6
   # stem 3*16*9; stage 1: 2n convs 16->16; stage 2: 16->32, then 2n-1 of 32->32;
   # stage 3: 32->64, then 2n-1 of 64->64; head 64*10. Option-A shortcuts have no weights.
-  by_hand = (432 + 2 * n * 2304 + 4608 + (2 * n - 1) * 9216 + 18_432 + (2 * n - 1) * 36_864
-             + 640)
+  by_hand = 432 + 2 * n * 2304 + 4608 + (2 * n - 1) * 9216 + 18_432 + (2 * n - 1) * 36_864 + 640
   assert by_hand == expected
   assert _masked_count(_config(name='resnet', depth=depth)) == expected
 
 
 def test_masked_and_dense_share_kernel_shapes():
-  for model in [dict(name='resnet', depth=20), dict(name='convmixer', dim=32, depth=2),
-                dict(name='vit', dim=64, depth=2, patch_size=4), dict(name='mlp')]:
+  for model in [
+    dict(name='resnet', depth=20),
+    dict(name='convmixer', dim=32, depth=2),
+    dict(name='vit', dim=64, depth=2, patch_size=4),
+    dict(name='mlp'),
+  ]:
     _, masked, _ = _abstract_variables(_config(True, **model))
     _, dense, _ = _abstract_variables(_config(False, **model))
     assert layers.FROZEN not in dense
     # Every frozen kernel is a trainable 'kernel' in the dense baseline, and vice versa.
-    flat_frozen = {jax.tree_util.keystr(p): a.shape for p, a in
-                   jax.tree_util.tree_flatten_with_path(masked[layers.FROZEN])[0]}
-    flat_dense = {jax.tree_util.keystr(p): a.shape for p, a in
-                  jax.tree_util.tree_flatten_with_path(dense['params'])[0]
-                  if jax.tree_util.keystr(p).endswith("['kernel']")}
+    flat_frozen = {
+      jax.tree_util.keystr(p): a.shape
+      for p, a in jax.tree_util.tree_flatten_with_path(masked[layers.FROZEN])[0]
+    }
+    flat_dense = {
+      jax.tree_util.keystr(p): a.shape
+      for p, a in jax.tree_util.tree_flatten_with_path(dense['params'])[0]
+      if jax.tree_util.keystr(p).endswith("['kernel']")
+    }
     assert flat_frozen == flat_dense, model['name']
     # The masked model has no trainable kernel, only scores (plus norm parameters).
-    leaves = {jax.tree_util.keystr(p) for p, _ in
-              jax.tree_util.tree_flatten_with_path(masked['params'])[0]}
+    leaves = {
+      jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(masked['params'])[0]
+    }
     assert not any(p.endswith("['kernel']") for p in leaves)
     assert sum(p.endswith("['scores']") for p in leaves) == len(flat_frozen)
 
@@ -117,8 +125,7 @@ def test_vit_masks_every_projection():
   order = build.kernel_order(model, (16, 16, 3))
   names = ['/'.join(p[:-1]) for p in order]
   block = ['attn/query', 'attn/key', 'attn/value', 'attn/out', 'mlp_in', 'mlp_out']
-  assert names == (['patch_embed'] + [f'block{i}/{n}' for i in range(2) for n in block]
-                   + ['head'])
+  assert names == (['patch_embed'] + [f'block{i}/{n}' for i in range(2) for n in block] + ['head'])
   # patch 4*4*3*32 + 2 blocks * (4*32*32 + 32*64 + 64*32) + head 32*10.
   assert _masked_count(config) == 1536 + 2 * 8192 + 320
 
@@ -128,7 +135,7 @@ def test_dense_baseline_has_trainable_kernels_and_no_frozen():
   _, v, _ = _abstract_variables(config)
   assert set(v) == {'params', 'batch_stats'}
   assert set(v['params']['stem']) == {'kernel'}
-  assert set(v['params']['head']) == {'kernel'}      # no bias anywhere
+  assert set(v['params']['head']) == {'kernel'}  # no bias anywhere
   assert set(v['params']['stem_bn']) == {'scale', 'bias'}
 
 
@@ -136,10 +143,13 @@ def test_dense_baseline_has_trainable_kernels_and_no_frozen():
 # Forward passes: logits of the right shape, masked and dense from one definition.
 
 
-@pytest.mark.parametrize('name, model, in_shape', [
+@pytest.mark.parametrize(
+  'name, model, in_shape',
+  [
     ('vit', dict(dim=32, depth=2, patch_size=4, num_heads=2), (16, 16, 3)),
     ('mlp', dict(hidden_dims=(16, 8)), (28, 28, 1)),
-])
+  ],
+)
 def test_vit_and_mlp_masked_and_dense_logits(name, model, in_shape):
   x = jnp.asarray(np.random.default_rng(0).standard_normal((3, *in_shape)), jnp.float32)
   for masked in (True, False):
@@ -154,9 +164,14 @@ def test_vit_and_mlp_masked_and_dense_logits(name, model, in_shape):
     assert np.std(np.asarray(logits)) > 0
 
 
-@pytest.mark.parametrize('model', [dict(name='resnet', depth=20),
-                                   dict(name='convmixer', dim=32, depth=2),
-                                   dict(name='vit', dim=64, depth=2, patch_size=4)])
+@pytest.mark.parametrize(
+  'model',
+  [
+    dict(name='resnet', depth=20),
+    dict(name='convmixer', dim=32, depth=2),
+    dict(name='vit', dim=64, depth=2, patch_size=4),
+  ],
+)
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_logit_shapes_abstract(model, dtype):
   for masked in (True, False):
@@ -171,10 +186,15 @@ def test_logit_shapes_abstract(model, dtype):
 
 
 def _conv(x, w, stride, padding, groups=1):
-  return lax.conv_general_dilated(x, w, (stride, stride), padding,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  feature_group_count=groups,
-                                  precision=lax.Precision.HIGHEST)
+  return lax.conv_general_dilated(
+    x,
+    w,
+    (stride, stride),
+    padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+    precision=lax.Precision.HIGHEST,
+  )
 
 
 def _gelu_erf(x):
@@ -197,8 +217,9 @@ def _effective(v, path, keep):
 
 
 def test_masked_convmixer_matches_a_hand_written_forward():
-  config = _config(name='convmixer', dim=4, depth=2, kernel_size=3, patch_size=2,
-                   input_shape=(8, 8, 3))
+  config = _config(
+    name='convmixer', dim=4, depth=2, kernel_size=3, patch_size=2, input_shape=(8, 8, 3)
+  )
   config.strategy.name, config.strategy.keep_fraction = 'mask', 0.5
   net, abstract, _ = _abstract_variables(config)
   v = _numpy_variables(abstract, seed=1)
@@ -211,8 +232,9 @@ def test_masked_convmixer_matches_a_hand_written_forward():
     for i in range(2):
       z = _gelu_erf(_conv(y, w[f'block{i}_depthwise'], 1, 'SAME', groups=4))
       y = y + _bn(v, f'block{i}_depthwise_bn', z)
-      y = _bn(v, f'block{i}_pointwise_bn', _gelu_erf(_conv(y, w[f'block{i}_pointwise'], 1,
-                                                           'VALID')))
+      y = _bn(
+        v, f'block{i}_pointwise_bn', _gelu_erf(_conv(y, w[f'block{i}_pointwise'], 1, 'VALID'))
+      )
     return jnp.dot(y.mean((1, 2)), w['head'], precision=lax.Precision.HIGHEST)
 
   expected = reference(v, kernels, x)
@@ -242,8 +264,9 @@ def test_dense_resnet_option_a_matches_a_hand_written_forward():
       if stride != 1 or y.shape[-1] != width:
         # Option A: subsample by the stride, zero-pad the new channels evenly on both sides.
         extra = width - y.shape[-1]
-        shortcut = jnp.pad(y[:, ::stride, ::stride, :],
-                           ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
+        shortcut = jnp.pad(
+          y[:, ::stride, ::stride, :], ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2))
+        )
       y = jax.nn.relu(z + shortcut)
     assert y.shape == (2, 2, 2, 16)
     return jnp.dot(y.mean((1, 2)), k('head'), precision=lax.Precision.HIGHEST)
@@ -258,7 +281,9 @@ def test_dense_resnet_option_a_matches_a_hand_written_forward():
 # Bad input names the field.
 
 
-@pytest.mark.parametrize('field, value, pattern', [
+@pytest.mark.parametrize(
+  'field, value, pattern',
+  [
     ('name', 'densenet', r'model\.name'),
     ('name', 'ConvMixer', r'model\.name'),
     ('dtype', 'float16', r'model\.dtype'),
@@ -269,7 +294,8 @@ def test_dense_resnet_option_a_matches_a_hand_written_forward():
     ('kernel_size', 0, r'model\.kernel_size'),
     ('patch_size', 0, r'model\.patch_size'),
     ('num_classes', 0, r'model\.num_classes'),
-])
+  ],
+)
 def test_bad_model_fields_name_the_field(field, value, pattern):
   config = _config()
   config.model[field] = value
@@ -318,8 +344,9 @@ def test_bad_keep_fraction_in_config_names_the_field():
 
 
 @pytest.mark.parametrize('policy', ['save_convs', 'full'])
-@pytest.mark.parametrize('masked, sparsity_method', [(True, None), (False, None),
-                                                     (False, 'random')])
+@pytest.mark.parametrize(
+  'masked, sparsity_method', [(True, None), (False, None), (False, 'random')]
+)
 def test_remat_blocks_same_values_gradients_and_batch_stats(masked, sparsity_method, policy):
   base = dict(dim=16, depth=3, kernel_size=3, patch_size=2, input_shape=(8, 8, 3))
   if sparsity_method:
@@ -334,8 +361,9 @@ def test_remat_blocks_same_values_gradients_and_batch_stats(masked, sparsity_met
 
   def train_outputs(model):
     def loss(params):
-      logits, updates = model.apply({**variables, 'params': params}, x, train=True,
-                                    mutable=['batch_stats'])
+      logits, updates = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
       return jnp.sum(logits * jnp.arange(10.0)), (logits, updates)
 
     (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(variables['params'])
@@ -383,14 +411,20 @@ def test_remat_blocks_init_makes_the_flat_tree():
 @pytest.mark.parametrize('value', ['yes', 'Full', True, None])
 def test_remat_blocks_names_the_field_and_the_choices(value):
   config = _config()
-  del config.model['remat_blocks']   # the field is typed str; a hand-made config need not be
+  del config.model['remat_blocks']  # the field is typed str; a hand-made config need not be
   config.model.remat_blocks = value
-  with pytest.raises(ValueError, match=r"model\.remat_blocks must be one of \('none', "
-                                       r"'save_convs', 'full'\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.remat_blocks must be one of \('none', "
+    r"'save_convs', 'full'\)",
+  ):
     build.build_model(config)
 
 
 def test_remat_blocks_is_for_models_with_identical_blocks():
-  with pytest.raises(ValueError, match=r"model\.remat_blocks .*\('convmixer', 'vit'\).*"
-                                       r"'resnet'"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.remat_blocks .*\('convmixer', 'vit'\).*"
+    r"'resnet'",
+  ):
     build.build_model(_config(name='resnet', depth=20, remat_blocks='full'))

@@ -38,15 +38,19 @@ def test_native_kernels_load_on_this_machine():
   assert os.path.exists(native._state['path'])
 
 
-@pytest.mark.parametrize('ksize, c, pads', [
+@pytest.mark.parametrize(
+  'ksize, c, pads',
+  [
     ((3, 3), 8, ((1, 1), (1, 1))),
-    ((5, 5), 19, ((2, 2), (2, 2))),       # 19 channels: a partial vector block
+    ((5, 5), 19, ((2, 2), (2, 2))),  # 19 channels: a partial vector block
     ((7, 7), 16, ((3, 3), (3, 3))),
     ((9, 9), 5, ((4, 4), (4, 4))),
-    ((3, 5), 20, ((1, 3), (0, 2))),       # runtime tap count, one-sided pads
-    ((3, 3), 3, ((4, 4), (5, 0))),        # pads wider than the kernel
-    ((5, 3), 17, ((0, 0), (0, 0))),       # VALID
-], ids=['3x3', '5x5-c19', '7x7', '9x9-c5', '3x5-onesided', 'oversized', '5x3-valid'])
+    ((3, 5), 20, ((1, 3), (0, 2))),  # runtime tap count, one-sided pads
+    ((3, 3), 3, ((4, 4), (5, 0))),  # pads wider than the kernel
+    ((5, 3), 17, ((0, 0), (0, 0))),  # VALID
+  ],
+  ids=['3x3', '5x5-c19', '7x7', '9x9-c5', '3x5-onesided', 'oversized', '5x3-valid'],
+)
 def test_native_matches_brute_force(ksize, c, pads):
   native.available() or pytest.skip(native.unavailable_reason())
   x, kernel = _inputs((6, 11, 9, c), ksize, seed=3)
@@ -102,8 +106,9 @@ def test_native_impl_errors_name_the_field(monkeypatch):
     ops.conv(x, kernel, (1, 1), 'SAME', 4, 'native')
   # 'auto' falls back to the XLA formulation, with the same values.
   y = ops.conv(x, kernel, (1, 1), 'SAME', 4, 'auto')
-  assert 'pemn_dw' not in jax.jit(lambda x: ops.conv(x, kernel, (1, 1), 'SAME', 4)).lower(
-      x).as_text()
+  assert (
+    'pemn_dw' not in jax.jit(lambda x: ops.conv(x, kernel, (1, 1), 'SAME', 4)).lower(x).as_text()
+  )
   chex.assert_trees_all_close(y, _reference(x, kernel, 'SAME'), **TOL)
 
 
@@ -121,8 +126,14 @@ def test_validate_config_rejects_native_with_bfloat16():
 
 
 def _run(code: str, **env) -> str:
-  proc = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], capture_output=True,
-                        text=True, cwd=REPO, env={**os.environ, **env}, timeout=600)
+  proc = subprocess.run(
+    [sys.executable, '-c', textwrap.dedent(code)],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env={**os.environ, **env},
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
@@ -155,7 +166,8 @@ def test_native_under_data_parallel_mesh():
   """Under the training loop's mesh (8 devices), the kernels run per batch shard: no gather of
   the batch, one kernel-gradient psum, the same values as XLA's conv."""
   native.available() or pytest.skip(native.unavailable_reason())
-  out = _run("""
+  out = _run(
+    """
       import jax, jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec as P
       from pemn_jax import ops, train
@@ -171,14 +183,17 @@ def test_native_under_data_parallel_mesh():
       plain = jax.jit(grad, in_shardings=(batch, rep)).lower(x, k).as_text()
       print(jax.device_count(), 'all-gather' in hlo, hlo.count('custom_call_target="pemn_dw'),
             'pemn_dw' in plain, float(jnp.abs(dx - rdx).max()), float(jnp.abs(dk - rdk).max()))
-  """, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  """,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
   devices, gathered, calls, plain_native, ddx, ddk = out.split()
   assert (devices, gathered, calls, plain_native) == ('8', 'False', '3', 'False')
   assert float(ddx) < 1e-4 and float(ddk) < 1e-3
 
 
-@pytest.mark.parametrize('n, kept', [(1, 1), (10, 1), (10, 5), (10, 9), (6400, 3200),
-                                     (65536, 32768), (1000, 1000)])
+@pytest.mark.parametrize(
+  'n, kept', [(1, 1), (10, 1), (10, 5), (10, 9), (6400, 3200), (65536, 32768), (1000, 1000)]
+)
 def test_native_topk_mask_is_xlas_set(n, kept):
   """The same kept set as lax.top_k, including ties (index order), +-0, infinities and NaN."""
   native.available() or pytest.skip(native.unavailable_reason())
@@ -203,8 +218,10 @@ def test_masking_uses_native_topk_on_cpu():
   assert 'pemn_topk_mask' in hlo and 'TopK' not in hlo
   assert int(masking.topk_mask(x, 0.3).sum()) == masking.num_kept(x.size, 0.3)
   # bfloat16 scores stay on lax.top_k.
-  assert 'pemn_topk_mask' not in jax.jit(lambda x: masking.topk_mask(x, 0.3)).lower(
-      x.astype(jnp.bfloat16)).as_text()
+  assert (
+    'pemn_topk_mask'
+    not in jax.jit(lambda x: masking.topk_mask(x, 0.3)).lower(x.astype(jnp.bfloat16)).as_text()
+  )
 
 
 def _gelu_bn_pair(x, train=True):
@@ -226,8 +243,9 @@ def _gelu_bn_pair(x, train=True):
   return Fused(), Ref()
 
 
-@pytest.mark.parametrize('shape', [(8, 5, 5, 24), (3, 7, 7, 19), (64, 300)],
-                         ids=['nhwc', 'odd-channels', 'rows'])
+@pytest.mark.parametrize(
+  'shape', [(8, 5, 5, 24), (3, 7, 7, 19), (64, 300)], ids=['nhwc', 'odd-channels', 'rows']
+)
 def test_fused_gelu_batch_norm_matches_flax(shape):
   """Output, gradients (x, scale, bias) and the running-statistics update equal Flax's
   BatchNorm(gelu(x)) to float rounding, with the same variable tree."""
@@ -238,8 +256,12 @@ def test_fused_gelu_batch_norm_matches_flax(shape):
   v = fused.init(jax.random.key(1), x)
   chex.assert_trees_all_equal_structs(v, v_ref)
   chex.assert_trees_all_close(v, v_ref)
-  params = {'bn': {'scale': 1 + 0.1 * jnp.arange(shape[-1], dtype=jnp.float32),
-                   'bias': 0.05 * jnp.arange(shape[-1], dtype=jnp.float32)}}
+  params = {
+    'bn': {
+      'scale': 1 + 0.1 * jnp.arange(shape[-1], dtype=jnp.float32),
+      'bias': 0.05 * jnp.arange(shape[-1], dtype=jnp.float32),
+    }
+  }
   stats = {'bn': {'mean': 0.2 * jnp.ones(shape[-1]), 'var': 2 * jnp.ones(shape[-1])}}
   cot = jax.random.normal(jax.random.key(2), shape)
 
@@ -247,6 +269,7 @@ def test_fused_gelu_batch_norm_matches_flax(shape):
     def f(p, x):
       y, upd = model.apply({'params': p, 'batch_stats': stats}, x, mutable=['batch_stats'])
       return jnp.sum(y * cot), (y, upd)
+
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))
 
   (value, (y, upd)), g = loss(fused)(params, x)
@@ -300,7 +323,8 @@ def test_native_off_switch_and_require(monkeypatch):
 def test_fused_gelu_batch_norm_under_data_parallel_mesh():
   """Per-shard kernels with psum-ed statistics equal the single-device computation."""
   native.available() or pytest.skip(native.unavailable_reason())
-  out = _run("""
+  out = _run(
+    """
       import jax, jax.numpy as jnp
       import flax.linen as nn
       from pemn_jax import layers, train
@@ -325,7 +349,9 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh():
                 zip(jax.tree.leaves((upd, grads)), jax.tree.leaves((upd1, grads1))))
       print('all-gather' in hlo, hlo.count('custom_call_target="pemn_gelu'), err,
             abs(float(val - val1)))
-  """, XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  """,
+    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  )
   gathered, calls, err, dval = out.split()
   assert (gathered, calls) == ('False', '4')
   assert float(err) < 1e-4 and float(dval) < 1e-3

@@ -15,9 +15,14 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _reference(x, kernel, strides, padding, groups):
-  return lax.conv_general_dilated(x, kernel, window_strides=strides, padding=padding,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  feature_group_count=groups)
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    window_strides=strides,
+    padding=padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=groups,
+  )
 
 
 def _inputs(x_shape, k_shape, seed=0):
@@ -54,8 +59,7 @@ def _assert_same_value_and_grads(fs, x, kernel, strides, padding, groups, rng):
 
 
 def _conv_primitives(f, *args):
-  return [e.primitive.name for e in jax.make_jaxpr(f)(*args).eqns
-          if 'conv' in e.primitive.name]
+  return [e.primitive.name for e in jax.make_jaxpr(f)(*args).eqns if 'conv' in e.primitive.name]
 
 
 PADDINGS = ['SAME', 'VALID', ((1, 2), (2, 1))]
@@ -82,20 +86,26 @@ def test_depthwise_shift_add_uneven_strides_and_one_sided_padding():
   x, kernel, rng = _inputs((1, 7, 10, 3), (3, 3, 1, 3), seed=1)
   for strides, padding in [((2, 1), 'SAME'), ((1, 2), ((0, 0), (3, 0)))]:
     f = lambda x, k, s=strides, p=padding: ops.depthwise_shift_add(x, k, s, p)
-    _assert_same_value_and_grads([f, _conv('fast', strides, padding, 3)], x, kernel, strides,
-                                 padding, 3, rng)
+    _assert_same_value_and_grads(
+      [f, _conv('fast', strides, padding, 3)], x, kernel, strides, padding, 3, rng
+    )
 
 
-@pytest.mark.parametrize('x_shape, ksize, padding', [
-    ((2, 3, 6, 3), 3, ((4, 0), (0, 4))),    # padding wider than the kernel reach: dx is cropped
-    ((2, 2, 6, 3), 5, ((4, 0), (2, 2))),    # taps that only ever see padding
-    ((1, 5, 5, 2), 5, ((0, 0), (0, 0))),    # a single output pixel
-], ids=['wide-padding', 'padding-only-taps', 'one-pixel'])
+@pytest.mark.parametrize(
+  'x_shape, ksize, padding',
+  [
+    ((2, 3, 6, 3), 3, ((4, 0), (0, 4))),  # padding wider than the kernel reach: dx is cropped
+    ((2, 2, 6, 3), 5, ((4, 0), (2, 2))),  # taps that only ever see padding
+    ((1, 5, 5, 2), 5, ((0, 0), (0, 0))),  # a single output pixel
+  ],
+  ids=['wide-padding', 'padding-only-taps', 'one-pixel'],
+)
 def test_depthwise_unusual_padding(x_shape, ksize, padding):
   c = x_shape[-1]
   x, kernel, rng = _inputs(x_shape, (ksize, ksize, 1, c), seed=5)
-  _assert_same_value_and_grads([_conv('fast', (1, 1), padding, c)], x, kernel, (1, 1), padding,
-                               c, rng)
+  _assert_same_value_and_grads(
+    [_conv('fast', (1, 1), padding, c)], x, kernel, (1, 1), padding, c, rng
+  )
 
 
 @pytest.mark.parametrize('chunk_rows', [1, 2])
@@ -103,7 +113,7 @@ def test_depthwise_kernel_grad_in_batch_chunks(monkeypatch, chunk_rows):
   """The stride-1 kernel gradient walks the batch in chunks when a batch exceeds the budget."""
   n, c = 4, 3
   x, kernel, rng = _inputs((n, 6, 5, c), (3, 3, 1, c), seed=6)
-  row_bytes = (6 * 5 * c + 6 * 5 * c) * 4     # one example of x and of the cotangent, fp32
+  row_bytes = (6 * 5 * c + 6 * 5 * c) * 4  # one example of x and of the cotangent, fp32
   monkeypatch.setattr(ops, 'DW_GRAD_CHUNK_BYTES', chunk_rows * row_bytes)
   f = _conv('fast', (1, 1), 'SAME', c)
   jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: f(x, k).sum()))(kernel))
@@ -113,17 +123,21 @@ def test_depthwise_kernel_grad_in_batch_chunks(monkeypatch, chunk_rows):
 
 def test_pointwise_dot_matches_xla():
   x, kernel, rng = _inputs((2, 5, 6, 3), (1, 1, 3, 7), seed=2)
-  fs = [_conv(impl, (1, 1), pad) for impl in ('fast', 'auto')
-        for pad in ('SAME', 'VALID', ((0, 0), (0, 0)))]
+  fs = [
+    _conv(impl, (1, 1), pad)
+    for impl in ('fast', 'auto')
+    for pad in ('SAME', 'VALID', ((0, 0), (0, 0)))
+  ]
   _assert_same_value_and_grads([*fs, ops.pointwise_dot], x, kernel, (1, 1), 'VALID', 1, rng)
   for f in fs:
     assert _conv_primitives(f, x, kernel) == []
 
 
-@pytest.mark.parametrize('hw, p', [((8, 8), 2), ((8, 12), 4), ((7, 8), 2), ((28, 28), 3),
-                                   ((9, 10), 4)],
-                         ids=['8x8p2', '8x12p4', '7x8p2-undivisible', '28x28p3-undivisible',
-                              '9x10p4-undivisible'])
+@pytest.mark.parametrize(
+  'hw, p',
+  [((8, 8), 2), ((8, 12), 4), ((7, 8), 2), ((28, 28), 3), ((9, 10), 4)],
+  ids=['8x8p2', '8x12p4', '7x8p2-undivisible', '28x28p3-undivisible', '9x10p4-undivisible'],
+)
 def test_patchify_dot_matches_xla(hw, p):
   x, kernel, rng = _inputs((2, *hw, 3), (p, p, 3, 5), seed=3)
   fs = [_conv(impl, (p, p), 'VALID') for impl in ('fast', 'auto')]
@@ -132,15 +146,19 @@ def test_patchify_dot_matches_xla(hw, p):
     assert _conv_primitives(f, x, kernel) == []
 
 
-@pytest.mark.parametrize('case', [
+@pytest.mark.parametrize(
+  'case',
+  [
     # (x shape, kernel shape, strides, padding, groups): cases left to XLA's conv.
     ((2, 8, 8, 3), (3, 3, 3, 4), (1, 1), 'SAME', 1),
     ((2, 8, 8, 4), (3, 3, 4, 8), (2, 2), ((1, 1), (1, 1)), 1),
-    ((2, 8, 8, 4), (3, 3, 2, 6), (1, 1), 'SAME', 2),          # grouped, not depthwise
-    ((2, 8, 8, 4), (3, 3, 1, 8), (1, 1), 'SAME', 4),          # depth multiplier 2
-    ((2, 7, 7, 3), (2, 2, 3, 4), (2, 2), 'SAME', 1),          # patch size, but padded
-    ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), 'VALID', 1),         # 1x1 with stride
-], ids=['3x3', '3x3s2', 'grouped', 'multiplier', 'padded-patch', '1x1s2'])
+    ((2, 8, 8, 4), (3, 3, 2, 6), (1, 1), 'SAME', 2),  # grouped, not depthwise
+    ((2, 8, 8, 4), (3, 3, 1, 8), (1, 1), 'SAME', 4),  # depth multiplier 2
+    ((2, 7, 7, 3), (2, 2, 3, 4), (2, 2), 'SAME', 1),  # patch size, but padded
+    ((2, 8, 8, 3), (1, 1, 3, 4), (2, 2), 'VALID', 1),  # 1x1 with stride
+  ],
+  ids=['3x3', '3x3s2', 'grouped', 'multiplier', 'padded-patch', '1x1s2'],
+)
 def test_other_convs_match_xla(case):
   x_shape, k_shape, strides, padding, groups = case
   x, kernel, rng = _inputs(x_shape, k_shape, seed=4)
@@ -170,8 +188,10 @@ def test_bad_impl_and_padding_are_named():
 
 def test_bfloat16_depthwise_close_to_float32():
   x, kernel, _ = _inputs((1, 6, 6, 4), (3, 3, 1, 4))
-  y16 = ops.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), feature_group_count=4,
-                 impl='fast')
+  y16 = ops.conv(
+    x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), feature_group_count=4, impl='fast'
+  )
   assert y16.dtype == jnp.bfloat16
-  chex.assert_trees_all_close(y16.astype(jnp.float32),
-                              _reference(x, kernel, (1, 1), 'SAME', 4), rtol=5e-2, atol=5e-2)
+  chex.assert_trees_all_close(
+    y16.astype(jnp.float32), _reference(x, kernel, (1, 1), 'SAME', 4), rtol=5e-2, atol=5e-2
+  )

@@ -21,9 +21,14 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 
 def _reference(x, kernel, padding):
-  return lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                  feature_group_count=x.shape[-1])
+  return lax.conv_general_dilated(
+    x,
+    kernel,
+    (1, 1),
+    padding,
+    dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    feature_group_count=x.shape[-1],
+  )
 
 
 def _check(x, kernel, padding, seed=0, tol=TOL):
@@ -48,8 +53,11 @@ def _inputs(x_shape, ksize, seed=0, dtype=jnp.float32):
   return x, kernel
 
 
-@pytest.mark.parametrize('padding', ['SAME', 'VALID', ((1, 3), (0, 2)), ((2, 2), (3, 0))],
-                         ids=['same', 'valid', 'one-sided', 'wide'])
+@pytest.mark.parametrize(
+  'padding',
+  ['SAME', 'VALID', ((1, 3), (0, 2)), ((2, 2), (3, 0))],
+  ids=['same', 'valid', 'one-sided', 'wide'],
+)
 @pytest.mark.parametrize('ksize', [(5, 5), (3, 3), (1, 1), (3, 5)])
 def test_depthwise_stride1_vjp_matches_xla(ksize, padding):
   x, kernel = _inputs((3, 9, 7, 5), ksize)
@@ -69,11 +77,11 @@ def _numpy_depthwise_vjp(x, kernel, pads, cot):
   dk = np.zeros_like(kernel)
   for i in range(kh):
     for j in range(kw):
-      win = xp[:, i:i + oh, j:j + ow]
+      win = xp[:, i : i + oh, j : j + ow]
       y += win * kernel[i, j, 0]
-      dxp[:, i:i + oh, j:j + ow] += cot * kernel[i, j, 0]
+      dxp[:, i : i + oh, j : j + ow] += cot * kernel[i, j, 0]
       dk[i, j, 0] = (win * cot).sum((0, 1, 2))
-  return y, dxp[:, ph0:ph0 + h, pw0:pw0 + w], dk
+  return y, dxp[:, ph0 : ph0 + h, pw0 : pw0 + w], dk
 
 
 @pytest.mark.parametrize('ksize', [(3, 3), (5, 3)])
@@ -87,7 +95,8 @@ def test_depthwise_oversized_padding_matches_brute_force(ksize):
   pads = ((4, 4), (5, 0))
   x, kernel = _inputs((2, 9, 7, 3), ksize, seed=6)
   assert_vjp_matches_brute_force(
-      lambda x, k: ops.depthwise_shift_add(x, k, (1, 1), pads), x, kernel, pads, seed=6)
+    lambda x, k: ops.depthwise_shift_add(x, k, (1, 1), pads), x, kernel, pads, seed=6
+  )
 
 
 def assert_vjp_matches_brute_force(fn, x, kernel, pads, seed):
@@ -101,8 +110,11 @@ def assert_vjp_matches_brute_force(fn, x, kernel, pads, seed):
   np.testing.assert_allclose(dk, dk_np, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize('batch, budget', [(12, 1), (12, 3000), (7, 2000), (16, 1 << 30)],
-                         ids=['chunk1', 'chunk-few', 'prime-batch', 'one-chunk'])
+@pytest.mark.parametrize(
+  'batch, budget',
+  [(12, 1), (12, 3000), (7, 2000), (16, 1 << 30)],
+  ids=['chunk1', 'chunk-few', 'prime-batch', 'one-chunk'],
+)
 def test_depthwise_kernel_grad_chunked_scan_is_exact(monkeypatch, batch, budget):
   """The kernel gradient scans the batch in chunks; every chunking gives the same gradient."""
   monkeypatch.setattr(ops, 'DW_GRAD_CHUNK_BYTES', budget)
@@ -127,8 +139,7 @@ def test_depthwise_convmixer_shape_matches_xla():
 def test_depthwise_bfloat16_grads_close_to_float32():
   x, kernel = _inputs((4, 8, 8, 16), (5, 5), seed=3)
   cot = jax.random.normal(jax.random.key(3), x.shape)
-  f = lambda x, k: jnp.sum(ops.depthwise_shift_add(x, k, (1, 1), 'SAME').astype(jnp.float32)
-                           * cot)
+  f = lambda x, k: jnp.sum(ops.depthwise_shift_add(x, k, (1, 1), 'SAME').astype(jnp.float32) * cot)
   g32 = jax.grad(f, argnums=(0, 1))(x, kernel)
   g16 = jax.grad(f, argnums=(0, 1))(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
   assert g16[0].dtype == jnp.bfloat16 and g16[1].dtype == jnp.bfloat16
@@ -141,7 +152,8 @@ def test_strided_depthwise_still_uses_autodiff_and_matches_xla():
   x, kernel = _inputs((2, 9, 8, 4), (3, 3), seed=4)
   for strides in [(2, 2), (2, 1)]:
     ref = lambda x, k, s=strides: lax.conv_general_dilated(
-        x, k, s, 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=4)
+      x, k, s, 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=4
+    )
     fast = lambda x, k, s=strides: ops.depthwise_shift_add(x, k, s, 'SAME')
     y_ref, vjp_ref = jax.vjp(ref, x, kernel)
     y, vjp = jax.vjp(fast, x, kernel)

@@ -14,8 +14,7 @@ from pemn_jax.configs import common
 HEADER = storage.KEY_BITS + storage.STRATEGY_BITS
 
 
-def _convmixer_config(dim=256, depth=6, strategy='random_vector_padding', rp_ratio=1e-3,
-                      keep=0.5):
+def _convmixer_config(dim=256, depth=6, strategy='random_vector_padding', rp_ratio=1e-3, keep=0.5):
   c = common.base_config()
   c.model.name, c.model.dim, c.model.depth = 'convmixer', dim, depth
   c.model.kernel_size, c.model.patch_size = 5, 2
@@ -27,8 +26,11 @@ def _shapes_and_norm_values(config):
   """Masked kernel shapes by depth and BN values, from an abstract init."""
   model = build.build_model(config)
   shape = build.input_shape(config)
-  v = jax.eval_shape(model.init, {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)},
-                     jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  v = jax.eval_shape(
+    model.init,
+    {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)},
+    jax.ShapeDtypeStruct((1, *shape), jnp.float32),
+  )
   order = build.kernel_order(model, shape)
   shapes = []
   for path in order:
@@ -51,7 +53,7 @@ def test_paper_example_convmixer_256_6_rp_1e3_is_31_85x(convmixer_256_6):
   assert r.masked_weights == p
   assert r.stored_values == 66
   assert r.dense_fp32_bits == 32 * p == 13_991_936
-  assert r.paper_bits == 32 * 66 + p == 439_360           # 66 values at 32 bits + 1 bit/weight
+  assert r.paper_bits == 32 * 66 + p == 439_360  # 66 values at 32 bits + 1 bit/weight
   ratio = r.dense_fp32_bits / r.paper_bits
   assert round(ratio, 2) == 31.85
   assert r.as_dict()['ratio_paper'] == ratio
@@ -81,11 +83,18 @@ def test_mask_strategy_costs_more_than_dense_under_the_paper_convention(convmixe
   assert r.dense_fp32_bits / r.key_only_bits == pytest.approx(32, rel=1e-3)
 
 
-@pytest.mark.parametrize('strategy, rp', [('mask', None), ('one_layer', None),
-                                          ('max_layer_padding', None),
-                                          ('random_vector_padding', 1e-5)])
-def test_paper_ceiling_is_32x_and_key_only_is_the_same_for_every_strategy(convmixer_256_6,
-                                                                          strategy, rp):
+@pytest.mark.parametrize(
+  'strategy, rp',
+  [
+    ('mask', None),
+    ('one_layer', None),
+    ('max_layer_padding', None),
+    ('random_vector_padding', 1e-5),
+  ],
+)
+def test_paper_ceiling_is_32x_and_key_only_is_the_same_for_every_strategy(
+  convmixer_256_6, strategy, rp
+):
   shapes, nv = convmixer_256_6
   r = storage.report(shapes, nv, strategy, 0.5, rp)
   assert r.dense_fp32_bits / r.paper_bits < 32
@@ -101,14 +110,20 @@ def test_stored_values_per_strategy_convmixer_256_6(convmixer_256_6):
   assert count('one_layer') == 3072 + 6400 + 65_536 + 2560
   assert count('max_layer_padding') == 65_536
   assert [count('random_vector_padding', r) for r in (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)] == [
-      6554, 656, 66, 7, 1]
+    6554,
+    656,
+    66,
+    7,
+    1,
+  ]
 
 
 def test_binary_entropy():
   assert storage.binary_entropy(0.5) == 1.0
   assert round(storage.binary_entropy(0.1), 3) == 0.469
   assert storage.binary_entropy(0.1) == pytest.approx(
-      -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9)))
+    -(0.1 * math.log2(0.1) + 0.9 * math.log2(0.9))
+  )
   assert storage.binary_entropy(0.0) == storage.binary_entropy(1.0) == 0.0
   assert storage.binary_entropy(0.3) == pytest.approx(storage.binary_entropy(0.7))
 
@@ -118,11 +133,12 @@ def test_entropy_bits_at_k_0_1(convmixer_256_6):
   p = 437_248
   # A layer of 1000 keeps exactly 100: 1000 * H(0.1).
   assert storage.mask_entropy_bits([(10, 100)], 0.1) == pytest.approx(
-      1000 * storage.binary_entropy(0.1))
+    1000 * storage.binary_entropy(0.1)
+  )
   r = storage.report(shapes, nv, 'random_vector_padding', 0.1, 1e-3)
   # ceil(0.1 n) per layer is within one entry of 0.1 n: n * H(0.1) up to a hair.
   assert r.entropy_bits - HEADER == pytest.approx(p * 0.469, rel=1e-3)
-  assert r.dense_fp32_bits / r.entropy_bits > 32 / 0.47      # past the 32x ceiling: ~68x
+  assert r.dense_fp32_bits / r.entropy_bits > 32 / 0.47  # past the 32x ceiling: ~68x
   # At k = 0.5 (every layer has an even size) the bound is exactly one bit per entry.
   r5 = storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3)
   assert r5.entropy_bits == r5.key_only_bits == HEADER + p
@@ -131,7 +147,8 @@ def test_entropy_bits_at_k_0_1(convmixer_256_6):
 def test_entropy_uses_the_exact_kept_count():
   # n = 3 at k = 0.5 keeps 2 (ceil 1.5): 3 * H(2/3), not 3 * H(0.5).
   assert storage.mask_entropy_bits([(3, 1)], 0.5) == pytest.approx(
-      3 * storage.binary_entropy(2 / 3))
+    3 * storage.binary_entropy(2 / 3)
+  )
   assert storage.mask_entropy_bits([(4, 2)], 1.0) == 0.0
 
 
@@ -181,8 +198,17 @@ def test_report_validates_its_inputs():
 def test_format_table_mentions_every_row(convmixer_256_6):
   shapes, nv = convmixer_256_6
   table = storage.format_table(storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3))
-  for text in ('dense fp32', 'paper convention', 'key + 1-bit masks', 'entropy', 'r=0.001',
-               '31.85x', 'BN excluded', 'BN included', '437,248'):
+  for text in (
+    'dense fp32',
+    'paper convention',
+    'key + 1-bit masks',
+    'entropy',
+    'r=0.001',
+    '31.85x',
+    'BN excluded',
+    'BN included',
+    '437,248',
+  ):
     assert text in table, text
 
 
@@ -210,5 +236,6 @@ def test_summarize_abstract_draws_nothing_and_agrees(convmixer_256_6):
   shapes, nv = convmixer_256_6
   assert summary['masked_weights'] == 437_248 and summary['unique_values'] == 66
   assert 'distinct_values_present' not in summary
-  assert summary['storage'] == storage.report(shapes, nv, 'random_vector_padding', 0.5,
-                                              1e-3).as_dict()
+  assert (
+    summary['storage'] == storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3).as_dict()
+  )

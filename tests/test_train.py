@@ -42,8 +42,13 @@ SUBPROCESS_TIMEOUT = 300
 
 # The fields every run here overrides. eval_batch_size 384 does not divide the 2,000 test
 # examples (the last batch is padded) and divides by 1, 2, 4 and 8 devices.
-BASE = {'train.batch_size': 16, 'train.eval_batch_size': 384, 'train.num_steps': 4,
-        'train.checkpoint_every_steps': 2, 'train.log_every_steps': 2}
+BASE = {
+  'train.batch_size': 16,
+  'train.eval_batch_size': 384,
+  'train.num_steps': 4,
+  'train.checkpoint_every_steps': 2,
+  'train.log_every_steps': 2,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,8 +58,10 @@ BASE = {'train.batch_size': 16, 'train.eval_batch_size': 384, 'train.num_steps':
 # train_and_evaluate builds new closures; JAX's persistent compilation cache, shared with the
 # subprocesses, makes the repeats cheap (a cached executable computes exactly what a fresh
 # compilation would). Module-scoped: the session's other tests keep the default.
-CACHE_FLAGS = {'jax_persistent_cache_min_compile_time_secs': 0.0,
-               'jax_persistent_cache_min_entry_size_bytes': 0}
+CACHE_FLAGS = {
+  'jax_persistent_cache_min_compile_time_secs': 0.0,
+  'jax_persistent_cache_min_entry_size_bytes': 0,
+}
 _cache_dir: list[str] = []
 
 
@@ -83,8 +90,7 @@ def data_dir(tmp_path_factory) -> str:
 
 def overrides(data_dir: str, **fields) -> dict:
   """BASE + data_dir + ``fields`` (``train__num_steps=6`` is ``train.num_steps``)."""
-  return {'data.data_dir': data_dir, **BASE,
-          **{k.replace('__', '.'): v for k, v in fields.items()}}
+  return {'data.data_dir': data_dir, **BASE, **{k.replace('__', '.'): v for k, v in fields.items()}}
 
 
 def make_config(ov: dict):
@@ -109,13 +115,21 @@ def pemn(*args) -> list[str]:
 
 
 def train_cmd(workdir, ov: dict, *extra) -> list[str]:
-  return pemn('train', '--config', SMOKE, '--workdir', workdir,
-              *[f'--config.{k}={v}' for k, v in ov.items()], *extra)
+  return pemn(
+    'train',
+    '--config',
+    SMOKE,
+    '--workdir',
+    workdir,
+    *[f'--config.{k}={v}' for k, v in ov.items()],
+    *extra,
+  )
 
 
 def start(cmd, devices: int = 1) -> subprocess.Popen:
-  return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env(devices), cwd=REPO)
+  return subprocess.Popen(
+    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(devices), cwd=REPO
+  )
 
 
 def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
@@ -133,8 +147,9 @@ def run(cmd, devices: int = 1) -> subprocess.CompletedProcess:
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-  assert r.returncode == 0, (f'{r.args}\nexit {r.returncode}\nstdout:\n{r.stdout}\n'
-                            f'stderr:\n{r.stderr}')
+  assert r.returncode == 0, (
+    f'{r.args}\nexit {r.returncode}\nstdout:\n{r.stdout}\nstderr:\n{r.stderr}'
+  )
   return r
 
 
@@ -218,14 +233,24 @@ def trained(data_dir, tmp_path_factory):
 
 def test_run_writes_config_metrics_events_summary_and_checkpoints(trained):
   workdir, ov, summary = trained
-  assert sorted(os.listdir(workdir)) == ['checkpoints', 'config.json', 'metrics.jsonl',
-                                         'summary.json', 'tensorboard']
+  assert sorted(os.listdir(workdir)) == [
+    'checkpoints',
+    'config.json',
+    'metrics.jsonl',
+    'summary.json',
+    'tensorboard',
+  ]
   assert read_json(os.path.join(workdir, 'config.json')) == json.loads(
-      json.dumps(make_config(ov).to_dict()))
+    json.dumps(make_config(ov).to_dict())
+  )
 
   lines = metric_lines(workdir)
   assert [(ln['kind'], ln['step']) for ln in lines] == [
-      ('train', 2), ('train', 4), ('train', 6), ('eval', 6)]
+    ('train', 2),
+    ('train', 4),
+    ('train', 6),
+    ('eval', 6),
+  ]
   for ln in lines[:3]:
     assert {'loss', 'accuracy', 'grad_norm', 'lr', 'steps_per_s'} <= set(ln)
     assert all(np.isfinite(ln[k]) for k in ('loss', 'accuracy', 'grad_norm', 'lr'))
@@ -261,15 +286,15 @@ def test_evaluate_workdir_covers_every_test_example_once(trained):
 
   # Independent check: the whole test split as ONE unpadded batch, straight through the model.
   config, s, state, _ = train.restore_workdir(workdir)
-  (batch,) = list(pipeline.eval_batches(config.data, global_batch_size=NUM_TEST,
-                                        process_index=0, process_count=1))
+  (batch,) = list(
+    pipeline.eval_batches(config.data, global_batch_size=NUM_TEST, process_index=0, process_count=1)
+  )
   assert batch['mask'].sum() == NUM_TEST
-  variables = {'params': state.params, 'batch_stats': state.batch_stats,
-               layers.FROZEN: s.frozen}
-  logits = np.asarray(jax.jit(lambda v, x: s.model.apply(v, x, train=False))(
-      variables, batch['image']))
-  assert result['accuracy'] * NUM_TEST == pytest.approx(
-      np.sum(logits.argmax(-1) == batch['label']))
+  variables = {'params': state.params, 'batch_stats': state.batch_stats, layers.FROZEN: s.frozen}
+  logits = np.asarray(
+    jax.jit(lambda v, x: s.model.apply(v, x, train=False))(variables, batch['image'])
+  )
+  assert result['accuracy'] * NUM_TEST == pytest.approx(np.sum(logits.argmax(-1) == batch['label']))
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
   assert result['loss'] == pytest.approx(float(loss), rel=1e-5)
 
@@ -281,8 +306,10 @@ def test_evaluate_workdir_covers_every_test_example_once(trained):
 def test_cli_evaluate_json_and_best(trained):
   workdir, _, summary = trained
   before = snapshot(workdir)
-  latest, best, text = [start(pemn('evaluate', '--workdir', workdir, *flags))
-                        for flags in (['--json'], ['--best', '--json'], [])]
+  latest, best, text = [
+    start(pemn('evaluate', '--workdir', workdir, *flags))
+    for flags in (['--json'], ['--best', '--json'], [])
+  ]
   in_process = train.evaluate_workdir(workdir)
   for proc, step in ((latest, 6), (best, summary['best_step'])):
     r = ok(finish(proc))
@@ -338,12 +365,16 @@ def test_same_command_with_more_steps_resumes(trained, tmp_path, capsys):
   lines = metric_lines(workdir)
   assert lines[:4] == first_lines  # the first run's lines are kept, not redone
   assert [(ln['kind'], ln['step']) for ln in lines[4:]] == [
-      ('train', 8), ('train', 10), ('eval', 10)]
+    ('train', 8),
+    ('train', 10),
+    ('eval', 10),
+  ]
   state, step = restored(workdir)
   assert step == 10 and state['.step'] == 10
   assert checkpoint_steps(workdir)[-1] == 10
-  assert not np.array_equal(state[".params['head']['scores']"],
-                            first_state[".params['head']['scores']"])
+  assert not np.array_equal(
+    state[".params['head']['scores']"], first_state[".params['head']['scores']"]
+  )
 
   # The same command once more: nothing left to train; the summary still has the final numbers.
   again = train.train_and_evaluate(make_config(ov), workdir)
@@ -351,8 +382,10 @@ def test_same_command_with_more_steps_resumes(trained, tmp_path, capsys):
   assert again['final_accuracy'] == summary['final_accuracy']
   assert again['best_step'] == summary['best_step']
   assert metric_lines(workdir) == lines
-  assert read_json(os.path.join(workdir, 'summary.json'))['final_accuracy'] == (
-      summary['final_accuracy'])
+  assert (
+    read_json(os.path.join(workdir, 'summary.json'))['final_accuracy']
+    == (summary['final_accuracy'])
+  )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,17 +395,19 @@ def test_same_command_with_more_steps_resumes(trained, tmp_path, capsys):
 def _with_accuracies(monkeypatch, accuracies: list[float]):
   """Makes train.evaluate return the given accuracies in turn."""
   it = iter(accuracies)
-  monkeypatch.setattr(train, 'evaluate', lambda *a, **k: {
-      'accuracy': next(it), 'loss': 1.0, 'num_examples': NUM_TEST})
+  monkeypatch.setattr(
+    train, 'evaluate', lambda *a, **k: {'accuracy': next(it), 'loss': 1.0, 'num_examples': NUM_TEST}
+  )
 
 
-@pytest.mark.parametrize('accuracies, best', [([0.5, 0.25], 4), ([0.25, 0.25], 6)],
-                         ids=['earlier-run-best', 'tie'])
-def test_best_checkpoint_is_kept_across_resume(data_dir, tmp_path, monkeypatch, accuracies,
-                                               best):
+@pytest.mark.parametrize(
+  'accuracies, best', [([0.5, 0.25], 4), ([0.25, 0.25], 6)], ids=['earlier-run-best', 'tie']
+)
+def test_best_checkpoint_is_kept_across_resume(data_dir, tmp_path, monkeypatch, accuracies, best):
   workdir = str(tmp_path)
-  ov = overrides(data_dir, train__num_steps=4, train__checkpoint_every_steps=1,
-                 train__max_checkpoints=1)
+  ov = overrides(
+    data_dir, train__num_steps=4, train__checkpoint_every_steps=1, train__max_checkpoints=1
+  )
   _with_accuracies(monkeypatch, accuracies)
   train.train_and_evaluate(make_config(ov), workdir)  # evaluates at step 4
   summary = train.train_and_evaluate(make_config({**ov, 'train.num_steps': 6}), workdir)
@@ -449,8 +484,11 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path
   proc = start(cmd)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + SUBPROCESS_TIMEOUT
-  while proc.poll() is None and time.time() < deadline and not (
-      os.path.exists(metrics) and os.path.getsize(metrics)):
+  while (
+    proc.poll() is None
+    and time.time() < deadline
+    and not (os.path.exists(metrics) and os.path.getsize(metrics))
+  ):
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
   r = finish(proc)
@@ -471,8 +509,9 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path
   assert read_json(os.path.join(workdir, 'summary.json'))['finished']
 
 
-def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(data_dir, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(
+  data_dir, tmp_path, monkeypatch, capsys
+):
   """A real SIGTERM to this process, sent while the loop prepares a given training step."""
   to_global, calls = train.to_global, []
 
@@ -483,6 +522,7 @@ def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(data_dir, tmp
         if len(calls) == target:
           os.kill(os.getpid(), signal.SIGTERM)  # the loop's handler is installed by now
       return to_global(batch, sharding)
+
     return wrapped
 
   workdir = str(tmp_path)
@@ -548,15 +588,24 @@ def test_two_processes_with_two_devices_match_one_process_with_four(one_device, 
   w4, shared = str(tmp_path / 'four'), str(tmp_path / 'shared')
   port = free_port()
   procs = [start(train_cmd(w4, ov), devices=4)] + [
-      start(train_cmd(shared, ov, '--cpu_collectives=gloo',
-                      f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-                      f'--process_id={i}'), devices=2)
-      for i in range(2)]
+    start(
+      train_cmd(
+        shared,
+        ov,
+        '--cpu_collectives=gloo',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+      ),
+      devices=2,
+    )
+    for i in range(2)
+  ]
   results = [finish(p) for p in procs]
   for r in results:
     ok(r)
   assert 'epoch 1/1 step 4/4' in results[1].stdout  # process 0 reports ...
-  assert 'epoch 1/1' not in results[2].stdout      # ... process 1 does not
+  assert 'epoch 1/1' not in results[2].stdout  # ... process 1 does not
 
   state_mh, step = restored(shared)
   assert step == 4
@@ -573,15 +622,28 @@ def test_two_processes_with_two_devices_match_one_process_with_four(one_device, 
 # 8. Bad input: a clear error naming the cause; existing checkpoints untouched.
 
 
-@pytest.mark.parametrize('fields, error, match', [
+@pytest.mark.parametrize(
+  'fields, error, match',
+  [
     ({'data.name': 'no_such_dataset'}, ValueError, "data.name='no_such_dataset' is not a dataset"),
-    ({'data.name': 'mnist', 'data.data_dir': '/nonexistent/tfds'}, FileNotFoundError,
-     'not prepared as array_record in data.data_dir=/nonexistent/tfds'),
-    ({'data.name': 'cifar10_jpeg', 'data.source_path': '/nonexistent/cifar.npz'},
-     FileNotFoundError, r'data.source_path=/nonexistent/cifar.npz .* is not a file'),
-    ({'data.name': 'fashion_mnist_local', 'data.source_dir': '/nonexistent/idx'},
-     FileNotFoundError, r'data.source_dir=/nonexistent/idx, which lacks'),
-], ids=['unknown-name', 'missing-data-dir', 'missing-source-path', 'missing-source-dir'])
+    (
+      {'data.name': 'mnist', 'data.data_dir': '/nonexistent/tfds'},
+      FileNotFoundError,
+      'not prepared as array_record in data.data_dir=/nonexistent/tfds',
+    ),
+    (
+      {'data.name': 'cifar10_jpeg', 'data.source_path': '/nonexistent/cifar.npz'},
+      FileNotFoundError,
+      r'data.source_path=/nonexistent/cifar.npz .* is not a file',
+    ),
+    (
+      {'data.name': 'fashion_mnist_local', 'data.source_dir': '/nonexistent/idx'},
+      FileNotFoundError,
+      r'data.source_dir=/nonexistent/idx, which lacks',
+    ),
+  ],
+  ids=['unknown-name', 'missing-data-dir', 'missing-source-path', 'missing-source-dir'],
+)
 def test_bad_data_config_fails_before_writing(data_dir, tmp_path, fields, error, match):
   ov = {**overrides(data_dir), **fields}
   if fields['data.name'] in ('cifar10_jpeg', 'fashion_mnist_local'):
@@ -595,18 +657,26 @@ def test_bad_data_config_fails_before_writing(data_dir, tmp_path, fields, error,
 
 def test_batch_size_not_divisible_by_device_count(data_dir, tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'device_count', lambda *a: 8)
-  with pytest.raises(ValueError, match=r'train.batch_size \(12\) must be divisible by the '
-                                       r'number of devices \(8\)'):
-    train.train_and_evaluate(make_config(overrides(data_dir, train__batch_size=12)),
-                             str(tmp_path / 'w'))
+  with pytest.raises(
+    ValueError,
+    match=r'train.batch_size \(12\) must be divisible by the '
+    r'number of devices \(8\)',
+  ):
+    train.train_and_evaluate(
+      make_config(overrides(data_dir, train__batch_size=12)), str(tmp_path / 'w')
+    )
   assert not os.path.exists(tmp_path / 'w')
 
 
-@pytest.mark.parametrize('fields, match', [
+@pytest.mark.parametrize(
+  'fields, match',
+  [
     ({'model.dim': 8}, 'model.dim: checkpoint 16 vs config 8'),
     ({'strategy.name': 'mask'}, "strategy.name: checkpoint 'random_vector_padding' vs config"),
     ({'seed': 1}, 'seed: checkpoint 0 vs config 1'),
-], ids=['dim', 'strategy', 'seed'])
+  ],
+  ids=['dim', 'strategy', 'seed'],
+)
 def test_workdir_of_a_different_model_is_refused_untouched(trained, fields, match):
   workdir, ov, _ = trained
   before = snapshot(workdir)
@@ -623,7 +693,8 @@ def test_resume_with_remat_blocks_changed(trained, tmp_path):
   workdir = str(tmp_path / 'w')
   shutil.copytree(src, workdir)
   summary = train.train_and_evaluate(
-      make_config({**ov, 'train.num_steps': 8, 'model.remat_blocks': 'full'}), workdir)
+    make_config({**ov, 'train.num_steps': 8, 'model.remat_blocks': 'full'}), workdir
+  )
   assert summary['step'] == 8 and summary['finished']
   # and a record written with the field set (to anything) still matches a config without it
   saved = checkpointing.identity(make_config({**ov, 'model.remat_blocks': 'save_convs'}))
@@ -649,8 +720,11 @@ def _garble_meta(step_dir):
 # orbax's failed concurrent reads leave 'Event loop is closed' callbacks behind (the CLI drops
 # them, see main._ignore_closed_loop_callbacks); in-process they are unraisable-exception noise.
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
-@pytest.mark.parametrize('damage', [_truncate_state, _garble_state_metadata, _garble_meta],
-                         ids=['truncated-data', 'garbled-array-metadata', 'garbled-meta'])
+@pytest.mark.parametrize(
+  'damage',
+  [_truncate_state, _garble_state_metadata, _garble_meta],
+  ids=['truncated-data', 'garbled-array-metadata', 'garbled-meta'],
+)
 def test_corrupted_checkpoint_is_a_clear_error_and_left_untouched(trained, tmp_path, damage):
   src, ov, _ = trained
   workdir = str(tmp_path / 'w')
@@ -663,11 +737,15 @@ def test_corrupted_checkpoint_is_a_clear_error_and_left_untouched(trained, tmp_p
   template = checkpointing.abstract_like(train.restore_workdir(src)[2], replicated)
   with pytest.raises(ValueError, match='cannot restore checkpoint step 6'):
     checkpointing.restore(mngr, 6, template)
-  for call in (lambda: train.train_and_evaluate(make_config({**ov, 'train.num_steps': 8}),
-                                                workdir),
-               lambda: train.evaluate_workdir(workdir)):
-    with pytest.raises(ValueError, match=r'cannot restore checkpoint step 6 in .*checkpoints: '
-                                         r'.*The checkpoint is corrupted') as e:
+  for call in (
+    lambda: train.train_and_evaluate(make_config({**ov, 'train.num_steps': 8}), workdir),
+    lambda: train.evaluate_workdir(workdir),
+  ):
+    with pytest.raises(
+      ValueError,
+      match=r'cannot restore checkpoint step 6 in .*checkpoints: '
+      r'.*The checkpoint is corrupted',
+    ) as e:
       call()
     assert len(str(e.value)) < 1500  # the cause, not kilobytes of tensorstore spec
     assert snapshot(workdir) == before
@@ -689,19 +767,36 @@ def test_cli_bad_input_is_one_line_error(trained, tmp_path):
   before = {w: snapshot(w) for w in (other, corrupt)}
   fresh = str(tmp_path / 'fresh')
   cases = {  # name: (command, devices, words the error line must contain)
-      'unknown dataset': (train_cmd(fresh, {**ov, 'data.name': 'no_such_dataset'}), 1,
-                          ["data.name='no_such_dataset'", 'is not a dataset']),
-      'missing data dir': (train_cmd(fresh, {**ov, 'data.name': 'mnist',
-                                             'data.data_dir': '/nonexistent/tfds'}), 1,
-                           ['data.data_dir=/nonexistent/tfds', 'tfds build mnist']),
-      'batch size': (train_cmd(fresh, {**ov, 'train.batch_size': 12}), 8,
-                     ['train.batch_size (12)', 'number of devices (8)']),
-      'other model': (train_cmd(other, {**ov, 'model.dim': 8}), 1,
-                      ['different model', 'model.dim: checkpoint 16 vs config 8']),
-      'corrupted': (train_cmd(corrupt, {**ov, 'train.num_steps': 8}), 1,
-                    ['cannot restore checkpoint step 6', 'corrupted']),
-      'corrupted evaluate': (pemn('evaluate', '--workdir', corrupt, '--json'), 1,
-                             ['cannot restore checkpoint step 6', 'corrupted']),
+    'unknown dataset': (
+      train_cmd(fresh, {**ov, 'data.name': 'no_such_dataset'}),
+      1,
+      ["data.name='no_such_dataset'", 'is not a dataset'],
+    ),
+    'missing data dir': (
+      train_cmd(fresh, {**ov, 'data.name': 'mnist', 'data.data_dir': '/nonexistent/tfds'}),
+      1,
+      ['data.data_dir=/nonexistent/tfds', 'tfds build mnist'],
+    ),
+    'batch size': (
+      train_cmd(fresh, {**ov, 'train.batch_size': 12}),
+      8,
+      ['train.batch_size (12)', 'number of devices (8)'],
+    ),
+    'other model': (
+      train_cmd(other, {**ov, 'model.dim': 8}),
+      1,
+      ['different model', 'model.dim: checkpoint 16 vs config 8'],
+    ),
+    'corrupted': (
+      train_cmd(corrupt, {**ov, 'train.num_steps': 8}),
+      1,
+      ['cannot restore checkpoint step 6', 'corrupted'],
+    ),
+    'corrupted evaluate': (
+      pemn('evaluate', '--workdir', corrupt, '--json'),
+      1,
+      ['cannot restore checkpoint step 6', 'corrupted'],
+    ),
   }
   procs = {name: start(cmd, devices) for name, (cmd, devices, _) in cases.items()}
   for name, proc in procs.items():
@@ -731,6 +826,7 @@ def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkey
     def traced(*args):
       traces[kind] += 1
       return fn(*args)
+
     return traced
 
   def recording_optimizer(config, total_steps):
@@ -742,14 +838,14 @@ def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkey
       return state
 
     def update(grads, state, params=None):
-      grad_paths.append({jax.tree_util.keystr(p) for p, _ in
-                         jax.tree.flatten_with_path(grads)[0]})
+      grad_paths.append({jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(grads)[0]})
       return tx.update(grads, state, params)
 
     return optax.GradientTransformation(init, update)
 
-  monkeypatch.setattr(train, 'make_train_step', lambda m, tx: counting('train',
-                                                                       make_train_step(m, tx)))
+  monkeypatch.setattr(
+    train, 'make_train_step', lambda m, tx: counting('train', make_train_step(m, tx))
+  )
   monkeypatch.setattr(train, 'make_eval_step', lambda m: counting('eval', make_eval_step(m)))
   monkeypatch.setattr(train, 'make_optimizer', recording_optimizer)
 
@@ -763,10 +859,12 @@ def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkey
 
   config = make_config(ov)
   variables = build.init_variables(build.build_model(config), config)
-  frozen_paths = {jax.tree_util.keystr(p) for p, _ in
-                  jax.tree.flatten_with_path(variables[layers.FROZEN])[0]}
-  param_paths = {jax.tree_util.keystr(p) for p, _ in
-                 jax.tree.flatten_with_path(variables['params'])[0]}
+  frozen_paths = {
+    jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(variables[layers.FROZEN])[0]
+  }
+  param_paths = {
+    jax.tree_util.keystr(p) for p, _ in jax.tree.flatten_with_path(variables['params'])[0]
+  }
   assert frozen_paths and all(p.endswith("['kernel']") for p in frozen_paths)
   # Gradients are exactly the params (scores and BN), never a frozen kernel.
   assert grad_paths and all(g == param_paths for g in grad_paths)

@@ -69,7 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.batch_size = 512
   c.train.eval_batch_size = 1000
   c.train.num_epochs = 100
-  c.train.num_steps = config_dict.placeholder(int)   # overrides num_epochs when set
+  c.train.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
   c.train.optimizer = 'adamw'
   c.train.peak_lr = 0.05
   c.train.weight_decay = 0.005

@@ -20,6 +20,9 @@ def get_config():
   c.model.name = 'convmixer'
   c.model.dim, c.model.depth, c.model.kernel_size, c.model.patch_size = 256, 8, 5, 2
   c.strategy.name, c.strategy.rp_ratio, c.strategy.keep_fraction = (
-      'random_vector_padding', 1e-3, 0.5)
+    'random_vector_padding',
+    1e-3,
+    0.5,
+  )
   c.data.name = 'cifar10_jpeg'
   return c

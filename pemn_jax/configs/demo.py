@@ -15,7 +15,10 @@ def get_config():
   c.model.name = 'convmixer'
   c.model.dim, c.model.depth, c.model.kernel_size, c.model.patch_size = 96, 4, 5, 2
   c.strategy.name, c.strategy.rp_ratio, c.strategy.keep_fraction = (
-      'random_vector_padding', 1e-2, 0.5)
+    'random_vector_padding',
+    1e-2,
+    0.5,
+  )
   c.data.name = 'fashion_mnist_embedded'
   c.data.augment = False
   c.train.batch_size = 128

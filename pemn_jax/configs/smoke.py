@@ -1,6 +1,6 @@
 """A tiny masked ConvMixer on the embedded Fashion-MNIST subset: seconds on a laptop CPU.
 
-  pemn train --config pemn_jax/configs/smoke.py --workdir /tmp/smoke
+pemn train --config pemn_jax/configs/smoke.py --workdir /tmp/smoke
 """
 
 from pemn_jax.configs import common

@@ -51,11 +51,11 @@ CIFAR10_CLASSES = (
 
 # Official file names (the Debian package ships them gzipped, as Zalando publishes them).
 IDX_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+  'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz'),
 }
-DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-CIFAR10_NPZ_ENV = "PEMN_CIFAR10_NPZ"
+DEFAULT_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+CIFAR10_NPZ_ENV = 'PEMN_CIFAR10_NPZ'
 CIFAR10_NPZ_KEYS = ("train_bytes", "train_offsets", "test_bytes", "test_offsets",
                     "y_train", "y_test")  # fmt: skip
 
@@ -63,222 +63,220 @@ _IDX_UBYTE = 0x08  # IDX type code for unsigned bytes
 
 
 def embedded_source_dir() -> pathlib.Path:
-    """Directory of the Fashion-MNIST subset shipped inside the package.
+  """Directory of the Fashion-MNIST subset shipped inside the package.
 
-    Returns:
-        Path of `pemn_jax/data_files/fashion_mnist_subset`.
-    """
-    root = importlib.resources.files("pemn_jax") / "data_files" / "fashion_mnist_subset"
-    return pathlib.Path(str(root))
+  Returns:
+      Path of `pemn_jax/data_files/fashion_mnist_subset`.
+  """
+  root = importlib.resources.files('pemn_jax') / 'data_files' / 'fashion_mnist_subset'
+  return pathlib.Path(str(root))
 
 
 # ----------------------------------------------------------------------------- IDX files
 
 
 def _open_maybe_gzip(path: pathlib.Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+  return gzip.open(path, 'rb') if path.suffix == '.gz' else open(path, 'rb')
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Reads an IDX file (the MNIST / Fashion-MNIST format), gzipped or not.
+  """Reads an IDX file (the MNIST / Fashion-MNIST format), gzipped or not.
 
-    Args:
-        path: file path; a `.gz` suffix means gzip-compressed.
+  Args:
+      path: file path; a `.gz` suffix means gzip-compressed.
 
-    Returns:
-        uint8 array with the shape stored in the header (e.g. (N, 28, 28) or (N,)).
+  Returns:
+      uint8 array with the shape stored in the header (e.g. (N, 28, 28) or (N,)).
 
-    Raises:
-        ValueError: the header is not an unsigned-byte IDX header or the size does not match.
-    """
-    path = pathlib.Path(path)
-    with _open_maybe_gzip(path) as f:
-        data = f.read()
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file (bad magic {data[:4]!r})")
-    ndim = data[3]
-    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
-    offset = 4 + 4 * ndim
-    array = np.frombuffer(data, dtype=np.uint8, offset=offset)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {array.size} bytes")
-    return array.reshape(shape)
+  Raises:
+      ValueError: the header is not an unsigned-byte IDX header or the size does not match.
+  """
+  path = pathlib.Path(path)
+  with _open_maybe_gzip(path) as f:
+    data = f.read()
+  if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE:
+    raise ValueError(f'{path} is not an unsigned-byte IDX file (bad magic {data[:4]!r})')
+  ndim = data[3]
+  shape = struct.unpack(f'>{ndim}I', data[4 : 4 + 4 * ndim])
+  offset = 4 + 4 * ndim
+  array = np.frombuffer(data, dtype=np.uint8, offset=offset)
+  if array.size != int(np.prod(shape)):
+    raise ValueError(f'{path}: header says shape {shape} but holds {array.size} bytes')
+  return array.reshape(shape)
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
-    """Writes a uint8 array as an IDX file, gzip-compressed deterministically if `.gz`.
+  """Writes a uint8 array as an IDX file, gzip-compressed deterministically if `.gz`.
 
-    The gzip header carries no file name and mtime 0, so the same array always gives the same
-    bytes (for a given zlib).
+  The gzip header carries no file name and mtime 0, so the same array always gives the same
+  bytes (for a given zlib).
 
-    Args:
-        path: output file; a `.gz` suffix means gzip-compressed (level 9).
-        array: uint8 array of any rank (1..255).
-    """
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.tobytes()
-    path = pathlib.Path(path)
-    if path.suffix == ".gz":
-        payload = gzip.compress(payload, compresslevel=9, mtime=0)
-    path.write_bytes(payload)
+  Args:
+      path: output file; a `.gz` suffix means gzip-compressed (level 9).
+      array: uint8 array of any rank (1..255).
+  """
+  array = np.ascontiguousarray(array, dtype=np.uint8)
+  header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
+  payload = header + array.tobytes()
+  path = pathlib.Path(path)
+  if path.suffix == '.gz':
+    payload = gzip.compress(payload, compresslevel=9, mtime=0)
+  path.write_bytes(payload)
 
 
 def read_idx_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one split of an IDX dataset directory.
+  """Reads one split of an IDX dataset directory.
 
-    Args:
-        source_dir: directory holding the four official file names (see `IDX_FILES`).
-        split: 'train' or 'test'.
+  Args:
+      source_dir: directory holding the four official file names (see `IDX_FILES`).
+      split: 'train' or 'test'.
 
-    Returns:
-        (images uint8 (N, 28, 28, 1), labels uint8 (N,)).
+  Returns:
+      (images uint8 (N, 28, 28, 1), labels uint8 (N,)).
 
-    Raises:
-        FileNotFoundError: a file is missing.
-        ValueError: images and labels disagree in count.
-    """
-    source_dir = pathlib.Path(source_dir)
-    image_name, label_name = IDX_FILES[split]
-    images = read_idx(source_dir / image_name)
-    labels = read_idx(source_dir / label_name)
-    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(
-            f"{source_dir}: {split} images {images.shape} and labels {labels.shape} do not match"
-        )
-    return images[..., None], labels
+  Raises:
+      FileNotFoundError: a file is missing.
+      ValueError: images and labels disagree in count.
+  """
+  source_dir = pathlib.Path(source_dir)
+  image_name, label_name = IDX_FILES[split]
+  images = read_idx(source_dir / image_name)
+  labels = read_idx(source_dir / label_name)
+  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    raise ValueError(
+      f'{source_dir}: {split} images {images.shape} and labels {labels.shape} do not match'
+    )
+  return images[..., None], labels
 
 
 def missing_idx_files(source_dir: str | os.PathLike) -> list[str]:
-    """Lists the official IDX file names absent from a directory.
+  """Lists the official IDX file names absent from a directory.
 
-    Args:
-        source_dir: directory to check.
+  Args:
+      source_dir: directory to check.
 
-    Returns:
-        The missing file names (empty when all four are there).
-    """
-    source_dir = pathlib.Path(source_dir)
-    names = [name for pair in IDX_FILES.values() for name in pair]
-    return [name for name in names if not (source_dir / name).is_file()]
+  Returns:
+      The missing file names (empty when all four are there).
+  """
+  source_dir = pathlib.Path(source_dir)
+  names = [name for pair in IDX_FILES.values() for name in pair]
+  return [name for name in names if not (source_dir / name).is_file()]
 
 
 # ----------------------------------------------------------------------------- builders
 
 
 def _image_label_features(shape: tuple[int, int, int], classes: tuple[str, ...]):
-    return tfds.features.FeaturesDict(
-        {
-            # Tensor, not Image: Image would need TensorFlow to encode PNG at prepare time.
-            "image": tfds.features.Tensor(shape=shape, dtype=np.uint8),
-            "label": tfds.features.ClassLabel(names=list(classes)),
-        }
-    )
+  return tfds.features.FeaturesDict(
+    {
+      # Tensor, not Image: Image would need TensorFlow to encode PNG at prepare time.
+      'image': tfds.features.Tensor(shape=shape, dtype=np.uint8),
+      'label': tfds.features.ClassLabel(names=list(classes)),
+    }
+  )
 
 
 class _IdxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """Common part of the two Fashion-MNIST builders: IDX files in a directory."""
+  """Common part of the two Fashion-MNIST builders: IDX files in a directory."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    _DESCRIPTION = ""
+  VERSION = tfds.core.Version('1.0.0')
+  _DESCRIPTION = ''
 
-    def __init__(self, *, source_dir: str | os.PathLike | None = None, **kwargs):
-        self._source_dir = pathlib.Path(source_dir or self._default_source_dir())
-        super().__init__(**kwargs)
+  def __init__(self, *, source_dir: str | os.PathLike | None = None, **kwargs):
+    self._source_dir = pathlib.Path(source_dir or self._default_source_dir())
+    super().__init__(**kwargs)
 
-    def _default_source_dir(self) -> pathlib.Path:
-        raise NotImplementedError
+  def _default_source_dir(self) -> pathlib.Path:
+    raise NotImplementedError
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=self._DESCRIPTION,
-            features=_image_label_features((28, 28, 1), FASHION_MNIST_CLASSES),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=self._DESCRIPTION,
+      features=_image_label_features((28, 28, 1), FASHION_MNIST_CLASSES),
+      supervised_keys=('image', 'label'),
+      disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
+      homepage='https://github.com/zalandoresearch/fashion-mnist',
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing is downloaded: the files are local
-        return {split: self._generate_examples(split) for split in ("train", "test")}
+  def _split_generators(self, dl_manager):
+    del dl_manager  # nothing is downloaded: the files are local
+    return {split: self._generate_examples(split) for split in ('train', 'test')}
 
-    def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        images, labels = read_idx_split(self._source_dir, split)
-        for i in range(len(labels)):
-            yield i, {"image": images[i], "label": int(labels[i])}
+  def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+    images, labels = read_idx_split(self._source_dir, split)
+    for i in range(len(labels)):
+      yield i, {'image': images[i], 'label': int(labels[i])}
 
 
 class FashionMnistEmbedded(_IdxBuilder):
-    """The Fashion-MNIST subset shipped in the package (10,000 train / 2,000 test)."""
+  """The Fashion-MNIST subset shipped in the package (10,000 train / 2,000 test)."""
 
-    # Bump when the shipped subset changes, so cached preparations are rebuilt.
-    VERSION = tfds.core.Version("1.0.0")
-    _DESCRIPTION = (
-        "Class-balanced subset of Fashion-MNIST shipped with pemn-jax: the first 1,000 training "
-        "and first 200 test images of each class, in file order (see PROVENANCE.md)."
-    )
+  # Bump when the shipped subset changes, so cached preparations are rebuilt.
+  VERSION = tfds.core.Version('1.0.0')
+  _DESCRIPTION = (
+    'Class-balanced subset of Fashion-MNIST shipped with pemn-jax: the first 1,000 training '
+    'and first 200 test images of each class, in file order (see PROVENANCE.md).'
+  )
 
-    def _default_source_dir(self) -> pathlib.Path:
-        return embedded_source_dir()
+  def _default_source_dir(self) -> pathlib.Path:
+    return embedded_source_dir()
 
 
 class FashionMnistLocal(_IdxBuilder):
-    """Full Fashion-MNIST (60,000 / 10,000) from the official IDX files in a local directory."""
+  """Full Fashion-MNIST (60,000 / 10,000) from the official IDX files in a local directory."""
 
-    _DESCRIPTION = "Fashion-MNIST from the official IDX files (e.g. Debian dataset-fashion-mnist)."
+  _DESCRIPTION = 'Fashion-MNIST from the official IDX files (e.g. Debian dataset-fashion-mnist).'
 
-    def _default_source_dir(self) -> pathlib.Path:
-        return pathlib.Path(DEFAULT_FASHION_MNIST_DIR)
+  def _default_source_dir(self) -> pathlib.Path:
+    return pathlib.Path(DEFAULT_FASHION_MNIST_DIR)
 
 
 class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
-    """CIFAR-10 from the JPEG-q75 mirror npz, decoded with Pillow at prepare time."""
+  """CIFAR-10 from the JPEG-q75 mirror npz, decoded with Pillow at prepare time."""
 
-    VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version('1.0.0')
 
-    def __init__(self, *, source_path: str | os.PathLike | None = None, **kwargs):
-        self._source_path = source_path or os.environ.get(CIFAR10_NPZ_ENV)
-        super().__init__(**kwargs)
+  def __init__(self, *, source_path: str | os.PathLike | None = None, **kwargs):
+    self._source_path = source_path or os.environ.get(CIFAR10_NPZ_ENV)
+    super().__init__(**kwargs)
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=(
-                "CIFAR-10 (JPEG-q75 mirror): the official split, each image decoded from the "
-                "quality-75 JPEG of the public mirror. Not byte-identical to CIFAR-10."
-            ),
-            features=_image_label_features((32, 32, 3), CIFAR10_CLASSES),
-            supervised_keys=("image", "label"),
-            disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
-        )
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=(
+        'CIFAR-10 (JPEG-q75 mirror): the official split, each image decoded from the '
+        'quality-75 JPEG of the public mirror. Not byte-identical to CIFAR-10.'
+      ),
+      features=_image_label_features((32, 32, 3), CIFAR10_CLASSES),
+      supervised_keys=('image', 'label'),
+      disable_shuffling=True,  # records in source-file order (the pipeline shuffles)
+    )
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        if not self._source_path:
-            raise ValueError(
-                f"cifar10_jpeg needs the npz: set data.source_path or ${CIFAR10_NPZ_ENV}"
-            )
-        with np.load(self._source_path, allow_pickle=False) as npz:
-            missing = [k for k in CIFAR10_NPZ_KEYS if k not in npz.files]
-            if missing:
-                raise ValueError(f"{self._source_path} lacks the npz keys {missing}")
-            arrays = {k: npz[k] for k in CIFAR10_NPZ_KEYS}
-        return {
-            split: self._generate_examples(
-                arrays[f"{split}_bytes"], arrays[f"{split}_offsets"], arrays[f"y_{split}"]
-            )
-            for split in ("train", "test")
-        }
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    if not self._source_path:
+      raise ValueError(f'cifar10_jpeg needs the npz: set data.source_path or ${CIFAR10_NPZ_ENV}')
+    with np.load(self._source_path, allow_pickle=False) as npz:
+      missing = [k for k in CIFAR10_NPZ_KEYS if k not in npz.files]
+      if missing:
+        raise ValueError(f'{self._source_path} lacks the npz keys {missing}')
+      arrays = {k: npz[k] for k in CIFAR10_NPZ_KEYS}
+    return {
+      split: self._generate_examples(
+        arrays[f'{split}_bytes'], arrays[f'{split}_offsets'], arrays[f'y_{split}']
+      )
+      for split in ('train', 'test')
+    }
 
-    def _generate_examples(self, blob, offsets, labels) -> Iterator[tuple[int, dict]]:
-        from PIL import Image
+  def _generate_examples(self, blob, offsets, labels) -> Iterator[tuple[int, dict]]:
+    from PIL import Image
 
-        for i in range(len(labels)):
-            jpeg = blob[offsets[i] : offsets[i + 1]].tobytes()
-            with Image.open(io.BytesIO(jpeg)) as im:
-                image = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            yield i, {"image": image, "label": int(labels[i])}
+    for i in range(len(labels)):
+      jpeg = blob[offsets[i] : offsets[i + 1]].tobytes()
+      with Image.open(io.BytesIO(jpeg)) as im:
+        image = np.asarray(im.convert('RGB'), dtype=np.uint8)
+      yield i, {'image': image, 'label': int(labels[i])}
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -286,76 +284,76 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, timeout_s: float = 3600.0):
-    """Holds an exclusive advisory lock on `path` (created if absent) for the block.
+  """Holds an exclusive advisory lock on `path` (created if absent) for the block.
 
-    Works across processes on one machine (and on file systems with working `flock`).
+  Works across processes on one machine (and on file systems with working `flock`).
 
-    Args:
-        path: lock file path.
-        timeout_s: give up with TimeoutError after this long.
+  Args:
+      path: lock file path.
+      timeout_s: give up with TimeoutError after this long.
 
-    Yields:
-        None, while the lock is held.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"could not lock {path} within {timeout_s} s") from None
-                time.sleep(0.1)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+  Yields:
+      None, while the lock is held.
+  """
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'a') as f:
+    deadline = time.monotonic() + timeout_s
+    while True:
+      try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise TimeoutError(f'could not lock {path} within {timeout_s} s') from None
+        time.sleep(0.1)
+    try:
+      yield
+    finally:
+      fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
-    """Whether the builder's version dir holds a finished preparation.
+  """Whether the builder's version dir holds a finished preparation.
 
-    TFDS renames its `incomplete.*` dir into place only after writing both JSON files, so their
-    presence means the dataset is complete. (Same test as `builder.is_prepared()`, without its
-    warning about an absent folder.)
+  TFDS renames its `incomplete.*` dir into place only after writing both JSON files, so their
+  presence means the dataset is complete. (Same test as `builder.is_prepared()`, without its
+  warning about an absent folder.)
 
-    Args:
-        builder: a TFDS builder bound to a data dir.
+  Args:
+      builder: a TFDS builder bound to a data dir.
 
-    Returns:
-        True when `dataset_info.json` and `features.json` exist in `builder.data_path`.
-    """
-    path = pathlib.Path(os.fspath(builder.data_path))
-    return (path / "dataset_info.json").is_file() and (path / "features.json").is_file()
+  Returns:
+      True when `dataset_info.json` and `features.json` exist in `builder.data_path`.
+  """
+  path = pathlib.Path(os.fspath(builder.data_path))
+  return (path / 'dataset_info.json').is_file() and (path / 'features.json').is_file()
 
 
 def prepare_builder(make_builder, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
-    """Prepares a builder into `data_dir` as array_record once, safely across processes.
+  """Prepares a builder into `data_dir` as array_record once, safely across processes.
 
-    Args:
-        make_builder: zero-argument callable returning a fresh builder bound to `data_dir`
-            (called again under the lock, because a builder made before another process
-            finished preparing does not see the new files).
-        data_dir: the TFDS data dir (holds the lock file).
+  Args:
+      make_builder: zero-argument callable returning a fresh builder bound to `data_dir`
+          (called again under the lock, because a builder made before another process
+          finished preparing does not see the new files).
+      data_dir: the TFDS data dir (holds the lock file).
 
-    Returns:
-        A builder whose dataset is prepared and readable with `as_data_source()`.
-    """
-    builder = make_builder()
-    if is_prepared(builder):
-        return builder
-    lock = pathlib.Path(data_dir) / f".{builder.name}-{builder.version}.prepare.lock"
-    with file_lock(lock):
-        builder = make_builder()
-        if not is_prepared(builder):
-            builder.download_and_prepare(
-                file_format="array_record",
-                download_config=tfds.download.DownloadConfig(
-                    download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-                ),
-            )
-            builder = make_builder()
+  Returns:
+      A builder whose dataset is prepared and readable with `as_data_source()`.
+  """
+  builder = make_builder()
+  if is_prepared(builder):
     return builder
+  lock = pathlib.Path(data_dir) / f'.{builder.name}-{builder.version}.prepare.lock'
+  with file_lock(lock):
+    builder = make_builder()
+    if not is_prepared(builder):
+      builder.download_and_prepare(
+        file_format='array_record',
+        download_config=tfds.download.DownloadConfig(
+          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+        ),
+      )
+      builder = make_builder()
+  return builder

@@ -39,6 +39,7 @@ class _Block(nn.Module):
   Only the rematerialised path applies it (``remat.scan_blocks``), with variables taken out
   of ConvMixer's flat tree.
   """
+
   dim: int
   kernel_size: int
   conv: ModuleDef
@@ -47,17 +48,21 @@ class _Block(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return mixer_block(x, *_block_layers(self.conv, self.dim, self.kernel_size, self.dtype,
-                                         self.train, prefix=''))
+    return mixer_block(
+      x, *_block_layers(self.conv, self.dim, self.kernel_size, self.dtype, self.train, prefix='')
+    )
 
 
 def _block_layers(conv, dim, k, dtype, train, prefix):
   norm = layers.gelu_batch_norm(train, dtype)
-  return (conv(dim, (k, k), padding='SAME', feature_group_count=dim, dtype=dtype,
-               name=f'{prefix}depthwise'),
-          norm(name=f'{prefix}depthwise_bn'),
-          conv(dim, (1, 1), padding='VALID', dtype=dtype, name=f'{prefix}pointwise'),
-          norm(name=f'{prefix}pointwise_bn'))
+  return (
+    conv(
+      dim, (k, k), padding='SAME', feature_group_count=dim, dtype=dtype, name=f'{prefix}depthwise'
+    ),
+    norm(name=f'{prefix}depthwise_bn'),
+    conv(dim, (1, 1), padding='VALID', dtype=dtype, name=f'{prefix}pointwise'),
+    norm(name=f'{prefix}pointwise_bn'),
+  )
 
 
 class ConvMixer(nn.Module):
@@ -78,6 +83,7 @@ class ConvMixer(nn.Module):
       (measured in ``experiments/bench_remat.py``); same variables (the tree stays flat), same
       values.
   """
+
   dim: int = 256
   depth: int = 8
   kernel_size: int = 5
@@ -92,18 +98,26 @@ class ConvMixer(nn.Module):
   def __call__(self, x, train: bool = False):
     gelu_norm = layers.gelu_batch_norm(train, self.dtype)
     p, k = self.patch_size, self.kernel_size
-    x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                  name='stem')(x)
+    x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='stem')(
+      x
+    )
     x = gelu_norm(name='stem_bn')(x)
     remat.check(self.remat_blocks)
     if self.remat_blocks != 'none' and train and not self.is_initializing():
       block = _Block(self.dim, k, self.conv, self.dtype, train)
-      x = remat.scan_blocks(self, block, x, self.depth,
-                            lambda i: {name: (f'block{i}_{name}',) for name in BLOCK_LAYERS},
-                            self.remat_blocks, train)
+      x = remat.scan_blocks(
+        self,
+        block,
+        x,
+        self.depth,
+        lambda i: {name: (f'block{i}_{name}',) for name in BLOCK_LAYERS},
+        self.remat_blocks,
+        train,
+      )
     else:
       for i in range(self.depth):
-        x = mixer_block(x, *_block_layers(self.conv, self.dim, k, self.dtype, train,
-                                          prefix=f'block{i}_'))
+        x = mixer_block(
+          x, *_block_layers(self.conv, self.dim, k, self.dtype, train, prefix=f'block{i}_')
+        )
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)

@@ -18,6 +18,7 @@ ModuleDef = Any
 
 class MLP(nn.Module):
   """Dense - BN - ReLU per hidden width, then a dense classifier."""
+
   hidden_dims: Sequence[int] = (100, 100, 100)
   num_classes: int = 10
   dense: ModuleDef = layers.Dense

@@ -32,10 +32,11 @@ from pemn_jax.strategies import Path
 #   so only the elementwise work between them (GELU, normalisation, residual adds, and in a
 #   ViT the attention softmax) is recomputed; 'full': nothing, the whole block is recomputed.
 REMAT_POLICIES = {
-    'save_convs': jax.checkpoint_policies.save_only_these_names(layers.CHECKPOINT_NAME),
-    'full': jax.checkpoint_policies.nothing_saveable,
+  'save_convs': jax.checkpoint_policies.save_only_these_names(layers.CHECKPOINT_NAME),
+  'full': jax.checkpoint_policies.nothing_saveable,
 }
 REMAT_CHOICES = ('none', *REMAT_POLICIES)
+
 
 def check(remat_blocks: str) -> None:
   if remat_blocks not in REMAT_CHOICES:
@@ -50,8 +51,15 @@ def _has(tree: dict, path: Path) -> bool:
   return True
 
 
-def scan_blocks(parent: nn.Module, block: nn.Module, x: jax.Array, depth: int,
-                paths: Callable[[int], dict[str, Path]], remat_blocks: str, train: bool):
+def scan_blocks(
+  parent: nn.Module,
+  block: nn.Module,
+  x: jax.Array,
+  depth: int,
+  paths: Callable[[int], dict[str, Path]],
+  remat_blocks: str,
+  train: bool,
+):
   """Applies ``block`` ``depth`` times to ``x`` with block i's variables taken from ``parent``.
 
   Args:
@@ -69,14 +77,16 @@ def scan_blocks(parent: nn.Module, block: nn.Module, x: jax.Array, depth: int,
   """
   stacked = {}
   for col, tree in parent.variables.items():
-    per_name = {name: jax.tree.map(lambda *v: jnp.stack(v),
-                                   *[strategies.get_path(tree, paths(i)[name])
-                                     for i in range(depth)])
-                for name, path in paths(0).items() if _has(tree, path)}
+    per_name = {
+      name: jax.tree.map(
+        lambda *v: jnp.stack(v), *[strategies.get_path(tree, paths(i)[name]) for i in range(depth)]
+      )
+      for name, path in paths(0).items()
+      if _has(tree, path)
+    }
     if per_name:
       stacked[col] = per_name
-  update_stats = (train and 'batch_stats' in stacked
-                  and parent.is_mutable_collection('batch_stats'))
+  update_stats = train and 'batch_stats' in stacked and parent.is_mutable_collection('batch_stats')
 
   @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat_blocks])
   def body(h, block_vars):
@@ -87,7 +97,7 @@ def scan_blocks(parent: nn.Module, block: nn.Module, x: jax.Array, depth: int,
 
   x, new_stats = jax.lax.scan(body, x, stacked)
   if update_stats:
-    written: dict[str, Any] = {}   # top-level name in parent -> its (nested) statistics
+    written: dict[str, Any] = {}  # top-level name in parent -> its (nested) statistics
     for i in range(depth):
       for name, stats in new_stats.items():
         path = paths(i)[name]

@@ -22,6 +22,7 @@ DEPTHS = (20, 32, 44, 56, 110)
 
 class BasicBlock(nn.Module):
   """conv3x3(stride) - BN - ReLU - conv3x3 - BN, plus an option-A shortcut, then ReLU."""
+
   features: int
   strides: int
   conv: ModuleDef
@@ -31,11 +32,18 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = self.strides
-    y = self.conv(self.features, (3, 3), strides=(s, s), padding=((1, 1), (1, 1)),
-                  dtype=self.dtype, name='conv1')(x)
+    y = self.conv(
+      self.features,
+      (3, 3),
+      strides=(s, s),
+      padding=((1, 1), (1, 1)),
+      dtype=self.dtype,
+      name='conv1',
+    )(x)
     y = nn.relu(self.norm(name='bn1')(y))
-    y = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  name='conv2')(y)
+    y = self.conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='conv2')(
+      y
+    )
     y = self.norm(name='bn2')(y)
     shortcut = x
     if s != 1 or x.shape[-1] != self.features:
@@ -47,6 +55,7 @@ class BasicBlock(nn.Module):
 
 class CifarResNet(nn.Module):
   """ResNet-``depth`` for 32x32 inputs (depth = 6n + 2)."""
+
   depth: int = 32
   num_classes: int = 10
   width: int = 16
@@ -57,17 +66,18 @@ class CifarResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     if (self.depth - 2) % 6:
-      raise ValueError(f'model.depth must be 6n+2 for a CIFAR ResNet (e.g. {DEPTHS}), '
-                       f'got {self.depth}')
+      raise ValueError(
+        f'model.depth must be 6n+2 for a CIFAR ResNet (e.g. {DEPTHS}), got {self.depth}'
+      )
     n = (self.depth - 2) // 6
     norm = layers.batch_norm(train, self.dtype)
-    x = self.conv(self.width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype,
-                  name='stem')(x)
+    x = self.conv(self.width, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, name='stem')(x)
     x = nn.relu(norm(name='stem_bn')(x))
     for stage in range(3):
       for b in range(n):
         strides = 2 if stage > 0 and b == 0 else 1
-        x = BasicBlock(self.width * 2**stage, strides, self.conv, norm, self.dtype,
-                       name=f'stage{stage}_block{b}')(x)
+        x = BasicBlock(
+          self.width * 2**stage, strides, self.conv, norm, self.dtype, name=f'stage{stage}_block{b}'
+        )(x)
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)

@@ -40,6 +40,7 @@ def sincos_2d(h: int, w: int, dim: int) -> np.ndarray:
 
 class Attention(nn.Module):
   """Multi-head self-attention with (masked) q, k, v and output projections."""
+
   dim: int
   num_heads: int
   dense: ModuleDef
@@ -61,6 +62,7 @@ class Attention(nn.Module):
 
 class Block(nn.Module):
   """Pre-LN transformer block."""
+
   LAYERS = ('attn', 'ln1', 'ln2', 'mlp_in', 'mlp_out')  # its submodules (``remat.scan_blocks``)
 
   dim: int
@@ -72,7 +74,8 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = x + Attention(self.dim, self.num_heads, self.dense, self.dtype, name='attn')(
-        nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln1')(x))
+      nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln1')(x)
+    )
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln2')(x)
     y = self.dense(int(self.dim * self.mlp_ratio), dtype=self.dtype, name='mlp_in')(y)
     y = self.dense(self.dim, dtype=self.dtype, name='mlp_out')(nn.gelu(y, approximate=False))
@@ -81,6 +84,7 @@ class Block(nn.Module):
 
 class ViT(nn.Module):
   """ViT-``dim``/``depth`` for small images (see the module docstring for the choices)."""
+
   dim: int = 256
   depth: int = 6
   patch_size: int = 4
@@ -90,24 +94,31 @@ class ViT(nn.Module):
   conv: ModuleDef = layers.Conv
   dense: ModuleDef = layers.Dense
   dtype: Any = None
-  remat_blocks: str = 'none'   # see ConvMixer and ``pemn_jax.models.remat``
+  remat_blocks: str = 'none'  # see ConvMixer and ``pemn_jax.models.remat``
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    remat.check(self.remat_blocks)   # train only picks the remat path: no BatchNorm, no dropout
+    remat.check(self.remat_blocks)  # train only picks the remat path: no BatchNorm, no dropout
     heads = self.num_heads or max(1, self.dim // 64)
     if self.dim % heads:
       raise ValueError(f'model.num_heads ({heads}) must divide model.dim ({self.dim})')
     p = self.patch_size
-    x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
-                  name='patch_embed')(x)
+    x = self.conv(
+      self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='patch_embed'
+    )(x)
     b, h, w, _ = x.shape
     x = x.reshape(b, h * w, self.dim) + jnp.asarray(sincos_2d(h, w, self.dim), x.dtype)
     if self.remat_blocks != 'none' and train and not self.is_initializing():
       block = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype)
-      x = remat.scan_blocks(self, block, x, self.depth,
-                            lambda i: {n: (f'block{i}', n) for n in Block.LAYERS},
-                            self.remat_blocks, train)
+      x = remat.scan_blocks(
+        self,
+        block,
+        x,
+        self.depth,
+        lambda i: {n: (f'block{i}', n) for n in Block.LAYERS},
+        self.remat_blocks,
+        train,
+      )
     else:
       for i in range(self.depth):
         x = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype, name=f'block{i}')(x)

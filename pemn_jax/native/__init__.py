@@ -58,10 +58,15 @@ from jax.sharding import PartitionSpec as P
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
 FLAGS = ('-O3', '-march=native', '-std=c++20', '-shared', '-fPIC')
-TARGETS = {'pemn_dw_fwd': 'PemnDwFwd', 'pemn_dw_kgrad': 'PemnDwKgrad',
-           'pemn_topk_mask': 'PemnTopkMask', 'pemn_gelu_stats': 'PemnGeluStats',
-           'pemn_gelu_bn_fwd': 'PemnGeluBnFwd', 'pemn_gelu_bn_bstats': 'PemnGeluBnBwdStats',
-           'pemn_gelu_bn_bwd': 'PemnGeluBnBwd'}
+TARGETS = {
+  'pemn_dw_fwd': 'PemnDwFwd',
+  'pemn_dw_kgrad': 'PemnDwKgrad',
+  'pemn_topk_mask': 'PemnTopkMask',
+  'pemn_gelu_stats': 'PemnGeluStats',
+  'pemn_gelu_bn_fwd': 'PemnGeluBnFwd',
+  'pemn_gelu_bn_bstats': 'PemnGeluBnBwdStats',
+  'pemn_gelu_bn_bwd': 'PemnGeluBnBwd',
+}
 DATA_AXIS = 'data'
 
 _lock = threading.Lock()
@@ -70,7 +75,8 @@ _state: dict = {'tried': False, 'ok': False, 'reason': 'not loaded yet', 'path':
 
 def cache_dir() -> str:
   return os.environ.get('PEMN_JAX_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'pemn_jax')
+    os.path.expanduser('~'), '.cache', 'pemn_jax'
+  )
 
 
 def _cpu_signature() -> str:
@@ -89,8 +95,9 @@ def _cpu_signature() -> str:
 
 
 def _library_path(compiler: str) -> str:
-  version = subprocess.run([compiler, '--version'], capture_output=True, text=True,
-                           timeout=30).stdout
+  version = subprocess.run(
+    [compiler, '--version'], capture_output=True, text=True, timeout=30
+  ).stdout
   h = hashlib.sha256()
   with open(SOURCE, 'rb') as f:
     h.update(f.read())
@@ -150,8 +157,10 @@ def available() -> bool:
       except Exception as e:  # noqa: BLE001 - any failure means: use the XLA formulation
         _state.update(ok=False, reason=f'{type(e).__name__}: {e}')
         log = logging.info if 'PEMN_JAX_NATIVE' in str(e) else logging.warning  # asked for
-        log('pemn_jax.native: native kernels unavailable (%s); using the pure-XLA formulations',
-            _state['reason'])
+        log(
+          'pemn_jax.native: native kernels unavailable (%s); using the pure-XLA formulations',
+          _state['reason'],
+        )
     return _state['ok']
 
 
@@ -202,8 +211,9 @@ def _per_shard(fn, x, *args, batch_args=0, reduce=False):
     return fn(x, *args)
   specs = (P(DATA_AXIS),) * (1 + batch_args) + (P(),) * (len(args) - batch_args)
   body = (lambda *a: jax.lax.psum(fn(*a), DATA_AXIS)) if reduce else fn
-  return jax.shard_map(body, mesh=mesh, in_specs=specs,
-                       out_specs=P() if reduce else P(DATA_AXIS))(x, *args)
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P() if reduce else P(DATA_AXIS))(
+    x, *args
+  )
 
 
 def _require() -> None:
@@ -214,16 +224,21 @@ def _require() -> None:
 def _call(target, shape, *args, **attrs):
   """One float32 result of shape ``shape`` from FFI target ``target`` (int attributes)."""
   _require()
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, np.float32),
-                          vmap_method='sequential')(
-      *args, **{k: np.int64(v) for k, v in attrs.items()})
+  return jax.ffi.ffi_call(
+    target, jax.ShapeDtypeStruct(shape, np.float32), vmap_method='sequential'
+  )(*args, **{k: np.int64(v) for k, v in attrs.items()})
 
 
 def _ffi_fwd(x, kernel, pad_lo, out_hw):
   n, c = x.shape[0], x.shape[-1]
-  return _call('pemn_dw_fwd', (n, *out_hw, c), x,
-               kernel.reshape(kernel.shape[0], kernel.shape[1], c),
-               pad_h=pad_lo[0], pad_w=pad_lo[1])
+  return _call(
+    'pemn_dw_fwd',
+    (n, *out_hw, c),
+    x,
+    kernel.reshape(kernel.shape[0], kernel.shape[1], c),
+    pad_h=pad_lo[0],
+    pad_w=pad_lo[1],
+  )
 
 
 def _groups(n: int, c: int) -> int:
@@ -236,8 +251,9 @@ def _groups(n: int, c: int) -> int:
 
 def _ffi_kgrad(x, g, pad_lo, kh, kw):
   n, c = x.shape[0], x.shape[-1]
-  return _call('pemn_dw_kgrad', (_groups(n, c), kh, kw, c), x, g,
-               pad_h=pad_lo[0], pad_w=pad_lo[1]).sum(0)
+  return _call(
+    'pemn_dw_kgrad', (_groups(n, c), kh, kw, c), x, g, pad_h=pad_lo[0], pad_w=pad_lo[1]
+  ).sum(0)
 
 
 def depthwise(x, kernel, pad_lo, out_hw):
@@ -250,15 +266,15 @@ def depthwise(x, kernel, pad_lo, out_hw):
 def depthwise_kernel_grad(x, g, pad_lo, kh, kw):
   """``dk[i, j, 0, c] = sum_{n,p,q} x[n, p + i - pad_lo[0], q + j - pad_lo[1], c] * g[n, p, q, c]``
   (zero outside ``x``), shape ``(kh, kw, 1, C)``: the kernel gradient of ``depthwise``."""
-  out = _per_shard(lambda x, g: _ffi_kgrad(x, g, pad_lo, kh, kw), x, g, batch_args=1,
-                   reduce=True)
+  out = _per_shard(lambda x, g: _ffi_kgrad(x, g, pad_lo, kh, kw), x, g, batch_args=1, reduce=True)
   return out.reshape(kh, kw, 1, x.shape[-1])
 
 
 def topk_usable(x) -> bool:
   """Whether ``topk_mask`` applies: float32 on the CPU backend, kernels loaded."""
-  return (x.dtype == np.float32 and x.size < 2**31 and jax.default_backend() == 'cpu'
-          and enabled('topk'))
+  return (
+    x.dtype == np.float32 and x.size < 2**31 and jax.default_backend() == 'cpu' and enabled('topk')
+  )
 
 
 def topk_mask(x, kept: int):
@@ -302,15 +318,26 @@ def _gelu_bn_bwd(epsilon, res, dy):
   c = x.shape[-1]
   count = x.size // c
   rstd = jax.lax.rsqrt(var + epsilon)
-  sums = _per_shard(lambda x, dy, coef: _call('pemn_gelu_bn_bstats', (2, c), x, dy, coef),
-                    x, dy, jnp.stack([mean, rstd]), batch_args=1, reduce=True)
+  sums = _per_shard(
+    lambda x, dy, coef: _call('pemn_gelu_bn_bstats', (2, c), x, dy, coef),
+    x,
+    dy,
+    jnp.stack([mean, rstd]),
+    batch_args=1,
+    reduce=True,
+  )
   dbias, dscale = sums[0], sums[1]  # sum dy, sum dy * zhat
   # dz = k (dy - dbias / m - zhat dscale / m) with zhat = (z - mean) rstd: affine in dy and z.
   k = scale * rstd
   c1 = -k * rstd * dscale / count
   c0 = -k * dbias / count - c1 * mean
-  dx = _per_shard(lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef),
-                  x, dy, jnp.stack([k, c0, c1]), batch_args=1)
+  dx = _per_shard(
+    lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef),
+    x,
+    dy,
+    jnp.stack([k, c0, c1]),
+    batch_args=1,
+  )
   return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var)
 
 
