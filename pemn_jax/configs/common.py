@@ -24,6 +24,9 @@ Fields:
   train.*: see ``pemn_jax.train``.
 """
 
+import ast
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -89,15 +92,81 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+def parse_value(raw: str) -> Any:
+  """A command-line value as Python: a literal (``3``, ``1e-2``, ``True``, ``(28, 28, 1)``,
+  ``None``) where it parses as one, else the string itself (``mask``)."""
+  try:
+    return ast.literal_eval(raw)
+  except (ValueError, SyntaxError):
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+  """``['--config.a.b=v', 'c.d=w']`` -> ``{'a.b': v, 'c.d': w}`` (values by ``parse_value``)."""
+  out = {}
+  for item in items:
+    key, sep, raw = item.removeprefix('--').removeprefix('config.').partition('=')
+    if not sep or not key:
+      raise ValueError(f'a config override must look like --config.FIELD=VALUE, got {item!r}')
+    out[key] = parse_value(raw)
+  return out
+
+
+def check_positive_int(value: Any, field: str, *, allow_none: bool = False) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is an int >= 1 (or None if allowed)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    unset = ' or unset' if allow_none else ''
+    raise ValueError(f'{field} must be a positive integer{unset}, got {value!r}')
+
+
+def with_overrides(
+  config: ml_collections.ConfigDict, overrides: dict[str, Any] | list[str]
+) -> ml_collections.ConfigDict:
   """Sets dotted fields in place, as ``--config.a.b=v`` does on the command line; returns it.
+
+  Args:
+    config: the config to change.
+    overrides: ``{'model.dim': 32}``, or command-line items ``['--config.model.dim=32']``.
+
+  Raises:
+    ValueError: a field that does not exist, named with the fields that do.
 
   Example: ``with_overrides(smoke.get_config(), {'model.dim': 32, 'train.num_steps': 4})``.
   """
+  if not isinstance(overrides, dict):
+    overrides = parse_overrides(list(overrides))
   for key, value in overrides.items():
     *parents, leaf = key.split('.')
     node = config
-    for p in parents:
+    for i, p in enumerate(parents):
+      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+        raise ValueError(f'no config section {".".join(parents[: i + 1])!r} (in {key!r})')
       node = node[p]
+    if leaf not in node:
+      raise ValueError(
+        f'no config field {key!r}; {".".join(parents) or "the config"} has '
+        f'{", ".join(sorted(node.keys()))}'
+      )
     node[leaf] = value
   return config
+
+
+def load(path: str, overrides: dict[str, Any] | list[str] = ()) -> ml_collections.ConfigDict:
+  """``get_config()`` of the config file at ``path``, with ``overrides`` applied.
+
+  Raises:
+    ValueError: the file is missing, is not a config file, or an override names no field.
+  """
+  import importlib.util
+  import os
+
+  if not os.path.isfile(path):
+    raise ValueError(f'config file {path} does not exist or is not a file')
+  spec = importlib.util.spec_from_file_location('pemn_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  if not callable(getattr(module, 'get_config', None)):
+    raise ValueError(f'config file {path} defines no get_config()')
+  return with_overrides(module.get_config(), overrides)
