@@ -10,7 +10,7 @@ Run (from the repo root):
     .venv/bin/python experiments/bench_input.py [--batch 128] [--reps 20] [--cifar_npz PATH]
 
 `--cifar_npz` defaults to $PEMN_CIFAR10_NPZ. The JAX timing includes the host-to-device copy and
-excludes compilation (done once before timing).
+excludes compilation (done once before timing). The JAX version is `experiments/augment_jax.py`.
 """
 
 from __future__ import annotations
@@ -18,15 +18,21 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 
 import numpy as np
 
-from pemn_jax.data import augment as A
-from pemn_jax.data import builders, pipeline
+if __package__ in (None, ''):  # run as a script: make the `experiments` package importable
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-CIFAR_MEAN, CIFAR_STD = pipeline.KNOWN_STATS['cifar10']
+from experiments import augment_jax  # noqa: E402
+from pemn_jax.configs import common  # noqa: E402
+from pemn_jax.data import augment as A  # noqa: E402
+from pemn_jax.data import builders, pipeline, sources  # noqa: E402
+
+CIFAR_MEAN, CIFAR_STD = sources.KNOWN_STATS['cifar10']
 
 
 def load_images(npz_path: str | None, n: int) -> tuple[np.ndarray, str]:
@@ -107,7 +113,7 @@ def main() -> None:
       ),
     )  # fmt: skip
   )
-  jax_fn = lambda: A.augment_batch_jax(images, uniforms, CIFAR_MEAN, CIFAR_STD, opts)
+  jax_fn = lambda: augment_jax.augment_batch_jax(images, uniforms, CIFAR_MEAN, CIFAR_STD, opts)
   jax_fn().block_until_ready()  # compile
   rows.append(
     (
@@ -124,11 +130,12 @@ def main() -> None:
 
   with tempfile.TemporaryDirectory() as data_dir:
     for augment in (False, True):
-      cfg = pipeline.default_data_config()
+      cfg = common.base_config().data
+      cfg.name = 'fashion_mnist_embedded'
       cfg.data_dir = data_dir
       cfg.augment = augment
       cfg.prefetch = 0  # measure the work itself, not the overlap
-      pipeline.prepare(cfg)
+      sources.prepare(cfg)
       steps = min(args.reps, 10_000 // args.batch)
       start = time.perf_counter()
       for _ in pipeline.train_batches(

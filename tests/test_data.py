@@ -1,4 +1,4 @@
-"""Tests of the data layer: TF-free TFDS builders, the batch pipeline, and the augmentation.
+"""Tests of the data layer: TF-free TFDS builders, dataset sources, batches, augmentation.
 
 The embedded Fashion-MNIST subset is prepared once per test session into a temporary data dir;
 TFDS catalogue datasets are driven by `tfds.testing.mock_data` (whose data sources work for
@@ -7,6 +7,7 @@ TFDS catalogue datasets are driven by `tfds.testing.mock_data` (whose data sourc
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pathlib
@@ -18,14 +19,17 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image, ImageEnhance, ImageOps
 
+from pemn_jax.configs import common
 from pemn_jax.data import augment as A
-from pemn_jax.data import builders, pipeline
+from pemn_jax.data import builders, pipeline, sources
+from pemn_jax.data import image_ops as ops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _cfg(**fields):
-  cfg = pipeline.default_data_config()
+  cfg = common.base_config().data
+  cfg.name = 'fashion_mnist_embedded'
   cfg.prefetch = 1
   for k, v in fields.items():
     setattr(cfg, k, v)
@@ -34,15 +38,15 @@ def _cfg(**fields):
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-  pipeline.clear_cache()
+  sources.clear_cache()
   yield
-  pipeline.clear_cache()
+  sources.clear_cache()
 
 
 @pytest.fixture(scope='session')
 def embedded_dir(tmp_path_factory) -> str:
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  pipeline.prepare(_cfg(data_dir=data_dir))
+  sources.prepare(_cfg(data_dir=data_dir))
   return data_dir
 
 
@@ -68,11 +72,11 @@ def test_embedded_builder_prepares_and_reads(embedded_dir):
   builder = builders.FashionMnistEmbedded(data_dir=embedded_dir)
   assert builders.is_prepared(builder)
   assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
-  sources = builder.as_data_source()
-  assert len(sources['train']) == 10_000 and len(sources['test']) == 2_000
-  example = sources['test'][7]
+  splits = builder.as_data_source()
+  assert len(splits['train']) == 10_000 and len(splits['test']) == 2_000
+  example = splits['test'][7]
   assert example['image'].shape == (28, 28, 1) and example['image'].dtype == np.uint8
-  labels = np.array([sources['test'][i]['label'] for i in range(len(sources['test']))])
+  labels = np.array([splits['test'][i]['label'] for i in range(len(splits['test']))])
   assert labels.min() == 0 and labels.max() == 9
   assert np.all(np.bincount(labels) == 200)  # class-balanced subset
   # records are the shipped IDX files, in file order
@@ -81,25 +85,80 @@ def test_embedded_builder_prepares_and_reads(embedded_dir):
   np.testing.assert_array_equal(example['image'], images[7])
   # nothing half-written left behind
   assert not list(pathlib.Path(embedded_dir).glob('**/incomplete*'))
-  info = pipeline.get_dataset_info(_cfg(data_dir=embedded_dir))
+  info = sources.get_dataset_info(_cfg(data_dir=embedded_dir))
   assert (info.num_train, info.num_test, info.num_classes) == (10_000, 2_000, 10)
   assert info.image_shape == (28, 28, 1) and info.augment is False
 
 
-def test_default_config_needs_no_setup(tmp_path, monkeypatch):
-  cfg = pipeline.default_data_config()
-  assert cfg.name == 'fashion_mnist_embedded'
+def test_embedded_set_needs_no_setup(tmp_path, monkeypatch):
+  cfg = common.base_config().data
+  assert cfg.name == 'cifar10_jpeg'  # the one default of data.name
   assert cfg.data_dir is None and cfg.source_dir is None and cfg.source_path is None
   assert cfg.augment is None
+  cfg.name = 'fashion_mnist_embedded'  # every other field at its default
   monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
-  info = pipeline.prepare(cfg)  # prepared on first use into the user cache
+  info = sources.prepare(cfg)  # prepared on first use into the user cache
   assert info.data_dir == str(tmp_path / 'pemn_jax' / 'tensorflow_datasets')
   assert (tmp_path / 'pemn_jax' / 'tensorflow_datasets' / 'fashion_mnist_embedded').is_dir()
 
 
+def test_data_config_defaults_live_in_common():
+  defaults = common.base_config().data
+  # the recipe's switches in the config are AugmentOptions' defaults, field for field
+  assert defaults.augment_options.to_dict() == dataclasses.asdict(A.AugmentOptions())
+  assert defaults.prefetch == 2
+  # a partial config (a test's, an older artifact's) is completed from there
+  full = sources.complete({'name': 'mnist', 'augment_options': {'erase_prob': 0.5}})
+  assert full.name == 'mnist' and full.prefetch == 2 and full.augment is None
+  assert full.augment_options.erase_prob == 0.5 and full.augment_options.flip is True
+  assert sources.complete(None).to_dict() == defaults.to_dict()
+  assert sources.complete({'name': None}).name == 'cifar10_jpeg'  # None is the default
+  # the command line reaches the nested switches
+  cfg = common.with_overrides(
+    common.base_config(), ['--config.data.augment_options.randaugment_magnitude=9']
+  )
+  options = pipeline._augment_options(sources.complete(cfg.data).augment_options)
+  assert options == A.AugmentOptions(randaugment_magnitude=9)
+
+
+def test_partial_config_batches_equal_full_config_batches(embedded_dir):
+  partial = {'name': 'fashion_mnist_embedded', 'data_dir': embedded_dir, 'augment': True}
+  full = _cfg(data_dir=embedded_dir, augment=True)
+  args = dict(global_batch_size=16, seed=1, epoch=0, process_index=0, process_count=1)
+  a = pipeline.train_batches(partial, **args)
+  b = pipeline.train_batches(full, **args)
+  for _ in range(2):
+    x, y = next(a), next(b)
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+  a.close()
+  b.close()
+
+
+def test_image_shape_of_known_datasets_imports_no_tfds():
+  code = (
+    'import sys; from pemn_jax.data import sources; '
+    "assert 'tensorflow_datasets' not in sys.modules; "
+    "print(sources.image_shape({'name': 'cifar10'}), sources.image_shape({'name': 'mnist'}), "
+    'sources.image_shape(None)); '
+    "assert 'tensorflow_datasets' not in sys.modules"
+  )
+  out = subprocess.run(
+    [sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split('\n')[0] == '(32, 32, 3) (28, 28, 1) (32, 32, 3)'
+
+
+def test_image_shape_of_other_datasets_opens_them():
+  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+    # a catalogue dataset outside the table: its shape comes from its features
+    assert sources.image_shape({'name': 'emnist'}) == (28, 28, 1)
+
+
 def test_concurrent_preparation_from_two_processes(tmp_path):
   code = (
-    'import sys; from pemn_jax.data import pipeline as p; '
+    'import sys; from pemn_jax.data import sources as p; '
     "i = p.prepare({'name': 'fashion_mnist_embedded', 'data_dir': sys.argv[1]}); "
     'print(i.num_train, i.num_test)'
   )
@@ -151,7 +210,7 @@ def test_cifar10_jpeg_from_tiny_npz(tmp_path, monkeypatch):
   decoded, raw = _write_tiny_cifar_npz(tmp_path / 'tiny.npz')
   cfg = _cfg(name="cifar10_jpeg", data_dir=str(tmp_path / "tfds"),
                source_path=str(tmp_path / "tiny.npz"))  # fmt: skip
-  info = pipeline.prepare(cfg)
+  info = sources.prepare(cfg)
   assert (info.num_train, info.num_test, info.image_shape) == (12, 5, (32, 32, 3))
   assert info.augment is True and info.mean == (0.4914, 0.4822, 0.4465)
   # the test split read back in order equals Pillow's decoding of the JPEGs
@@ -164,9 +223,9 @@ def test_cifar10_jpeg_from_tiny_npz(tmp_path, monkeypatch):
   np.testing.assert_allclose(images, expected, atol=1e-5)
   np.testing.assert_array_equal(labels, raw['y_test'])
   # once prepared, the npz is no longer needed
-  pipeline.clear_cache()
+  sources.clear_cache()
   (tmp_path / 'tiny.npz').unlink()
-  assert pipeline.prepare(cfg).num_train == 12
+  assert sources.prepare(cfg).num_train == 12
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -181,7 +240,7 @@ def _train(cfg, **kw):
 def test_mock_catalogue_dataset_train_and_eval():
   with tfds.testing.mock_data(num_examples=37, policy=tfds.testing.MockPolicy.USE_CODE):
     cfg = _cfg(name='mnist')
-    info = pipeline.get_dataset_info(cfg)
+    info = sources.get_dataset_info(cfg)
     assert (info.num_train, info.num_test, info.image_shape) == (37, 37, (28, 28, 1))
     assert info.augment is False and info.std == (0.3081,)
     batches = _train(cfg, global_batch_size=8)
@@ -199,7 +258,7 @@ def test_mock_catalogue_dataset_train_and_eval():
 def test_train_order_is_a_function_of_seed_and_epoch_and_splits_over_processes():
   with tfds.testing.mock_data(num_examples=50, policy=tfds.testing.MockPolicy.USE_CODE):
     cfg = _cfg(name='cifar10')  # colour: augmentation on by default
-    assert pipeline.get_dataset_info(cfg).augment is True
+    assert sources.get_dataset_info(cfg).augment is True
     one = _train(cfg, global_batch_size=8, epoch=1)
     again = _train(cfg, global_batch_size=8, epoch=1)
     other_epoch = _train(cfg, global_batch_size=8, epoch=2)
@@ -232,7 +291,7 @@ def test_epoch_permutation_covers_each_index_once():
 
 def test_start_step_skips_without_reading(embedded_dir, monkeypatch):
   cfg = _cfg(data_dir=embedded_dir)
-  info = pipeline.prepare(cfg)
+  info = sources.prepare(cfg)
   steps = pipeline.steps_per_epoch(info, 1000)
   assert steps == 10
   reads = []
@@ -255,7 +314,7 @@ def test_start_step_skips_without_reading(embedded_dir, monkeypatch):
 
 def test_eval_covers_every_example_once_with_padding(embedded_dir):
   cfg = _cfg(data_dir=embedded_dir)
-  info = pipeline.prepare(cfg)
+  info = sources.prepare(cfg)
   builder = builders.FashionMnistEmbedded(data_dir=embedded_dir)
   test = builder.as_data_source(split='test')
   expected = A.normalize(np.stack([test[i]["image"] for i in range(len(test))]),
@@ -287,7 +346,7 @@ def test_fashion_mnist_full_from_source_dir(tmp_path):
     builders.write_idx(src / image_name, rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
     builders.write_idx(src / label_name, (np.arange(n) % 10).astype(np.uint8))
   cfg = _cfg(name='fashion_mnist', data_dir=str(tmp_path / 'tfds'), source_dir=str(src))
-  info = pipeline.prepare(cfg)
+  info = sources.prepare(cfg)
   assert (info.tfds_name, info.num_train, info.num_test) == ('fashion_mnist_local', 20, 6)
   assert info.mean == (0.2860,) and info.augment is False
 
@@ -299,16 +358,16 @@ def test_bad_config_errors_name_the_field(tmp_path, monkeypatch):
   monkeypatch.delenv(builders.CIFAR10_NPZ_ENV, raising=False)
   empty = str(tmp_path / 'empty')
   with pytest.raises(ValueError, match='data.name'):
-    pipeline.prepare(_cfg(name='no_such_dataset_xyz', data_dir=empty))
+    sources.prepare(_cfg(name='no_such_dataset_xyz', data_dir=empty))
   with pytest.raises(FileNotFoundError, match=r'data.data_dir.*no network'):
-    pipeline.prepare(_cfg(name='mnist', data_dir=empty))
+    sources.prepare(_cfg(name='mnist', data_dir=empty))
   with pytest.raises(FileNotFoundError, match='data.source_dir'):
-    pipeline.prepare(_cfg(name="fashion_mnist_local", data_dir=empty,
+    sources.prepare(_cfg(name="fashion_mnist_local", data_dir=empty,
                               source_dir=str(tmp_path / "nope")))  # fmt: skip
   with pytest.raises(ValueError, match=r'data.source_path.*PEMN_CIFAR10_NPZ'):
-    pipeline.prepare(_cfg(name='cifar10_jpeg', data_dir=empty))
+    sources.prepare(_cfg(name='cifar10_jpeg', data_dir=empty))
   with pytest.raises(FileNotFoundError, match='data.source_path'):
-    pipeline.prepare(_cfg(name="cifar10_jpeg", data_dir=empty,
+    sources.prepare(_cfg(name="cifar10_jpeg", data_dir=empty,
                               source_path=str(tmp_path / "x.npz")))  # fmt: skip
   with pytest.raises(ValueError, match='data.augment_options'):
     list(pipeline.train_batches(
@@ -322,7 +381,7 @@ def test_bad_config_errors_name_the_field(tmp_path, monkeypatch):
 def test_batch_size_errors_name_train_batch_size(embedded_dir):
   cfg = _cfg(data_dir=embedded_dir)
   with pytest.raises(ValueError, match='data.augment'):
-    pipeline.prepare({"name": "fashion_mnist_embedded", "data_dir": embedded_dir,
+    sources.prepare({"name": "fashion_mnist_embedded", "data_dir": embedded_dir,
                           "augment": "yes"})  # fmt: skip
   with pytest.raises(ValueError, match='train.batch_size'):
     pipeline.train_batches(cfg, global_batch_size=10, seed=0, epoch=0,
@@ -375,16 +434,16 @@ def test_augment_keeps_shape_dtype_range_and_is_deterministic(cifar_like):
                                A.normalize(cifar_like, mean, std))  # fmt: skip
 
 
-@pytest.mark.parametrize('op', A.OPS)
+@pytest.mark.parametrize('op', ops.OPS)
 def test_each_randaugment_op_keeps_shape_and_range(cifar_like, op):
   x = cifar_like.astype(np.float32)
-  mag = np.full(len(x), A.randaugment_magnitudes(12, 32, 32)[op])
-  for signed in (mag, -mag if op in A._SIGNED else mag):
-    y = A.apply_op(x, op, signed)
+  mag = np.full(len(x), ops.randaugment_magnitudes(12, 32, 32)[op])
+  for signed in (mag, -mag if op in ops.SIGNED_OPS else mag):
+    y = ops.apply_op(x, op, signed)
     assert y.shape == x.shape and y.dtype == np.float32
     assert y.min() >= 0 and y.max() <= 255
   gray = cifar_like[..., :1].astype(np.float32)  # one-channel images work too
-  assert A.apply_op(gray, op, mag).shape == gray.shape
+  assert ops.apply_op(gray, op, mag).shape == gray.shape
 
 
 def test_ops_match_pillow(cifar_like):
@@ -395,22 +454,22 @@ def test_ops_match_pillow(cifar_like):
   def stack(fn):
     return np.stack([np.asarray(fn(im)) for im in pil]).astype(np.float32)
 
-  np.testing.assert_array_equal(A.equalize(xf), stack(ImageOps.equalize))
-  np.testing.assert_array_equal(A.posterize(xf, 6), stack(lambda im: ImageOps.posterize(im, 6)))
-  np.testing.assert_array_equal(A.solarize(xf, 153), stack(lambda im: ImageOps.solarize(im, 153)))
+  np.testing.assert_array_equal(ops.equalize(xf), stack(ImageOps.equalize))
+  np.testing.assert_array_equal(ops.posterize(xf, 6), stack(lambda im: ImageOps.posterize(im, 6)))
+  np.testing.assert_array_equal(ops.solarize(xf, 153), stack(lambda im: ImageOps.solarize(im, 153)))
   # enhance ops: within PIL's uint8 rounding
   f = np.full(6, 1.36)
   for ours, theirs in (
-    (A.sharpness, ImageEnhance.Sharpness),
-    (A.saturation, ImageEnhance.Color),
-    (A.contrast, ImageEnhance.Contrast),
-    (A.brightness, ImageEnhance.Brightness),
+    (ops.sharpness, ImageEnhance.Sharpness),
+    (ops.saturation, ImageEnhance.Color),
+    (ops.contrast, ImageEnhance.Contrast),
+    (ops.brightness, ImageEnhance.Brightness),
   ):
     assert np.abs(ours(xf, f) - stack(lambda im, t=theirs: t(im).enhance(1.36))).max() <= 1.5
-  assert np.abs(A.autocontrast(xf) - stack(ImageOps.autocontrast)).max() <= 1.0
+  assert np.abs(ops.autocontrast(xf) - stack(ImageOps.autocontrast)).max() <= 1.0
   rotated = stack(lambda im: im.rotate(12, resample=Image.Resampling.NEAREST))
-  assert (A.apply_op(xf, 'Rotate', np.full(6, 12.0)) != rotated).mean() < 0.01
-  shifted = A.apply_op(xf, 'TranslateX', np.full(6, 5.8))  # truncated to 5 pixels
+  assert (ops.apply_op(xf, 'Rotate', np.full(6, 12.0)) != rotated).mean() < 0.01
+  shifted = ops.apply_op(xf, 'TranslateX', np.full(6, 5.8))  # truncated to 5 pixels
   np.testing.assert_array_equal(shifted[:, :, 5:], xf[:, :, :-5])
   assert np.all(shifted[:, :, :5] == 0)
 
@@ -444,11 +503,14 @@ def test_make_embedded_dataset_is_reproducible(tmp_path):
   assert os.path.getsize(builders.embedded_source_dir() / 'train-images-idx3-ubyte.gz') < 5e6
 
 
-def test_jax_augmentation_matches_numpy(cifar_like):
+def test_jax_augmentation_matches_numpy(cifar_like, monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO))  # the benchmark's JAX twin lives in experiments/
+  from experiments import augment_jax
+
   u = A.example_uniforms(1, 0, np.arange(len(cifar_like)))
-  mean, std = pipeline.KNOWN_STATS['cifar10']
+  mean, std = sources.KNOWN_STATS['cifar10']
   ours = A.augment_batch(cifar_like, u, mean, std)
-  on_device = np.asarray(A.augment_batch_jax(cifar_like, u, mean, std))
+  on_device = np.asarray(augment_jax.augment_batch_jax(cifar_like, u, mean, std))
   assert on_device.shape == ours.shape and on_device.dtype == np.float32
   # same uniforms, same recipe: equal up to float32 rounding
   assert np.mean(np.abs(on_device - ours) > 1e-3) < 0.01

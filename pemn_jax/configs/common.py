@@ -20,7 +20,8 @@ Fields:
   strategy.rp_ratio: r of random vector padding, in (0, 1].
   strategy.keep_fraction: fraction of each layer's weights KEPT by the mask, in (0, 1].
   strategy.score_abs: rank |score| (reference code) or the raw score (paper's equation).
-  data.*: see ``pemn_jax.data.pipeline``.
+  data.*: the dataset, its augmentation and input pipeline (``pemn_jax.data``); each field
+    is commented where it is set below. ``data.augment_options.*`` are the recipe's switches.
   train.*: see ``pemn_jax.train``.
 """
 
@@ -62,11 +63,26 @@ def base_config() -> ml_collections.ConfigDict:
   c.strategy.score_abs = True
 
   c.data = ml_collections.ConfigDict()
+  # our builders: fashion_mnist_embedded (shipped subset), fashion_mnist, fashion_mnist_local,
+  # cifar10_jpeg; or a TFDS catalogue name prepared as array_record in data_dir
   c.data.name = 'cifar10_jpeg'
+  # TFDS data dir (None: ours prepare into ~/.cache/pemn_jax/tensorflow_datasets)
   c.data.data_dir = config_dict.placeholder(str)
+  # the Fashion-MNIST IDX files (None: /usr/share/datasets/fashion-mnist)
   c.data.source_dir = config_dict.placeholder(str)
+  # the CIFAR-10 JPEG npz, needed only to prepare cifar10_jpeg (None: $PEMN_CIFAR10_NPZ)
   c.data.source_path = config_dict.placeholder(str)
+  # augment training batches (None: on for colour datasets such as CIFAR, off for MNIST-like)
   c.data.augment = config_dict.placeholder(bool)
+  # batches (train and eval) built ahead in a background thread (0: synchronous)
+  c.data.prefetch = 2
+  # the augmentation recipe's switches (``pemn_jax.data.augment.AugmentOptions``, same defaults)
+  c.data.augment_options = ml_collections.ConfigDict()
+  c.data.augment_options.flip = True  # random horizontal flip, p = 0.5
+  c.data.augment_options.randaugment_num_ops = 2  # RandAugment ops per image, 0..4 (0: off)
+  c.data.augment_options.randaugment_magnitude = 12  # RandAugment magnitude bin, 0..30
+  c.data.augment_options.color_jitter = 0.2  # brightness/contrast/saturation, [0, 1) (0: off)
+  c.data.augment_options.erase_prob = 0.2  # random-erasing probability (0: off)
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 512
