@@ -1,19 +1,22 @@
-"""The native depthwise kernels (pemn_jax.native): they load, they are exact, they fall back.
+"""The native kernels (pemn_jax.native): they load, they are exact, they fall back.
 
 Values and gradients against brute-force float64 loops and XLA's conv, on shapes that reach
-every code path of ``depthwise.cc``: compile-time tap counts (3, 5, 7, 9) and the runtime one,
+every code path of ``kernels.cc``: compile-time tap counts (3, 5, 7, 9) and the runtime one,
 channel counts that leave a partial vector block, several kernel-gradient batch groups, pads
 that are one-sided, wider than the kernel, or negative (crops). Also: the build cache, the
-``PEMN_JAX_NATIVE=0`` switch, the errors of ``model.conv_impl='native'``, and the per-shard
-calls under a data-parallel mesh (8 host devices, in a subprocess).
+``model.native_kernels`` switch (``parse_kernels``, the ``kernels`` context at trace time, the
+translation of the legacy environment variables), the errors of ``model.conv_impl='native'``,
+and the per-shard calls under a data-parallel mesh (8 host devices, in a subprocess).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import chex
 import jax
@@ -31,11 +34,9 @@ TOL = dict(rtol=2e-5, atol=2e-5)
 
 def test_native_kernels_load_on_this_machine():
   # CI builds them with the machine's g++; a silent fallback would hide a broken build.
-  if os.environ.get('PEMN_JAX_NATIVE', '1') == '0':
-    pytest.skip('disabled by PEMN_JAX_NATIVE=0')
   assert native.available(), native.unavailable_reason()
   assert native.unavailable_reason() is None
-  assert os.path.exists(native._state['path'])
+  assert os.path.exists(native.build._state['path'])
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_native_matches_brute_force(ksize, c, pads):
 def test_native_kernel_grad_groups(batch):
   """The kernel gradient's batch groups (several for narrow layers) sum to the full gradient."""
   native.available() or pytest.skip(native.unavailable_reason())
-  assert batch % native._groups(batch, 8) == 0
+  assert batch % native.ops._groups(batch, 8) == 0
   x, kernel = _inputs((batch, 6, 5, 8), (3, 3), seed=batch)
   cot = jax.random.normal(jax.random.key(0), x.shape)
   dk = jax.jit(lambda x, g: native.depthwise_kernel_grad(x, g, (1, 1), 3, 3))(x, cot)
@@ -99,9 +100,7 @@ def test_native_impl_errors_name_the_field(monkeypatch):
   if native.available():
     with pytest.raises(ValueError, match=r"model.conv_impl='native' computes in float32"):
       ops.conv(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), (1, 1), 'SAME', 4, 'native')
-  monkeypatch.setitem(native._state, 'tried', True)
-  monkeypatch.setitem(native._state, 'ok', False)
-  monkeypatch.setitem(native._state, 'reason', 'RuntimeError: no C++ compiler')
+  _pretend_unavailable(monkeypatch)
   with pytest.raises(ValueError, match=r"conv_impl='native' needs the native kernels.*no C\+\+"):
     ops.conv(x, kernel, (1, 1), 'SAME', 4, 'native')
   # 'auto' falls back to the XLA formulation, with the same values.
@@ -125,6 +124,12 @@ def test_validate_config_rejects_native_with_bfloat16():
     build.validate_config(ml_collections.ConfigDict(config))
 
 
+def _pretend_unavailable(monkeypatch):
+  monkeypatch.setitem(native.build._state, 'tried', True)
+  monkeypatch.setitem(native.build._state, 'ok', False)
+  monkeypatch.setitem(native.build._state, 'reason', 'RuntimeError: no C++ compiler')
+
+
 def _run(code: str, **env) -> str:
   proc = subprocess.run(
     [sys.executable, '-c', textwrap.dedent(code)],
@@ -140,7 +145,8 @@ def _run(code: str, **env) -> str:
 
 @pytest.mark.slow
 def test_build_cache_and_switch(tmp_path):
-  """A fresh cache dir gets one complete library (no temp files left); the switch disables."""
+  """A fresh cache dir gets one complete library (no temp files left), readable by all; the
+  legacy environment switch no longer reaches the build (the config field decides)."""
   native.available() or pytest.skip(native.unavailable_reason())
   code = """
       from pemn_jax import native
@@ -150,10 +156,13 @@ def test_build_cache_and_switch(tmp_path):
   assert out.split() == ['True', 'None']
   files = os.listdir(tmp_path)
   assert len(files) == 1 and files[0].startswith('kernels-') and files[0].endswith('.so')
+  assert os.stat(tmp_path / files[0]).st_mode & 0o444 == 0o444
   assert _run(code, PEMN_JAX_CACHE_DIR=str(tmp_path)).split() == ['True', 'None']  # cached
   assert os.listdir(tmp_path) == files
-  out = _run(code, PEMN_JAX_NATIVE='0')
-  assert out.startswith('False RuntimeError: disabled by PEMN_JAX_NATIVE')
+  assert _run(code, PEMN_JAX_CACHE_DIR=str(tmp_path), PEMN_JAX_NATIVE='0').split() == [
+    'True',
+    'None',
+  ]
   # A compiler that fails: a one-line reason, the XLA path, nothing left in the cache.
   broken = tmp_path / 'broken'
   out = _run(code, PEMN_JAX_CACHE_DIR=str(broken), CXX='false')
@@ -170,13 +179,13 @@ def test_native_under_data_parallel_mesh():
     """
       import jax, jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec as P
-      from pemn_jax import ops, train
-      mesh, rep, batch = train.mesh_and_shardings()
+      from pemn_jax import ops, steps
+      mesh, rep, batch = steps.mesh_and_shardings()
       x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 8, 8, 32)), batch)
       k = jax.device_put(jax.random.normal(jax.random.key(1), (3, 3, 1, 32)), rep)
       loss = lambda impl: lambda x, k: jnp.sum(jnp.sin(ops.conv(x, k, (1, 1), 'SAME', 32, impl)))
       grad = jax.grad(loss('auto'), argnums=(0, 1))
-      f = jax.jit(train.in_mesh(grad, mesh), in_shardings=(batch, rep))
+      f = jax.jit(steps.in_mesh(grad, mesh), in_shardings=(batch, rep))
       hlo = f.lower(x, k).compile().as_text()
       dx, dk = f(x, k)
       rdx, rdk = jax.grad(loss('xla'), argnums=(0, 1))(x, k)
@@ -307,16 +316,182 @@ def test_native_off_switch_and_require(monkeypatch):
   native.available() or pytest.skip(native.unavailable_reason())
   x = jnp.ones((2, 3, 3, 8))
   assert native.usable(x, feature='gelu_bn') and native.topk_usable(x)
-  monkeypatch.setenv('PEMN_JAX_NATIVE_OFF', 'gelu_bn, topk')
-  assert not native.usable(x, feature='gelu_bn') and not native.topk_usable(x)
-  assert native.usable(x, feature='depthwise')
+  with native.kernels('depthwise'):
+    assert not native.usable(x, feature='gelu_bn') and not native.topk_usable(x)
+    assert native.usable(x, feature='depthwise')
   with pytest.raises(ValueError, match='feature must be one of'):
     native.enabled('gelu')
-  monkeypatch.setitem(native._state, 'tried', True)
-  monkeypatch.setitem(native._state, 'ok', False)
-  monkeypatch.setitem(native._state, 'reason', 'RuntimeError: no C++ compiler')
+  _pretend_unavailable(monkeypatch)
   with pytest.raises(RuntimeError, match='kernels are unavailable: RuntimeError: no C'):
     native.topk_mask(x, 3)
+
+
+# ---- The model.native_kernels switch -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'spec, want',
+  [
+    ('auto', {'depthwise', 'topk', 'gelu_bn'}),
+    ('none', set()),
+    ('depthwise,topk', {'depthwise', 'topk'}),
+    (' gelu_bn , topk ', {'gelu_bn', 'topk'}),
+    ('topk', {'topk'}),
+    ('topk,topk', {'topk'}),
+  ],
+)
+def test_parse_kernels(spec, want):
+  assert native.parse_kernels(spec) == frozenset(want)
+  assert native.parse_kernels('auto') == frozenset(native.FEATURES)
+
+
+@pytest.mark.parametrize(
+  'spec, bad',
+  [
+    ('gelu', 'gelu'),
+    ('depthwise,gelu', 'gelu'),
+    ('auto,topk', 'auto'),  # 'auto' and 'none' stand alone
+    ('none,topk', 'none'),
+    ('', ''),
+    ('topk,', ''),
+    ('Auto', 'Auto'),
+    (None, None),
+  ],
+)
+def test_parse_kernels_rejects_naming_the_field(spec, bad):
+  with pytest.raises(ValueError) as e:
+    native.parse_kernels(spec)
+  msg = str(e.value)
+  assert msg.startswith('model.native_kernels must be ') and f'got {bad!r}' in msg
+  assert "'auto', 'none'" in msg and str(native.FEATURES) in msg
+
+
+def _enabled_set() -> set[str]:
+  return {f for f in native.FEATURES if native.enabled(f)}
+
+
+def test_kernels_context_nests_and_restores(monkeypatch):
+  # enabled() without a compiled library: the switch is independent of the build.
+  monkeypatch.setitem(native.build._state, 'tried', True)
+  monkeypatch.setitem(native.build._state, 'ok', True)
+  everything = set(native.FEATURES)
+  assert _enabled_set() == everything  # the default, outside any context
+  with native.kernels('none') as active:
+    assert active == frozenset() and _enabled_set() == set()
+    with native.kernels('topk,gelu_bn'):
+      assert _enabled_set() == {'topk', 'gelu_bn'}
+      with pytest.raises(KeyError):
+        with native.kernels('depthwise'):
+          assert _enabled_set() == {'depthwise'}
+          raise KeyError('restored on the way out')
+      assert _enabled_set() == {'topk', 'gelu_bn'}
+      with native.kernels('auto'):
+        assert _enabled_set() == everything
+    assert _enabled_set() == set()
+    # A new thread starts from the default, not from this thread's context.
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(_enabled_set()))
+    thread.start()
+    thread.join()
+    assert seen == [everything]
+  assert _enabled_set() == everything
+  with pytest.raises(ValueError, match='model.native_kernels'):
+    with native.kernels('gelu'):
+      pass
+  assert _enabled_set() == everything
+  # No library, no kernel, whatever the spec.
+  _pretend_unavailable(monkeypatch)
+  with native.kernels('auto'):
+    assert _enabled_set() == set()
+
+
+@pytest.mark.parametrize(
+  'env, want',
+  [
+    ({}, None),
+    ({'HOME': '/x'}, None),
+    ({'PEMN_JAX_NATIVE': '1'}, None),
+    ({'PEMN_JAX_NATIVE': ''}, None),
+    ({'PEMN_JAX_NATIVE': 'on'}, None),
+    ({'PEMN_JAX_NATIVE_OFF': ''}, None),
+    ({'PEMN_JAX_NATIVE_OFF': ' , '}, None),
+    ({'PEMN_JAX_NATIVE': '0'}, 'none'),
+    ({'PEMN_JAX_NATIVE': 'False'}, 'none'),
+    ({'PEMN_JAX_NATIVE': 'no'}, 'none'),
+    ({'PEMN_JAX_NATIVE': ' OFF '}, 'none'),
+    ({'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}, 'depthwise,topk'),
+    ({'PEMN_JAX_NATIVE_OFF': 'topk, depthwise'}, 'gelu_bn'),
+    ({'PEMN_JAX_NATIVE_OFF': 'depthwise,topk,gelu_bn'}, 'none'),
+    ({'PEMN_JAX_NATIVE': '0', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'none'),
+    ({'PEMN_JAX_NATIVE': '1', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'depthwise,gelu_bn'),
+  ],
+)
+def test_kernels_from_env(env, want):
+  got = native.kernels_from_env(env)
+  assert got == want
+  if got is not None:
+    native.parse_kernels(got)
+
+
+@pytest.mark.parametrize(
+  'env, match',
+  [
+    ({'PEMN_JAX_NATIVE': 'maybe'}, r"PEMN_JAX_NATIVE must be one of .*got 'maybe'"),
+    ({'PEMN_JAX_NATIVE_OFF': 'topk,gelu'}, r"PEMN_JAX_NATIVE_OFF must be .*'gelu' in 'topk,gelu'"),
+    ({'PEMN_JAX_NATIVE_OFF': 'none'}, r"PEMN_JAX_NATIVE_OFF must be .*got 'none'"),
+  ],
+)
+def test_kernels_from_env_rejects(env, match):
+  with pytest.raises(ValueError, match=match):
+    native.kernels_from_env(env)
+
+
+def _site_programs() -> dict:
+  """Per feature, a function that traces (with a fresh jit) the caller that picks it: the masks'
+  ``masking.topk_mask``, ``ops.conv`` with its gradient, and ``layers.gelu_batch_norm`` in
+  training; each returns the lowered program's text."""
+  import flax.linen as nn
+
+  from pemn_jax import layers, masking
+
+  class GeluBn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return layers.gelu_batch_norm(True)(name='bn')(x)
+
+  x = jax.random.normal(jax.random.key(0), (4, 6, 6, 8))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 1, 8))
+  scores = jax.random.normal(jax.random.key(2), (32, 16))
+  with native.kernels('none'):  # same variables on both paths; no kernel needed to make them
+    v = GeluBn().init(jax.random.key(3), x)
+  conv_loss = lambda x, k: jnp.sum(jnp.sin(ops.conv(x, k, (1, 1), 'SAME', 8)))
+  return {
+    'topk': lambda: jax.jit(lambda s: masking.topk_mask(s, 0.5)).lower(scores).as_text(),
+    'depthwise': lambda: jax.jit(jax.grad(conv_loss, argnums=(0, 1))).lower(x, k).as_text(),
+    'gelu_bn': lambda: (
+      jax.jit(lambda x: GeluBn().apply(v, x, mutable=['batch_stats'])).lower(x).as_text()
+    ),
+  }
+
+
+def test_kernels_none_traces_pure_xla():
+  """Under ``kernels('none')`` no caller emits a native custom call (compiler or not)."""
+  for feature, program in _site_programs().items():
+    with native.kernels('none'):
+      text = program()
+    assert 'pemn_' not in text, feature
+
+
+@pytest.mark.parametrize('spec', [None, 'auto', 'depthwise', 'topk', 'gelu_bn', 'depthwise,topk'])
+def test_kernels_spec_picks_the_native_sites(spec):
+  """Each caller takes its kernel exactly when the active spec (default: all) names it."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  programs = _site_programs()
+  with native.kernels(spec) if spec else contextlib.nullcontext():
+    texts = {feature: program() for feature, program in programs.items()}
+  on = native.parse_kernels(spec or 'auto')
+  for feature, text in texts.items():
+    assert ('pemn_' in text) == (feature in on), feature
 
 
 @pytest.mark.slow
@@ -327,8 +502,8 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh():
     """
       import jax, jax.numpy as jnp
       import flax.linen as nn
-      from pemn_jax import layers, train
-      mesh, rep, batch = train.mesh_and_shardings()
+      from pemn_jax import layers, steps
+      mesh, rep, batch = steps.mesh_and_shardings()
       class M(nn.Module):
         @nn.compact
         def __call__(self, x):
@@ -341,7 +516,7 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh():
                            mutable=['batch_stats'])
         return jnp.sum(y * cot), upd
       g = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)
-      sharded = jax.jit(train.in_mesh(g, mesh), in_shardings=(rep, batch))
+      sharded = jax.jit(steps.in_mesh(g, mesh), in_shardings=(rep, batch))
       hlo = sharded.lower(v['params'], x).compile().as_text()
       (val, upd), grads = sharded(v['params'], jax.device_put(x, batch))
       (val1, upd1), grads1 = jax.jit(g)(v['params'], x)  # no mesh: plain Flax path

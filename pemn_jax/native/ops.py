@@ -1,0 +1,317 @@
+"""When a native kernel is used, and the JAX ops that call it (with their VJPs).
+
+Which kernels are on is a value, ``model.native_kernels``: ``'auto'`` (every kernel in
+``FEATURES``, where usable: the default), ``'none'`` (pure XLA) or a comma-separated subset of
+``FEATURES`` (``'depthwise,topk'``). ``parse_kernels`` validates it; ``kernels(spec)`` makes it
+the active set while a function is traced; ``enabled(feature)`` asks whether ``feature`` is in
+the active set (all of ``FEATURES`` outside any ``kernels`` context) and the library is
+``available()``.
+
+The switch applies at trace time: ``pemn_jax.ops``, ``masking`` and ``layers`` pick the native
+or the XLA formulation while JAX traces them, and ``jax.jit`` caches a trace by function (and
+argument types), not by this switch. So trace inside the context and create a fresh jitted
+function per setting, e.g. ``with native.kernels('none'): jax.jit(step).lower(...)`` with a new
+``jax.jit(step)`` for each spec (the trainer does); a function jitted and traced under one
+setting keeps it when called under another. The active set lives in a ``contextvars``
+variable: nestable, restored on exit (exceptions included), and a new thread starts from the
+default.
+
+The legacy environment switches (``PEMN_JAX_NATIVE=0``: all off; ``PEMN_JAX_NATIVE_OFF=a,b``:
+those off) are not read here: ``kernels_from_env`` translates them into a spec, which the
+command-line entry point puts into ``model.native_kernels``.
+
+Data parallelism: XLA's partitioner cannot split an opaque custom call, so it would gather the
+whole batch onto every device (the masks' inputs are replicated parameters: no issue there).
+Under a mesh with a ``'data'`` axis (``jax.sharding.use_abstract_mesh``, as the training loop's
+``steps.in_mesh`` sets), each conv and GELU+BN call runs per shard through ``jax.shard_map``
+(the depthwise kernel gradient and the GELU+BN statistics then ``psum`` over ``'data'``); with
+several devices and no such mesh, ``usable`` is false and the XLA formulation is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+from collections.abc import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from pemn_jax.native.build import available, unavailable_reason
+
+FEATURES = ('depthwise', 'topk', 'gelu_bn')
+DATA_AXIS = 'data'
+FIELD = 'model.native_kernels'
+
+_ALL = frozenset(FEATURES)
+_active: contextvars.ContextVar[frozenset[str]] = contextvars.ContextVar(
+  'pemn_jax_native_kernels', default=_ALL
+)
+
+
+# ---- The switch ---------------------------------------------------------------------------
+
+
+def _spec_error(spec, bad) -> ValueError:
+  return ValueError(
+    f"{FIELD} must be 'auto', 'none' or comma-separated names from {FEATURES}; "
+    f'got {bad!r}' + (f' in {spec!r}' if bad != spec else '')
+  )
+
+
+def parse_kernels(spec: str) -> frozenset[str]:
+  """The kernels a ``model.native_kernels`` spec turns on.
+
+  Args:
+    spec: ``'auto'`` (all of ``FEATURES``), ``'none'`` (no kernel: pure XLA), or a
+      comma-separated subset of ``FEATURES`` (spaces around names are ignored).
+
+  Raises:
+    ValueError: naming ``model.native_kernels``, the bad item and the allowed values.
+  """
+  if not isinstance(spec, str):
+    raise _spec_error(spec, spec)
+  if spec.strip() == 'auto':
+    return _ALL
+  if spec.strip() == 'none':
+    return frozenset()
+  names = [name.strip() for name in spec.split(',')]
+  for name in names:
+    if name not in _ALL:  # 'auto' and 'none' only stand alone; '' is a stray comma
+      raise _spec_error(spec, name)
+  return frozenset(names)
+
+
+@contextlib.contextmanager
+def kernels(spec: str) -> Iterator[frozenset[str]]:
+  """Within this context, only the kernels of ``spec`` (see ``parse_kernels``) are enabled.
+
+  It applies to what is traced inside it (see the module docstring: use a fresh jitted
+  function per setting). Nestable: the innermost spec wins, and each exit, by exception too,
+  restores the set that was active before. Yields the active set.
+  """
+  token = _active.set(parse_kernels(spec))
+  try:
+    yield _active.get()
+  finally:
+    _active.reset(token)
+
+
+_OFF_VALUES = ('0', 'false', 'no', 'off')
+_ON_VALUES = ('', '1', 'true', 'yes', 'on')
+
+
+def kernels_from_env(environ: Mapping[str, str]) -> str | None:
+  """The ``model.native_kernels`` spec the legacy environment variables ask for, or None.
+
+  ``PEMN_JAX_NATIVE=0`` (or false/no/off) gives ``'none'``; ``PEMN_JAX_NATIVE_OFF=a,b`` gives
+  ``FEATURES`` minus those (``'none'`` when that leaves nothing); both unset (or empty, or
+  ``PEMN_JAX_NATIVE=1`` alone) gives None: the config decides.
+
+  Raises:
+    ValueError: naming the variable, for a value of ``PEMN_JAX_NATIVE`` that is neither on nor
+      off, or a name in ``PEMN_JAX_NATIVE_OFF`` that is not in ``FEATURES``.
+  """
+  switch = environ.get('PEMN_JAX_NATIVE', '').strip().lower()
+  if switch in _OFF_VALUES:
+    return 'none'
+  if switch not in _ON_VALUES:
+    raise ValueError(
+      f'PEMN_JAX_NATIVE must be one of {_OFF_VALUES} (all native kernels off) or '
+      f'{_ON_VALUES[1:]}; got {environ["PEMN_JAX_NATIVE"]!r}'
+    )
+  raw = environ.get('PEMN_JAX_NATIVE_OFF', '')
+  off = {name.strip() for name in raw.split(',') if name.strip()}
+  if not off:
+    return None
+  for name in sorted(off):
+    if name not in _ALL:
+      raise ValueError(
+        f'PEMN_JAX_NATIVE_OFF must be comma-separated names from {FEATURES}; '
+        f'got {name!r} in {raw!r}'
+      )
+  spec = ','.join(f for f in FEATURES if f not in off) or 'none'
+  parse_kernels(spec)  # by construction valid: the same check as the config field's
+  return spec
+
+
+# ---- Dispatch -----------------------------------------------------------------------------
+
+
+def enabled(feature: str) -> bool:
+  """``feature`` (one of ``FEATURES``) is in the active set (``kernels``; all outside any
+  context) and the library is ``available()`` (not compiled when the feature is off)."""
+  if feature not in _ALL:
+    raise ValueError(f'feature must be one of {FEATURES}, got {feature!r}')
+  return feature in _active.get() and available()
+
+
+def _data_mesh(batch: int):
+  """The current mesh if it splits the batch over ``'data'``, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or DATA_AXIS not in mesh.axis_names:
+    return None
+  size = mesh.shape[DATA_AXIS]
+  return mesh if size > 1 and batch % size == 0 else None
+
+
+def usable(x, *others, feature: str = 'depthwise') -> bool:
+  """Whether a native call on batch-major ``x`` is valid and efficient here: ``feature``
+  enabled, float32 (``x`` and ``others``) on the CPU backend, and either one device or a mesh
+  that splits this batch over ``'data'`` (see the module docstring)."""
+  if any(a.dtype != np.float32 for a in (x, *others)):
+    return False
+  if jax.default_backend() != 'cpu' or not enabled(feature):
+    return False
+  return jax.device_count() == 1 or _data_mesh(x.shape[0]) is not None
+
+
+def topk_usable(x) -> bool:
+  """Whether ``topk_mask`` applies: float32 on the CPU backend, ``'topk'`` enabled."""
+  return (
+    x.dtype == np.float32 and x.size < 2**31 and jax.default_backend() == 'cpu' and enabled('topk')
+  )
+
+
+def _per_shard(fn, x, *args, batch_args=0, reduce=False):
+  """``fn(x, *args)`` on each 'data' shard of the current mesh (if any). The first
+  ``batch_args`` of ``args`` are batch-major like ``x``, the rest replicated; ``reduce``: the
+  result is a sum over the batch (psum-ed, replicated), else batch-major."""
+  mesh = _data_mesh(x.shape[0])
+  if mesh is None:
+    return fn(x, *args)
+  specs = (P(DATA_AXIS),) * (1 + batch_args) + (P(),) * (len(args) - batch_args)
+  body = (lambda *a: jax.lax.psum(fn(*a), DATA_AXIS)) if reduce else fn
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P() if reduce else P(DATA_AXIS))(
+    x, *args
+  )
+
+
+def _require() -> None:
+  if not available():
+    raise RuntimeError(f'pemn_jax.native kernels are unavailable: {unavailable_reason()}')
+
+
+def _call(target, shape, *args, **attrs):
+  """One float32 result of shape ``shape`` from FFI target ``target`` (int attributes)."""
+  _require()
+  return jax.ffi.ffi_call(
+    target, jax.ShapeDtypeStruct(shape, np.float32), vmap_method='sequential'
+  )(*args, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+# ---- Depthwise conv -----------------------------------------------------------------------
+
+
+def _ffi_fwd(x, kernel, pad_lo, out_hw):
+  n, c = x.shape[0], x.shape[-1]
+  return _call(
+    'pemn_dw_fwd',
+    (n, *out_hw, c),
+    x,
+    kernel.reshape(kernel.shape[0], kernel.shape[1], c),
+    pad_h=pad_lo[0],
+    pad_w=pad_lo[1],
+  )
+
+
+def _groups(n: int, c: int) -> int:
+  """Batch groups of the kernel gradient: its work items are (group, channel block) pairs, so
+  narrow layers get more groups (about 32 items in all, counting 8-channel blocks) and wide ones
+  a single group."""
+  want = max(1, 32 // -(-c // 8))
+  return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
+
+
+def _ffi_kgrad(x, g, pad_lo, kh, kw):
+  n, c = x.shape[0], x.shape[-1]
+  return _call(
+    'pemn_dw_kgrad', (_groups(n, c), kh, kw, c), x, g, pad_h=pad_lo[0], pad_w=pad_lo[1]
+  ).sum(0)
+
+
+def depthwise(x, kernel, pad_lo, out_hw):
+  """``y[n, p, q, c] = sum_ij x[n, p + i - pad_lo[0], q + j - pad_lo[1], c] * kernel[i, j, 0, c]``
+  with ``x`` read as zero outside its bounds; ``out_hw`` sets the output size (so trailing pads
+  are implied, and negative pads crop). Float32, NHWC, kernel ``(kh, kw, 1, C)``."""
+  return _per_shard(lambda x, k: _ffi_fwd(x, k, pad_lo, out_hw), x, kernel)
+
+
+def depthwise_kernel_grad(x, g, pad_lo, kh, kw):
+  """``dk[i, j, 0, c] = sum_{n,p,q} x[n, p + i - pad_lo[0], q + j - pad_lo[1], c] * g[n, p, q, c]``
+  (zero outside ``x``), shape ``(kh, kw, 1, C)``: the kernel gradient of ``depthwise``."""
+  out = _per_shard(lambda x, g: _ffi_kgrad(x, g, pad_lo, kh, kw), x, g, batch_args=1, reduce=True)
+  return out.reshape(kh, kw, 1, x.shape[-1])
+
+
+# ---- Top-k mask ---------------------------------------------------------------------------
+
+
+def topk_mask(x, kept: int):
+  """0/1 mask shaped like ``x`` keeping its ``kept`` largest entries (flat), exactly the set
+  ``lax.top_k`` returns: XLA's total order on floats, ties kept in index order."""
+  return _call('pemn_topk_mask', x.shape, x, kept=kept)
+
+
+# ---- GELU -> BatchNorm (training) ---------------------------------------------------------
+
+
+def gelu_batch_stats(x):
+  """(mean, var) over all but the last axis of ``gelu(x)`` (exact erf GELU), float32: Flax's
+  batch statistics (``var = E[z^2] - E[z]^2``, clipped at 0), summed over every 'data' shard."""
+  c = x.shape[-1]
+  sums = _per_shard(lambda x: _call('pemn_gelu_stats', (2, c), x), x, reduce=True)
+  count = x.size // c
+  mean = sums[0] / count
+  return mean, jnp.maximum(sums[1] / count - mean * mean, 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def gelu_batch_norm(x, scale, bias, mean, var, epsilon: float):
+  """``BatchNorm(gelu(x))`` in training, given ``(mean, var) = gelu_batch_stats(x)``.
+
+  The VJP is that of a BatchNorm whose statistics are functions of ``x`` (as in Flax); ``mean``
+  and ``var`` get a zero cotangent, so pass them as computed from this ``x``.
+  """
+  rstd = jax.lax.rsqrt(var + epsilon)
+  mul = scale * rstd
+  coef = jnp.stack([mul, bias - mean * mul])
+  return _per_shard(lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef), x, coef)
+
+
+def _gelu_bn_fwd(x, scale, bias, mean, var, epsilon):
+  return gelu_batch_norm(x, scale, bias, mean, var, epsilon), (x, scale, mean, var)
+
+
+def _gelu_bn_bwd(epsilon, res, dy):
+  x, scale, mean, var = res
+  c = x.shape[-1]
+  count = x.size // c
+  rstd = jax.lax.rsqrt(var + epsilon)
+  sums = _per_shard(
+    lambda x, dy, coef: _call('pemn_gelu_bn_bstats', (2, c), x, dy, coef),
+    x,
+    dy,
+    jnp.stack([mean, rstd]),
+    batch_args=1,
+    reduce=True,
+  )
+  dbias, dscale = sums[0], sums[1]  # sum dy, sum dy * zhat
+  # dz = k (dy - dbias / m - zhat dscale / m) with zhat = (z - mean) rstd: affine in dy and z.
+  k = scale * rstd
+  c1 = -k * rstd * dscale / count
+  c0 = -k * dbias / count - c1 * mean
+  dx = _per_shard(
+    lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef),
+    x,
+    dy,
+    jnp.stack([k, c0, c1]),
+    batch_args=1,
+  )
+  return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var)
+
+
+gelu_batch_norm.defvjp(_gelu_bn_fwd, _gelu_bn_bwd)
