@@ -4,11 +4,12 @@ each choice, side by side.
   python experiments/bench_remat.py [--compare remat|native] [--steps N] [--rounds N]
                                     [--rows 0,1,2,3] [--json]
 
-``--compare native`` measures instead the pure-XLA step (``PEMN_JAX_NATIVE=0``: XLA's conv
-formulations, TopK, GELU and BatchNorm), the step with every ``pemn_jax.native`` kernel but
-the fused GELU+BatchNorm (``PEMN_JAX_NATIVE_OFF=gelu_bn``), the default step with all of them,
-and the latter with ``remat_blocks=save_convs``, the same way (one process per variant,
-alternated).
+``--compare native`` measures instead the pure-XLA step (``model.native_kernels=none``: XLA's
+conv formulations, TopK, GELU and BatchNorm), the step with every ``pemn_jax.native`` kernel but
+the fused GELU+BatchNorm (``model.native_kernels=depthwise,topk``), the default step with all of
+them (``auto``), and the latter with ``remat_blocks=save_convs``, the same way (one process per
+variant, alternated). Each variant is a list of ``--config.FIELD=VALUE`` overrides passed to its
+process.
 
 ``model.remat_blocks`` ('save_convs' or 'full') runs a ConvMixer's or ViT's identical blocks as
 one ``lax.scan`` with a rematerialised body (``pemn_jax.models.remat``): the backward keeps each
@@ -17,7 +18,7 @@ block at a time.
 It trades recomputation for memory, so this measures, for three ConvMixer sizes and a ViT at
 batch 128, 'none' (the default), 'save_convs' and 'full':
 
-  * ConvMixer-256/8, patch 2, 32x32x3 (issue 5's benchmark model);
+  * ConvMixer-256/8, patch 2, 32x32x3 (the default model of ``bench_step.py``);
   * ConvMixer-128/4, patch 4, 32x32x3 (the CIFAR-10 grid's model);
   * the demo's ConvMixer-96/4, patch 2, 28x28x1;
   * the masked ViT-256/6, patch 4, 32x32x3 (``pemn_jax/configs/vit_cifar10.py``).
@@ -60,29 +61,42 @@ ROWS = (
 )
 
 
-# Per comparison: variant -> (model.remat_blocks, extra environment of its process). The first
-# variant is the baseline of the ratios.
+# Per comparison: variant -> the config overrides of its process (on top of the row's). The
+# first variant is the baseline of the ratios.
 COMPARISONS = {
-  'remat': {'none': ('none', {}), 'save_convs': ('save_convs', {}), 'full': ('full', {})},
+  'remat': {
+    'none': ['--config.model.remat_blocks=none'],
+    'save_convs': ['--config.model.remat_blocks=save_convs'],
+    'full': ['--config.model.remat_blocks=full'],
+  },
   'native': {
-    'xla': ('none', {'PEMN_JAX_NATIVE': '0'}),
-    'native, XLA GELU+BN': ('none', {'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}),
-    'native': ('none', {}),
-    'native+save_convs': ('save_convs', {}),
+    'xla': ['--config.model.remat_blocks=none', '--config.model.native_kernels=none'],
+    'native, XLA GELU+BN': [
+      '--config.model.remat_blocks=none',
+      '--config.model.native_kernels=depthwise,topk',
+    ],
+    'native': ['--config.model.remat_blocks=none', '--config.model.native_kernels=auto'],
+    'native+save_convs': [
+      '--config.model.remat_blocks=save_convs',
+      '--config.model.native_kernels=auto',
+    ],
   },
 }
 
 
-def child(row: int, remat: str, batch_size: int, steps: int, copts: dict) -> dict:
-  """In this process: build one variant, train ``WARMUP + steps`` steps, report times and RSS."""
+def child(row: int, variant: list[str], batch_size: int, steps: int, copts: dict) -> dict:
+  """In this process: build one variant (the row's config with the ``variant`` overrides),
+  train ``WARMUP + steps`` steps, report times and RSS."""
   from pemn_jax import native
 
   _, config_path, overrides = ROWS[row]
-  config = bench_step.load_config(config_path, overrides)
-  config.model.remat_blocks = remat
-  step, state, frozen, batch, compile_s, _ = bench_step.build_step(
-    config, batch_size, True, compiler_options=copts, count_flops=False
-  )
+  config = bench_step.load_config(config_path, [*overrides, *variant])
+  spec = config.model.get('native_kernels', 'auto')
+  # The switch acts at trace time, and build_step traces and compiles a fresh jitted step.
+  with native.kernels(spec) as active:
+    step, state, frozen, batch, compile_s, _ = bench_step.build_step(
+      config, batch_size, True, compiler_options=copts, count_flops=False
+    )
   times = bench_step.run_steps(
     {'v': dict(step=step, state=state, frozen=frozen, batch=batch)}, steps
   )['v']
@@ -92,26 +106,28 @@ def child(row: int, remat: str, batch_size: int, steps: int, copts: dict) -> dic
     'temp_mb': step.memory_analysis().temp_size_in_bytes / 2**20,
     'peak_rss_mb': bench_step.peak_rss_mb(),
     'native': native.available(),
+    'native_kernels_on': sorted(active) if native.available() else [],
   }
 
 
-def run_child(row: int, remat: str, env: dict, batch_size: int, steps: int, copts: dict) -> dict:
+def run_child(row: int, variant: list[str], batch_size: int, steps: int, copts: dict) -> dict:
   cmd = [
     sys.executable,
     os.path.abspath(__file__),
     '--_child',
-    f'{row},{remat}',
+    str(row),
     '--batch-size',
     str(batch_size),
     '--steps',
     str(steps),
+    *variant,
   ]
   out = subprocess.run(
     cmd,
     capture_output=True,
     text=True,
     check=False,
-    env={**os.environ, 'PEMN_BENCH_COPTS': json.dumps(copts), **env},
+    env={**os.environ, 'PEMN_BENCH_COPTS': json.dumps(copts)},
   )
   if out.returncode != 0:
     raise RuntimeError(f'child {cmd} failed:\n{out.stderr[-2000:]}')
@@ -126,8 +142,8 @@ def bench_row(
   variants_def = COMPARISONS[compare]
   runs = {v: [] for v in variants_def}
   for _ in range(rounds):
-    for v, (remat, env) in variants_def.items():
-      runs[v].append(run_child(row, remat, env, batch_size, steps, copts))
+    for v, variant in variants_def.items():
+      runs[v].append(run_child(row, variant, batch_size, steps, copts))
   variants = {}
   for v, rs in runs.items():
     variants[v] = {
@@ -137,6 +153,8 @@ def bench_row(
       'temp_mb': rs[0]['temp_mb'],
       'peak_rss_mb': max(r['peak_rss_mb'] for r in rs),
       'native_kernels': rs[0].get('native', False),
+      'native_kernels_on': rs[0].get('native_kernels_on', []),
+      'overrides': variants_def[v],
     }
   base = variants[next(iter(variants_def))]
   for d in variants.values():  # keys keep their first names ('none' = the baseline)
@@ -195,17 +213,21 @@ def main() -> int:
     default='remat',
     choices=tuple(COMPARISONS),
     help='remat: model.remat_blocks none / save_convs / full; native: pure XLA '
-    '(PEMN_JAX_NATIVE=0) / without the fused GELU+BN / all native kernels / '
-    'all + save_convs',
+    '(model.native_kernels=none) / without the fused GELU+BN (depthwise,topk) / all native '
+    'kernels (auto) / all + save_convs',
   )
   p.add_argument('--json', action='store_true', help='print one JSON object')
   p.add_argument('--_child', help=argparse.SUPPRESS)
-  args = p.parse_args()
+  args, rest = p.parse_known_args()
   if args._child:
-    row, remat = args._child.split(',')
+    bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
+    if bad:
+      p.error(f'unrecognised arguments: {" ".join(bad)} (overrides are --config.FIELD=VALUE)')
     copts = json.loads(os.environ.get('PEMN_BENCH_COPTS', '{}'))
-    print(json.dumps(child(int(row), remat, args.batch_size, args.steps, copts)))
+    print(json.dumps(child(int(args._child), rest, args.batch_size, args.steps, copts)))
     return 0
+  if rest:
+    p.error(f'unrecognised arguments: {" ".join(rest)}')
   if args.rows == 'all':
     picked = list(range(len(ROWS)))
   else:
@@ -217,9 +239,9 @@ def main() -> int:
       )
     if any(not 0 <= r < len(ROWS) for r in picked):
       p.error(f'--rows must be in 0..{len(ROWS) - 1}, got {args.rows!r}')
-  from pemn_jax import train
+  from pemn_jax import steps
 
-  copts = train.step_compiler_options() or {}
+  copts = steps.compiler_options() or {}
   rows = [
     bench_row(i, args.batch_size, args.steps, args.rounds, copts, args.compare) for i in picked
   ]
