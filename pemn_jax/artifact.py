@@ -43,8 +43,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from pemn_jax import build, codec, layers, masking, storage, strategies
+from pemn_jax.configs import common
 
 MAGIC = b'PEMNJAX\n'
 FORMAT_VERSION = 1
@@ -79,6 +81,7 @@ def export(
   step: int = 0,
   frozen_key: jax.Array | None = None,
   fingerprint: str | None = None,
+  input_shape: tuple[int, ...] | None = None,
 ) -> dict:
   """Writes a trained network to ``out_path`` atomically (a temporary file, then a rename).
 
@@ -89,6 +92,8 @@ def export(
     step: the training step the variables come from.
     frozen_key: the key the frozen weights were drawn with (default: from ``config.seed``).
     fingerprint: ``build.frozen_fingerprint`` of the frozen weights, checked on load.
+    input_shape: (H, W, C) of one example (default ``build.input_shape(config)``); recorded, so
+      the file rebuilds its model without asking the data what its images look like.
 
   Returns:
     ``inspect``'s summary of the written file.
@@ -163,6 +168,7 @@ def export(
       else None
     ),
     'frozen_fingerprint': fingerprint,
+    'input_shape': list(input_shape or build.input_shape(config)),
     'entries': entries,
   }
   hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
@@ -189,17 +195,6 @@ def _sparse_effective(config, variables, path, kernel):
   else:
     mask = masking.topk_mask(jnp.abs(kernel), keep)
   return kernel * mask.astype(kernel.dtype)
-
-
-def export_workdir(workdir: str, out_path: str, best: bool = False) -> dict:
-  """Exports a training workdir's latest (or best) checkpoint; see ``export``."""
-  from pemn_jax import train  # train imports the data stack; the artifact reader does not need it
-
-  config, s, state, step = train.restore_workdir(workdir, best)
-  variables = {'params': state.params, 'batch_stats': state.batch_stats}
-  if s.frozen is not None:
-    variables[layers.FROZEN] = s.frozen
-  return export(config, variables, out_path, step=step, fingerprint=s.fingerprint)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,12 +241,6 @@ def read(path: str) -> tuple[dict, bytes]:
   return header, payload
 
 
-def _set(tree: dict, path, value) -> None:
-  for k in path[:-1]:
-    tree = tree.setdefault(k, {})
-  tree[path[-1]] = value
-
-
 def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
   """Rebuilds a network from an artifact alone, regenerating its random weights.
 
@@ -265,13 +254,15 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
   """
   header, payload = read(path)
   config = ml_collections.ConfigDict(header['config'])
+  config = common.complete(config)
   model = build.build_model(config)
-  variables: dict = {'params': {}, 'batch_stats': {}}
+  shape = header.get('input_shape')  # files written before it was recorded: from the config
+  flat: dict[tuple[str, ...], Any] = {}  # (collection, *path) -> array
   for e in header['entries']:
     data = payload[e['offset'] : e['offset'] + e['length']]
     if e['kind'] == 'mask':
       mask = codec.decode_mask(data, tuple(e['shape']))
-      _set(variables['params'], e['path'], jnp.asarray(mask, jnp.float32))
+      flat[('params', *e['path'])] = jnp.asarray(mask, jnp.float32)
     elif e['kind'] == 'sparse':
       nz = codec.decode_mask(data[: e['positions_length']], tuple(e['shape']))
       vals = np.frombuffer(data[e['positions_length'] :], dtype='<f4')
@@ -282,59 +273,65 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
         )
       w = np.zeros(e['shape'], np.float32)
       w[nz] = vals
-      _set(variables['params'], e['path'][1:], jnp.asarray(w))
+      flat[tuple(e['path'])] = jnp.asarray(w)
     else:
       a = np.frombuffer(data, dtype=np.dtype(e['dtype']).newbyteorder('<')).reshape(e['shape'])
-      _set(variables[e['path'][0]], e['path'][1:], jnp.asarray(a.astype(e['dtype'])))
+      flat[tuple(e['path'])] = jnp.asarray(a.astype(e['dtype']))
+  variables = {'params': {}, **traverse_util.unflatten_dict(flat)}
   if header['key'] is not None:
     key = jax.random.wrap_key_data(
       np.asarray(header['key']['data'], np.uint32), impl=header['key']['impl']
     )
-    fresh = build.init_variables(model, config, frozen_key=key)
+    fresh = build.init_variables(model, config, shape, frozen_key=key)
     frozen = fresh[layers.FROZEN]
     fingerprint = header.get('frozen_fingerprint')
-    if fingerprint and build.frozen_fingerprint(frozen) != fingerprint:
-      raise ArtifactError(
-        f'{path}: the random weights regenerated from its key do not match '
-        'the fingerprint recorded at export (JAX changed its random stream?)'
-      )
+    if fingerprint:
+      try:
+        build.check_fingerprint(fingerprint, build.frozen_fingerprint(frozen), path)
+      except ValueError as e:
+        raise ArtifactError(str(e)) from None
     variables[layers.FROZEN] = frozen
-  if not variables['batch_stats']:
-    del variables['batch_stats']
   return config, model, variables, header
 
 
-def evaluate(path: str, config_override: ml_collections.ConfigDict | None = None) -> dict:
+def evaluate(
+  path: str, config_override: ml_collections.ConfigDict | None = None, native_kernels: str = 'auto'
+) -> dict:
   """Evaluates an artifact on its dataset's test split; same keys as ``evaluate_workdir``.
 
   Args:
     path: the ``.pemn`` file.
     config_override: if given, its ``data`` section replaces the recorded one (e.g. another
       ``data_dir``).
+    native_kernels: which native CPU kernels the step may use (``model.native_kernels``).
   """
-  from pemn_jax import train
+  from pemn_jax import steps
+  from pemn_jax.data import pipeline  # evaluating needs the data; reading the file does not
 
   config, model, variables, header = load(path)
   if config_override is not None and 'data' in config_override:
     config.data = config_override.data
-  if 'train' not in config:
-    config.train = ml_collections.ConfigDict({'eval_batch_size': 1000})
+  n = jax.device_count()
   eval_bs = config.train.eval_batch_size
-  if eval_bs % jax.device_count():
-    config.train.eval_batch_size = eval_bs - eval_bs % jax.device_count() or jax.device_count()
-  _, replicated, batch_sharding = train.mesh_and_shardings()
-  variables = jax.device_put(variables, replicated)
-  eval_step = train.jit_eval_step(model, replicated, batch_sharding)
-  result = train.evaluate(
+  eval_bs = eval_bs - eval_bs % n or n  # the largest multiple of the device count below it
+  shardings = steps.mesh_and_shardings()
+  variables = jax.device_put(variables, shardings.replicated)
+  eval_step = steps.jit_eval_step(model, shardings, native_kernels)
+  batches = pipeline.eval_batches(
+    config.data,
+    global_batch_size=eval_bs,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  result = steps.evaluate(
     eval_step,
     variables['params'],
     variables.get('batch_stats', {}),
     variables.get(layers.FROZEN),
-    config,
-    batch_sharding,
+    batches,
+    shardings.batch,
   )
-  result['step'] = header['step']
-  return result
+  return {**result, 'step': header['step']}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,15 +352,15 @@ def materialize_dense(
   """
   dense_config = ml_collections.ConfigDict(config.to_dict())
   dense_config.model.masked = False
-  params: dict = {}
+  flat = {}
   masks = masks_of(config, variables['params'])
   for path, leaf in strategies.tree_items(variables['params']):
     if path[-1] == 'scores':
       frozen = strategies.get_path(variables[layers.FROZEN], path[:-1] + ('kernel',))
-      _set(params, path[:-1] + ('kernel',), frozen * jnp.asarray(masks[path], frozen.dtype))
+      flat[path[:-1] + ('kernel',)] = frozen * jnp.asarray(masks[path], frozen.dtype)
     else:
-      _set(params, path, leaf)
-  out = {'params': params}
+      flat[path] = leaf
+  out = {'params': traverse_util.unflatten_dict(flat)}
   if variables.get('batch_stats'):
     out['batch_stats'] = variables['batch_stats']
   return dense_config, out

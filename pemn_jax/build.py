@@ -8,7 +8,6 @@ resume, which is why checkpoints and artifacts never store it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 from typing import Any
@@ -19,142 +18,111 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pemn_jax import layers, masking, ops, sparse, strategies
-from pemn_jax.models import MLP, CifarResNet, ConvMixer, ViT, remat
+from pemn_jax import layers, masking, native, ops, sparse, strategies
+from pemn_jax.configs import common
+from pemn_jax.models import REGISTRY, remat
 
-MODEL_NAMES = ('convmixer', 'resnet', 'vit', 'mlp')
-REMAT_MODELS = ('convmixer', 'vit')  # models with identical blocks (``models.remat``)
+REMAT_MODELS = tuple(name for name, spec in REGISTRY.items() if spec.identical_blocks)
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# Image shapes of the datasets we know without opening them (inspect needs no data).
-KNOWN_INPUT_SHAPES = {
-  'cifar10': (32, 32, 3),
-  'cifar10_jpeg': (32, 32, 3),
-  'cifar100': (32, 32, 3),
-  'svhn_cropped': (32, 32, 3),
-  'mnist': (28, 28, 1),
-  'fashion_mnist': (28, 28, 1),
-  'fashion_mnist_embedded': (28, 28, 1),
-}
-
-
-def _positive_int(cfg, field: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f'{field} must be a positive integer, got {value!r}')
-  return value
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks the model and strategy fields, naming the field and what is allowed on error."""
   m = config.model
-  if m.name not in MODEL_NAMES:
-    raise ValueError(f'model.name must be one of {MODEL_NAMES}, got {m.name!r}')
-  if not isinstance(m.get('masked', True), bool):
+  if m.name not in REGISTRY:
+    raise ValueError(f'model.name must be one of {tuple(REGISTRY)}, got {m.name!r}')
+  if not isinstance(m.masked, bool):
     raise ValueError(f'model.masked must be True or False, got {m.masked!r}')
   for field in ('dim', 'depth', 'kernel_size', 'patch_size', 'num_classes'):
-    if field in m and m[field] is not None:
-      _positive_int(m, f'model.{field}', m[field])
-  remat_blocks = m.get('remat_blocks', 'none')
-  if remat_blocks not in remat.REMAT_CHOICES:
+    common.check_positive_int(m[field], f'model.{field}', allow_none=True)
+  if m.remat_blocks not in remat.REMAT_CHOICES:
     raise ValueError(
-      f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, got {remat_blocks!r}'
+      f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, got {m.remat_blocks!r}'
     )
-  if remat_blocks != 'none' and m.name not in REMAT_MODELS:
+  if m.remat_blocks != 'none' and m.name not in REMAT_MODELS:
     raise ValueError(
       f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
       f'(identical blocks), got {m.name!r}'
     )
-  if m.get('dtype', 'float32') not in DTYPES:
+  if m.dtype not in DTYPES:
     raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
-  if m.get('conv_impl', 'auto') not in ops.CONV_IMPLS:
+  if m.conv_impl not in ops.CONV_IMPLS:
     raise ValueError(f'model.conv_impl must be one of {ops.CONV_IMPLS}, got {m.conv_impl!r}')
-  if m.get('conv_impl', 'auto') == 'native' and m.get('dtype', 'float32') != 'float32':
+  if m.conv_impl == 'native' and m.dtype != 'float32':
     raise ValueError(
       "model.conv_impl='native' needs model.dtype='float32' (the native kernels "
       f"are float32), got model.dtype={m.dtype!r}; use model.conv_impl='auto'"
     )
-  if m.name == 'resnet' and (m.depth - 2) % 6:
-    raise ValueError(f'model.depth must be 6n+2 for resnet (20, 32, 56, ...), got {m.depth}')
-  if m.name == 'vit':
-    heads = m.get('num_heads') or max(1, m.dim // 64)
-    if m.dim % heads or m.dim % 4:
-      raise ValueError(
-        f'model.dim ({m.dim}) must be divisible by 4 and by model.num_heads ({heads}) for vit'
-      )
-  if m.name == 'mlp':
-    dims = m.get('hidden_dims', (100, 100, 100))
-    if not all(isinstance(d, int) and d > 0 for d in dims):
-      raise ValueError(f'model.hidden_dims must be positive integers, got {dims!r}')
-  method = m.get('sparsity_method')
-  if method is not None and m.get('masked', True):
+  native.parse_kernels(m.native_kernels)
+  REGISTRY[m.name].validate(m)
+  if m.sparsity_method is not None and m.masked:
     raise ValueError(
       'model.sparsity_method is for the dense sparse baselines: set model.masked=False with it'
     )
-  sparse.validate(method, m.get('sparsity'))
+  sparse.validate(m.sparsity_method, m.sparsity)
   s = config.strategy
   masking.validate_keep_fraction(s.keep_fraction, 'strategy.keep_fraction')
-  strategies.validate(s.name, s.get('rp_ratio'))
+  strategies.validate(s.name, s.rp_ratio)
+
+
+def check_data(
+  config: ml_collections.ConfigDict, image_shape: tuple[int, ...], num_classes: int
+) -> tuple[int, ...]:
+  """The input shape of the model, after checking the config fits the dataset.
+
+  Raises:
+    ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data.
+  """
+  m, image_shape = config.model, tuple(image_shape)
+  if m.num_classes != num_classes:
+    raise ValueError(
+      f'model.num_classes ({m.num_classes}) does not match the {num_classes} classes of '
+      f'data.name={config.data.name!r}'
+    )
+  if m.input_shape and tuple(m.input_shape) != image_shape:
+    raise ValueError(
+      f'model.input_shape {tuple(m.input_shape)} does not match the {image_shape} images of '
+      f"data.name={config.data.name!r}; leave model.input_shape unset to take the data's"
+    )
+  return image_shape
 
 
 def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(H, W, C) of one example: ``model.input_shape`` if set, else from the dataset name."""
-  if config.model.get('input_shape'):
-    return tuple(config.model.input_shape)
-  name = config.data.name if 'data' in config else 'cifar10'
-  if name in KNOWN_INPUT_SHAPES:
-    return KNOWN_INPUT_SHAPES[name]
-  from pemn_jax.data import pipeline  # only for datasets we cannot name from memory
+  """(H, W, C) of one example: ``model.input_shape`` if set, else the dataset's.
 
-  return tuple(pipeline.get_dataset_info(config.data).image_shape)
+  The dataset's comes from the data package's table of the datasets it knows by name, so no
+  data is opened for them (``pemn inspect`` works without a prepared dataset).
+  """
+  if config.model.input_shape:
+    return tuple(config.model.input_shape)
+  from pemn_jax.data import sources  # the table only; imports no TFDS
+
+  return tuple(sources.image_shape(config.data))
+
+
+def layer_classes(config: ml_collections.ConfigDict) -> dict:
+  """The ``conv`` / ``dense`` classes, ``dtype`` and ``num_classes`` every family takes: masked
+  (PEMN), sparse baseline or dense, as ``model.masked`` and ``model.sparsity_method`` say."""
+  m, s = config.model, config.strategy
+  impl = m.conv_impl
+  if m.masked:
+    masked = dict(keep_fraction=s.keep_fraction, score_abs=s.score_abs)
+    conv = functools.partial(layers.MaskedConv, conv_impl=impl, **masked)
+    dense = functools.partial(layers.MaskedDense, **masked)
+  elif m.sparsity_method:
+    sparse_ = dict(method=m.sparsity_method, sparsity=m.sparsity)
+    conv = functools.partial(sparse.SparseConv, conv_impl=impl, **sparse_)
+    dense = functools.partial(sparse.SparseDense, **sparse_)
+  else:
+    conv = functools.partial(layers.Conv, conv_impl=impl)
+    dense = layers.Dense
+  return dict(conv=conv, dense=dense, dtype=DTYPES[m.dtype], num_classes=m.num_classes)
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
   """The Linen module a config describes (dense baseline when ``model.masked`` is False)."""
   validate_config(config)
-  m, s = config.model, config.strategy
-  impl = m.get('conv_impl', 'auto')
-  if m.get('masked', True):
-    conv = functools.partial(
-      layers.MaskedConv,
-      keep_fraction=s.keep_fraction,
-      score_abs=s.get('score_abs', True),
-      conv_impl=impl,
-    )
-    dense = functools.partial(
-      layers.MaskedDense, keep_fraction=s.keep_fraction, score_abs=s.get('score_abs', True)
-    )
-  elif m.get('sparsity_method'):
-    conv = functools.partial(
-      sparse.SparseConv, method=m.sparsity_method, sparsity=m.sparsity, conv_impl=impl
-    )
-    dense = functools.partial(sparse.SparseDense, method=m.sparsity_method, sparsity=m.sparsity)
-  else:
-    conv = functools.partial(layers.Conv, conv_impl=impl)
-    dense = layers.Dense
-  common = dict(
-    conv=conv, dense=dense, dtype=DTYPES[m.get('dtype', 'float32')], num_classes=m.num_classes
-  )
-  if m.name == 'convmixer':
-    return ConvMixer(
-      dim=m.dim,
-      depth=m.depth,
-      kernel_size=m.kernel_size,
-      patch_size=m.patch_size,
-      remat_blocks=m.get('remat_blocks', 'none'),
-      **common,
-    )
-  if m.name == 'resnet':
-    return CifarResNet(depth=m.depth, width=m.get('width', 16), **common)
-  if m.name == 'vit':
-    return ViT(
-      dim=m.dim,
-      depth=m.depth,
-      patch_size=m.patch_size,
-      num_heads=m.get('num_heads'),
-      mlp_ratio=m.get('mlp_ratio', 2.0),
-      remat_blocks=m.get('remat_blocks', 'none'),
-      **common,
-    )
-  return MLP(hidden_dims=tuple(m.get('hidden_dims', (100, 100, 100))), **common)
+  return REGISTRY[config.model.name].build(config.model, layer_classes(config))
 
 
 def model_keys(seed: int) -> tuple[jax.Array, jax.Array]:
@@ -176,7 +144,7 @@ def kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Pa
   return order
 
 
-def _trainable_kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Path]:
+def trainable_kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Path]:
   """Trainable ``kernel`` paths by depth (dense models), read off an abstract init.
 
   Read inside the traced function, as in ``kernel_order``: the dict ``eval_shape`` returns has
@@ -222,10 +190,8 @@ def init_variables(
   def init(pk, fk):
     v = model.init({'params': pk, layers.FROZEN: fk}, jnp.zeros((1, *shape), jnp.float32))
     v = dict(v)
-    if layers.FROZEN in v and config.model.get('masked', True):
-      v[layers.FROZEN] = strategies.apply_strategy(
-        v[layers.FROZEN], order, s.name, s.get('rp_ratio')
-      )
+    if layers.FROZEN in v and config.model.masked:
+      v[layers.FROZEN] = strategies.apply_strategy(v[layers.FROZEN], order, s.name, s.rp_ratio)
     return v
 
   return init(params_key, frozen_key)
@@ -242,84 +208,12 @@ def frozen_fingerprint(frozen: dict) -> str:
   return h.hexdigest()
 
 
-def norm_values(params: dict) -> int:
-  """Values the normalisation layers need at inference: 2 per channel (scale and shift)."""
-  return sum(
-    2 * int(np.prod(leaf.shape))
-    for path, leaf in strategies.tree_items(params)
-    if path[-1] == 'scale'
-  )
-
-
-def summarize(
-  config: ml_collections.ConfigDict, variables: dict | None = None, *, abstract: bool = False
-) -> dict:
-  """Per-layer shapes, counts and the storage report of the model a config describes.
-
-  Args:
-    config: a full config (model, strategy, seed, data).
-    variables: already-initialised variables (else they are drawn here).
-    abstract: work from shapes only (``jax.eval_shape``; no random values are drawn, so
-      ``distinct_values_present`` is left out). Cheap for large models.
-
-  Returns:
-    A JSON-ready dict: ``layers`` (path, Flax shape, PyTorch shape, size), ``masked_weights``,
-    ``unique_values`` (random values the strategy stores), ``distinct_values_present``
-    (``np.unique`` over the regenerated weights; can be a few lower, as float32 normal draws
-    occasionally collide), ``norm_values``, ``trainable_params`` and ``storage``.
-  """
-  from pemn_jax import storage  # storage imports nothing from here; keep the module graph flat
-
-  model = build_model(config)
-  shape = input_shape(config)
-  if variables is None:
-    init = lambda: init_variables(model, config, shape)  # noqa: E731
-    variables = jax.eval_shape(init) if abstract else init()
-  masked = config.model.get('masked', True)
-  s = config.strategy
-  if masked:  # the masked kernels are the frozen ones (sparse baselines keep masks there)
-    order = kernel_order(model, shape)
-    kernels = [strategies.get_path(variables[layers.FROZEN], p) for p in order]
-  else:
-    order = _trainable_kernel_order(model, shape)
-    kernels = [strategies.get_path(variables['params'], p) for p in order]
-  shapes = [tuple(k.shape) for k in kernels]
-  nv = norm_values(variables['params'])
-  out = {
-    'model': config.model.name,
-    'masked': masked,
-    'layers': [
-      {
-        'path': '/'.join(p[:-1]),
-        'shape': list(sh),
-        'torch_shape': list(layers.torch_shape(sh)),
-        'size': int(np.prod(sh)),
-      }
-      for p, sh in zip(order, shapes)
-    ],
-    'masked_weights': int(sum(np.prod(sh) for sh in shapes)),
-    'norm_values': nv,
-    'trainable_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))),
-  }
-  if masked:
-    rep = storage.report(shapes, nv, s.name, s.keep_fraction, s.get('rp_ratio'))
-    out['unique_values'] = strategies.stored_value_count(shapes, s.name, s.get('rp_ratio'))
-    if not abstract:
-      out['distinct_values_present'] = strategies.unique_values(variables[layers.FROZEN])
-  else:
-    rep = storage.report(shapes, nv, 'mask', 1.0)
-    rep = dataclasses.replace(
-      rep,
-      strategy='dense',
-      paper_bits=rep.dense_fp32_bits,
-      key_only_bits=rep.dense_fp32_bits,
-      entropy_bits=float(rep.dense_fp32_bits),
+def check_fingerprint(recorded: str | None, regenerated: str, where: str) -> None:
+  """Raises ValueError unless the frozen weights regenerated now are the ones ``where`` (a
+  checkpoint, an artifact) was made with: a state is never paired with other random weights."""
+  if recorded != regenerated:
+    raise ValueError(
+      f'the frozen random weights regenerated for {where} do not match the fingerprint '
+      f'recorded with it ({str(recorded)[:12]}... vs {regenerated[:12]}...): its model, seed or '
+      'strategy differ from the config, or JAX changed its random stream; refusing to use it'
     )
-    out['unique_values'] = out['masked_weights']
-    if config.model.get('sparsity_method'):
-      out['sparsity'] = config.model.sparsity
-      out['csr_bits'] = storage.csr_bits(shapes, config.model.sparsity)
-      out['csr_ratio'] = rep.dense_fp32_bits / out['csr_bits']
-  out['storage'] = rep.as_dict()
-  out['storage_table'] = storage.format_table(rep)
-  return out

@@ -24,7 +24,7 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 IDENTITY_FIELDS = ('seed', 'model', 'strategy')
 # Fields under IDENTITY_FIELDS that choose how the step runs, not which network it trains
 # (same variables, same values): a run may resume with them changed, e.g. to save memory.
-EXECUTION_ONLY = {'model': ('remat_blocks',)}
+EXECUTION_ONLY = {'model': ('remat_blocks', 'native_kernels')}
 
 
 def _accuracy(metrics: dict) -> float:

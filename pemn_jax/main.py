@@ -14,8 +14,10 @@ runtime before anything else touches a device.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -74,6 +76,23 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+def _config() -> ml_collections.ConfigDict:
+  """``--config`` with the environment's overrides applied (``native_kernels``)."""
+  config = _require('config')
+  from pemn_jax import native
+
+  spec = native.kernels_from_env(os.environ)
+  if spec is not None:  # PEMN_JAX_NATIVE / PEMN_JAX_NATIVE_OFF, the documented switches
+    config.model.native_kernels = spec
+  return config
+
+
+def _env_native_kernels(default: str | None = 'auto') -> str | None:
+  from pemn_jax import native
+
+  return native.kernels_from_env(os.environ) or default
+
+
 def cmd_inspect() -> int:
   if FLAGS.artifact:
     from pemn_jax import artifact
@@ -81,24 +100,14 @@ def cmd_inspect() -> int:
     info = artifact.inspect(FLAGS.artifact)
     print(json.dumps(info, indent=2) if FLAGS.json else artifact.format_inspect(info))
     return 0
-  config = _require('config')
-  from pemn_jax import build
+  from pemn_jax import summary
 
-  summary = build.summarize(config)
+  report = summary.summarize(_config())
   if FLAGS.json:
-    summary.pop('storage_table')
-    print(json.dumps(summary, indent=2))
-    return 0
-  print(f'model {config.model.name} ({"masked" if summary["masked"] else "dense baseline"})')
-  print(f'  {"layer":40s} {"Flax shape":>20s} {"size":>10s}')
-  for layer in summary['layers']:
-    print(f'  {layer["path"]:40s} {str(tuple(layer["shape"])):>20s} {layer["size"]:>10,}')
-  print(
-    f'masked weights {summary["masked_weights"]:,}; unique random values '
-    f'{summary["unique_values"]:,}; norm values {summary["norm_values"]:,}; trainable '
-    f'parameters {summary["trainable_params"]:,}'
-  )
-  print(summary['storage_table'])
+    report.pop('storage_table')
+    print(json.dumps(report, indent=2))
+  else:
+    print(summary.format_summary(report))
   return 0
 
 
@@ -106,7 +115,7 @@ def cmd_train() -> int:
   from pemn_jax import train
 
   maybe_initialize_distributed()
-  train.train_and_evaluate(_require('config'), _require('workdir'))
+  train.train_and_evaluate(_config(), _require('workdir'))
   return 0
 
 
@@ -114,12 +123,14 @@ def cmd_evaluate() -> int:
   if FLAGS.artifact:
     from pemn_jax import artifact
 
-    result = artifact.evaluate(FLAGS.artifact, FLAGS.config)
+    result = artifact.evaluate(FLAGS.artifact, FLAGS.config, _env_native_kernels())
   else:
     from pemn_jax import train
 
     maybe_initialize_distributed()
-    result = train.evaluate_workdir(_require('workdir'), best=FLAGS.best)
+    result = train.evaluate_workdir(
+      _require('workdir'), best=FLAGS.best, native_kernels=_env_native_kernels(None)
+    )
   if FLAGS.json:
     print(json.dumps(result))
   else:
@@ -131,9 +142,9 @@ def cmd_evaluate() -> int:
 
 
 def cmd_export() -> int:
-  from pemn_jax import artifact
+  from pemn_jax import train
 
-  info = artifact.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
+  info = train.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
   print(
     json.dumps(info)
     if FLAGS.json

@@ -20,13 +20,16 @@ filled, then transposed into Flax layout.
 from __future__ import annotations
 
 import fractions
+import functools
 import math
 import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from pemn_jax import layers
 
@@ -64,18 +67,13 @@ def rp_vector_length(largest_size: int, rp_ratio: float) -> int:
 
 
 def get_path(tree: dict, path: Path):
-  for k in path:
-    tree = tree[k]
-  return tree
+  """The leaf (or subtree) of a nested dict at ``path``."""
+  return functools.reduce(operator.getitem, path, tree)
 
 
-def tree_items(tree, prefix: Path = ()):
+def tree_items(tree) -> list[tuple[Path, Any]]:
   """``(path, leaf)`` of a nested dict in the dict's own (insertion) order, depth first."""
-  for k, v in tree.items():
-    if hasattr(v, 'items'):
-      yield from tree_items(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
+  return list(traverse_util.flatten_dict(tree).items())
 
 
 def kernel_paths(frozen: dict) -> list[Path]:
@@ -85,13 +83,6 @@ def kernel_paths(frozen: dict) -> list[Path]:
   (before any pytree flattening, which sorts keys) this is the order by depth.
   """
   return [path for path, _ in tree_items(frozen)]
-
-
-def _set_path(tree: dict, path: Path, value) -> dict:
-  """Functional update of a nested dict (copies only the nodes on ``path``)."""
-  if len(path) == 1:
-    return {**tree, path[0]: value}
-  return {**tree, path[0]: _set_path(tree[path[0]], path[1:], value)}
 
 
 def _place(flat_torch_values, flax_shape):
@@ -144,10 +135,9 @@ def apply_strategy(
       u = jnp.tile(v, reps)[: u.size]
     for i, s in enumerate(shapes):
       new[i] = _place(u[: int(np.prod(s))], s)
-  out = frozen
-  for p, k in zip(order, new):
-    out = _set_path(out, p, k)
-  return out
+  flat = traverse_util.flatten_dict(frozen)  # keeps the collection's own key order
+  flat.update(zip(order, new))
+  return traverse_util.unflatten_dict(flat)
 
 
 def stored_value_count(

@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
   config = _config()
   train.train_and_evaluate(config, workdir)
   out = os.path.join(workdir, 'model.pemn')
-  artifact.export_workdir(workdir, out)
+  train.export_workdir(workdir, out)
   return workdir, out
 
 
@@ -121,7 +121,7 @@ def test_export_replaces_atomically(trained, tmp_path):
   workdir, path = trained
   out = tmp_path / 'm.pemn'
   out.write_bytes(b'old')
-  artifact.export_workdir(workdir, str(out))
+  train.export_workdir(workdir, str(out))
   assert artifact.read(str(out))[0]['step'] == 4
   assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
 

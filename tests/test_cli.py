@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pemn_jax import build, layers, strategies
+from pemn_jax import build, layers, strategies, summary
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'pemn_jax' / 'configs'
@@ -138,7 +138,7 @@ def _abstract_summary(config):
   model = build.build_model(config)
   abstract = jax.eval_shape(lambda: build.init_variables(model, config))
   zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  return abstract, build.summarize(config, zeros)
+  return abstract, summary.summarize(config, zeros)
 
 
 @pytest.mark.parametrize('name', SHIPPED)

@@ -13,7 +13,7 @@ import pytest
 from jax import lax
 from jax.scipy.special import erf
 
-from pemn_jax import build, layers
+from pemn_jax import build, layers, models, strategies
 from pemn_jax.configs import common
 
 RNGS = {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)}
@@ -60,12 +60,6 @@ def _numpy_variables(abstract, seed):
 def _masked_count(config):
   _, v, _ = _abstract_variables(config)
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(v[layers.FROZEN]))
-
-
-def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +202,8 @@ def _bn(v, name, x):
 
 def _effective(v, path, keep):
   """frozen * top-ceil(k n) |score| mask, by numpy (stable argsort: lower index on ties)."""
-  w = np.asarray(_get(v[layers.FROZEN], path + ('kernel',)))
-  s = np.asarray(_get(v['params'], path + ('scores',)))
+  w = np.asarray(strategies.get_path(v[layers.FROZEN], path + ('kernel',)))
+  s = np.asarray(strategies.get_path(v['params'], path + ('scores',)))
   kept = math.ceil(keep * w.size)
   mask = np.zeros(w.size, np.float32)
   mask[np.argsort(-np.abs(s).ravel(), kind='stable')[:kept]] = 1
@@ -253,7 +247,7 @@ def test_dense_resnet_option_a_matches_a_hand_written_forward():
 
   @jax.jit
   def reference(v, x):
-    k = lambda *path: _get(v['params'], path + ('kernel',))
+    k = lambda *path: strategies.get_path(v['params'], path + ('kernel',))
     y = jax.nn.relu(_bn(v, 'stem_bn', _conv(x, k('stem'), 1, pad1)))
     for stage, (width, stride) in enumerate([(4, 1), (8, 2), (16, 2)]):
       b = f'stage{stage}_block0'
@@ -315,7 +309,7 @@ def test_bad_model_name_lists_the_allowed_names():
   config = _config(name='densenet')
   with pytest.raises(ValueError) as e:
     build.build_model(config)
-  for name in build.MODEL_NAMES:
+  for name in models.REGISTRY:
     assert name in str(e.value)
 
 

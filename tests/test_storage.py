@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from pemn_jax import build, layers, storage, strategies
+from pemn_jax import build, layers, storage, strategies, summary
 from pemn_jax.configs import common
 
 HEADER = storage.KEY_BITS + storage.STRATEGY_BITS
@@ -38,7 +38,7 @@ def _shapes_and_norm_values(config):
     for k in path:
       node = node[k]
     shapes.append(tuple(node.shape))
-  return shapes, build.norm_values(v['params'])
+  return shapes, summary.norm_values(v['params'])
 
 
 @pytest.fixture(scope='module')
@@ -218,24 +218,24 @@ def test_summarize_agrees_with_report(convmixer_256_6):
   model = build.build_model(config)
   abstract = jax.eval_shape(lambda: build.init_variables(model, config))
   variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)
-  summary = build.summarize(config, variables)
+  report = summary.summarize(config, variables)
   shapes, nv = convmixer_256_6
-  assert summary['masked_weights'] == 437_248
-  assert summary['unique_values'] == 66
-  assert summary['norm_values'] == nv
-  assert [tuple(layer['shape']) for layer in summary['layers']] == shapes
+  assert report['masked_weights'] == 437_248
+  assert report['unique_values'] == 66
+  assert report['norm_values'] == nv
+  assert [tuple(layer['shape']) for layer in report['layers']] == shapes
   expected = storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3).as_dict()
-  assert summary['storage'] == expected
+  assert report['storage'] == expected
   assert strategies.stored_value_count(shapes, 'random_vector_padding', 1e-3) == 66
 
 
 def test_summarize_abstract_draws_nothing_and_agrees(convmixer_256_6):
   # abstract=True is what experiments/storage_table.py uses for the paper's large models.
   config = _convmixer_config()
-  summary = build.summarize(config, abstract=True)
+  report = summary.summarize(config, abstract=True)
   shapes, nv = convmixer_256_6
-  assert summary['masked_weights'] == 437_248 and summary['unique_values'] == 66
-  assert 'distinct_values_present' not in summary
+  assert report['masked_weights'] == 437_248 and report['unique_values'] == 66
+  assert 'distinct_values_present' not in report
   assert (
-    summary['storage'] == storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3).as_dict()
+    report['storage'] == storage.report(shapes, nv, 'random_vector_padding', 0.5, 1e-3).as_dict()
   )

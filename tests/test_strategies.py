@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pemn_jax import build, layers, strategies
+from pemn_jax import build, layers, strategies, summary
 from pemn_jax.configs import common
 
 # ---------------------------------------------------------------------------------------------
@@ -53,9 +53,7 @@ def _fill(flat, flax_shape):
 
 
 def _get(tree, path):
-  for k in path:
-    tree = tree[k]
-  return np.asarray(tree)
+  return np.asarray(strategies.get_path(tree, path))
 
 
 def _config(strategy='mask', rp_ratio=None, **model):
@@ -306,14 +304,9 @@ def _abstract_shapes(config):
     jax.ShapeDtypeStruct((1, *shape), jnp.float32),
   )
   return [
-    tuple(_get_abstract(abstract[layers.FROZEN], p).shape) for p in build.kernel_order(model, shape)
+    tuple(strategies.get_path(abstract[layers.FROZEN], p).shape)
+    for p in build.kernel_order(model, shape)
   ]
-
-
-def _get_abstract(tree, path):
-  for k in path:
-    tree = tree[k]
-  return tree
 
 
 UNIQUE = {
@@ -362,8 +355,8 @@ def test_convmixer_256_rp_1e3_real_init_tiles_66_values():
     w = _to_torch(_get(frozen, path)).ravel()
     np.testing.assert_array_equal(w, np.resize(v, w.size), err_msg=str(path))
   assert strategies.unique_values(frozen) == 66
-  summary = build.summarize(config, variables)
-  assert summary['unique_values'] == summary['distinct_values_present'] == 66
+  report = summary.summarize(config, variables)
+  assert report['unique_values'] == report['distinct_values_present'] == 66
 
 
 def test_mlp_mnist_one_layer_shares_the_two_100x100_layers():

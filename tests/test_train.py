@@ -29,7 +29,7 @@ import pytest
 import tensorflow_datasets as tfds
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
-from pemn_jax import build, checkpointing, layers, train
+from pemn_jax import build, checkpointing, layers, steps, train
 from pemn_jax.configs import common, smoke
 from pemn_jax.data import pipeline
 
@@ -393,10 +393,10 @@ def test_same_command_with_more_steps_resumes(trained, tmp_path, capsys):
 
 
 def _with_accuracies(monkeypatch, accuracies: list[float]):
-  """Makes train.evaluate return the given accuracies in turn."""
+  """Makes steps.evaluate return the given accuracies in turn."""
   it = iter(accuracies)
   monkeypatch.setattr(
-    train, 'evaluate', lambda *a, **k: {'accuracy': next(it), 'loss': 1.0, 'num_examples': NUM_TEST}
+    steps, 'evaluate', lambda *a, **k: {'accuracy': next(it), 'loss': 1.0, 'num_examples': NUM_TEST}
   )
 
 
@@ -513,7 +513,7 @@ def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(
   data_dir, tmp_path, monkeypatch, capsys
 ):
   """A real SIGTERM to this process, sent while the loop prepares a given training step."""
-  to_global, calls = train.to_global, []
+  to_global, calls = steps.to_global, []
 
   def signalling(target):
     def wrapped(batch, sharding):
@@ -528,7 +528,7 @@ def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(
   workdir = str(tmp_path)
   config = make_config(overrides(data_dir, train__checkpoint_every_steps=1000))
   handler = signal.getsignal(signal.SIGTERM)
-  monkeypatch.setattr(train, 'to_global', signalling(2))
+  monkeypatch.setattr(steps, 'to_global', signalling(2))
   summary = train.train_and_evaluate(config, workdir)  # signal during step 2 of 4
   assert not summary['finished'] and summary['step'] == 2
   assert 'stopped by SIGTERM at step 2/4; checkpoint written' in capsys.readouterr().out
@@ -537,7 +537,7 @@ def test_sigterm_in_process_stops_mid_run_but_not_at_the_last_step(
   assert signal.getsignal(signal.SIGTERM) is handler  # restored
 
   calls.clear()
-  monkeypatch.setattr(train, 'to_global', signalling(2))
+  monkeypatch.setattr(steps, 'to_global', signalling(2))
   summary = train.train_and_evaluate(config, workdir)  # signal during step 4, the last
   out = capsys.readouterr().out
   assert summary['finished'] and summary['step'] == 4 and 'stopped by' not in out
@@ -733,7 +733,7 @@ def test_corrupted_checkpoint_is_a_clear_error_and_left_untouched(trained, tmp_p
   before = snapshot(workdir)
 
   mngr = checkpointing.manager(workdir, read_only=True)
-  _, replicated, _ = train.mesh_and_shardings()
+  replicated = steps.mesh_and_shardings().replicated
   template = checkpointing.abstract_like(train.restore_workdir(src)[2], replicated)
   with pytest.raises(ValueError, match='cannot restore checkpoint step 6'):
     checkpointing.restore(mngr, 6, template)
@@ -818,8 +818,8 @@ def test_cli_bad_input_is_one_line_error(trained, tmp_path):
 def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkeypatch):
   traces = {'train': 0, 'eval': 0}
   grad_paths, opt_paths = [], []
-  make_train_step, make_eval_step = train.make_train_step, train.make_eval_step
-  make_optimizer = train.make_optimizer
+  make_train_step, make_eval_step = steps.make_train_step, steps.make_eval_step
+  make_optimizer = steps.make_optimizer
 
   def counting(kind, fn):
     @functools.wraps(fn)  # same name, same program: the compilation cache still applies
@@ -844,10 +844,10 @@ def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkey
     return optax.GradientTransformation(init, update)
 
   monkeypatch.setattr(
-    train, 'make_train_step', lambda m, tx: counting('train', make_train_step(m, tx))
+    steps, 'make_train_step', lambda m, tx: counting('train', make_train_step(m, tx))
   )
-  monkeypatch.setattr(train, 'make_eval_step', lambda m: counting('eval', make_eval_step(m)))
-  monkeypatch.setattr(train, 'make_optimizer', recording_optimizer)
+  monkeypatch.setattr(steps, 'make_eval_step', lambda m: counting('eval', make_eval_step(m)))
+  monkeypatch.setattr(steps, 'make_optimizer', recording_optimizer)
 
   workdir = str(tmp_path)
   ov = overrides(data_dir, train__num_steps=4)

@@ -1,28 +1,16 @@
 """Every configuration field, with its default. The experiment configs start from here.
 
-Fields:
-  seed: derives the score/BN init key and the frozen random-weight key (``build.model_keys``)
-    and the data order.
-  model.name: 'convmixer' | 'resnet' | 'vit' | 'mlp'.
-  model.masked: True = PEMN (frozen random weights + learned masks); False = dense baseline.
-  model.dim, depth, kernel_size, patch_size, num_classes: architecture (see ``pemn_jax.models``).
-  model.num_heads, mlp_ratio (vit), hidden_dims (mlp), width (resnet base width).
-  model.sparsity_method, model.sparsity: the paper's sparse baselines (``pemn_jax.sparse``):
-    a dense model (masked=False) keeping 1 - sparsity of its weights, chosen at random or by
-    magnitude; accounted in CSR.
-  model.dtype: 'float32' | 'bfloat16' compute dtype (scores, BN and optimizer stay float32).
-  model.conv_impl: 'auto' | 'xla' | 'fast' | 'native' (see ``pemn_jax.ops``, ``pemn_jax.native``).
-  model.input_shape: (H, W, C) override; default from the dataset.
-  model.remat_blocks: convmixer and vit: 'none' | 'save_convs' | 'full': scan over the
-    identical blocks with rematerialisation (less training memory for some recomputation;
-    same variables and values; see ``pemn_jax.models.remat``).
-  strategy.name: 'mask' | 'one_layer' | 'max_layer_padding' | 'random_vector_padding'.
-  strategy.rp_ratio: r of random vector padding, in (0, 1].
-  strategy.keep_fraction: fraction of each layer's weights KEPT by the mask, in (0, 1].
-  strategy.score_abs: rank |score| (reference code) or the raw score (paper's equation).
-  data.*: the dataset, its augmentation and input pipeline (``pemn_jax.data``); each field
-    is commented where it is set below. ``data.augment_options.*`` are the recipe's switches.
-  train.*: see ``pemn_jax.train``.
+Each field is set below with its default and a comment; the experiment configs change a few.
+``seed`` derives the score/BN init key, the frozen random-weight key (``build.model_keys``) and
+the data order. ``model.*`` describes the network (``pemn_jax.models``), ``strategy.*`` the
+masks and where the random values come from (``pemn_jax.strategies``, ``pemn_jax.masking``),
+``data.*`` the dataset, augmentation and input pipeline (``pemn_jax.data``), ``train.*`` the
+optimizer, schedule, checkpoints and logging (``pemn_jax.train``).
+
+The command line sets any field (``--config.model.dim=128``); it cannot add one, so a field that
+is not here does not exist. Validation, with errors that name the field, is in
+``build.validate_config`` (model, strategy), ``train.validate_train_config`` and the data
+package.
 """
 
 import ast
@@ -38,29 +26,39 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.model = ml_collections.ConfigDict()
-  c.model.name = 'convmixer'
-  c.model.masked = True
-  c.model.dim = 256
-  c.model.depth = 8
-  c.model.kernel_size = 5
-  c.model.patch_size = 2
-  c.model.num_classes = 10
-  c.model.num_heads = config_dict.placeholder(int)
-  c.model.mlp_ratio = 2.0
-  c.model.hidden_dims = (100, 100, 100)
-  c.model.width = 16
-  c.model.sparsity_method = config_dict.placeholder(str)  # 'random' | 'magnitude' (dense only)
+  c.model.name = 'convmixer'  # a key of pemn_jax.models.REGISTRY: convmixer | resnet | vit | mlp
+  c.model.masked = True  # True: PEMN (frozen random weights x learned masks); False: dense
+  c.model.dim = 256  # width: ConvMixer h, ViT embedding (ResNet and MLP ignore it)
+  c.model.depth = 8  # blocks (ConvMixer, ViT) or layers (ResNet, 6n+2)
+  c.model.kernel_size = 5  # ConvMixer's depthwise kernel
+  c.model.patch_size = 2  # ConvMixer / ViT patch (and stem stride)
+  c.model.num_classes = 10  # classifier outputs; must equal the dataset's classes
+  c.model.num_heads = config_dict.placeholder(int)  # ViT heads (None: dim // 64)
+  c.model.mlp_ratio = 2.0  # ViT MLP width / dim
+  c.model.hidden_dims = (100, 100, 100)  # MLP hidden widths
+  c.model.width = 16  # ResNet base width (channels of the first stage)
+  # the paper's sparse baselines (dense only, masked=False): 'random' | 'magnitude' removal of
+  # `sparsity` of each layer's weights (pemn_jax.sparse)
+  c.model.sparsity_method = config_dict.placeholder(str)
   c.model.sparsity = 0.9
-  c.model.dtype = 'float32'
-  c.model.conv_impl = 'auto'
-  c.model.input_shape = config_dict.placeholder(tuple)
+  c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (scores, BN, optimizer: fp32)
+  c.model.conv_impl = 'auto'  # conv formulation: auto | xla | fast | native (pemn_jax.ops)
+  # which native CPU kernels the steps may use (pemn_jax.native): 'auto' (all, where they
+  # apply), 'none' (pure XLA), or a comma list of depthwise, topk, gelu_bn. How a step runs,
+  # not which network: a run may resume with it changed.
+  c.model.native_kernels = 'auto'
+  c.model.input_shape = config_dict.placeholder(tuple)  # (H, W, C); None: the dataset's
+  # ConvMixer / ViT blocks as one rematerialised scan in training: none | save_convs | full
+  # (less memory for some recomputation; same variables and values; pemn_jax.models.remat)
   c.model.remat_blocks = 'none'
 
   c.strategy = ml_collections.ConfigDict()
+  # where the frozen weights' values come from (pemn_jax.strategies): mask | one_layer |
+  # max_layer_padding | random_vector_padding
   c.strategy.name = 'random_vector_padding'
-  c.strategy.rp_ratio = 1e-3
-  c.strategy.keep_fraction = 0.5
-  c.strategy.score_abs = True
+  c.strategy.rp_ratio = 1e-3  # random vector padding: stored values = floor(r * N) + 1, r in (0, 1]
+  c.strategy.keep_fraction = 0.5  # fraction of each layer's weights the mask KEEPS, in (0, 1]
+  c.strategy.score_abs = True  # rank |score| (the reference code) or the raw score (the paper)
 
   c.data = ml_collections.ConfigDict()
   # our builders: fashion_mnist_embedded (shipped subset), fashion_mnist, fashion_mnist_local,
@@ -85,11 +83,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.augment_options.erase_prob = 0.2  # random-erasing probability (0: off)
 
   c.train = ml_collections.ConfigDict()
-  c.train.batch_size = 512
-  c.train.eval_batch_size = 1000
-  c.train.num_epochs = 100
-  c.train.num_steps = config_dict.placeholder(int)  # overrides num_epochs when set
-  c.train.optimizer = 'adamw'
+  c.train.batch_size = 512  # global batch (all processes), a multiple of the device count
+  c.train.eval_batch_size = 1000  # global eval batch; the last one is padded and masked
+  c.train.num_epochs = 100  # training length in epochs ...
+  c.train.num_steps = config_dict.placeholder(int)  # ... or in steps, when set
+  # AdamW on every trainable leaf (scores and BN; kernels too in the dense baseline)
   c.train.peak_lr = 0.05
   c.train.weight_decay = 0.005
   c.train.b1 = 0.9
@@ -100,11 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.warmup_fraction = 0.4
   c.train.decay_fraction = 0.8
   c.train.final_lr_scale = 0.05
-  c.train.checkpoint_every_steps = 500
-  c.train.max_checkpoints = 2
-  c.train.log_every_steps = 50
-  c.train.eval_every_epochs = 1
-  c.train.progress = True
+  c.train.checkpoint_every_steps = 500  # and after every evaluation
+  c.train.max_checkpoints = 2  # the latest N are kept, plus the best by test accuracy
+  c.train.log_every_steps = 50  # a 'train' line in metrics.jsonl and TensorBoard
+  c.train.eval_every_epochs = 1  # test-split evaluation (always after the last step)
+  c.train.progress = True  # a progress bar on process 0 (else one line per evaluation)
   return c
 
 
@@ -135,6 +133,26 @@ def check_positive_int(value: Any, field: str, *, allow_none: bool = False) -> N
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     unset = ' or unset' if allow_none else ''
     raise ValueError(f'{field} must be a positive integer{unset}, got {value!r}')
+
+
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with every field it lacks set to ``base_config()``'s default; returns it.
+
+  For configs recorded by earlier versions (a workdir's ``config.json``, an artifact's header):
+  a field added since then reads as its default, which is what those runs used.
+  """
+
+  def fill(node, defaults):
+    for k, v in defaults.items():
+      if k not in node:
+        node[k] = v
+      elif isinstance(v, ml_collections.ConfigDict) and isinstance(
+        node[k], ml_collections.ConfigDict
+      ):
+        fill(node[k], v)
+
+  fill(config, base_config())
+  return config
 
 
 def with_overrides(

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from pemn_jax import layers
 from pemn_jax.models import remat
+from pemn_jax.models.registry import ModelSpec
 
 ModuleDef = Any
 
@@ -121,3 +122,19 @@ class ConvMixer(nn.Module):
         )
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+def _build(m, layers_):
+  return ConvMixer(
+    dim=m.dim,
+    depth=m.depth,
+    kernel_size=m.kernel_size,
+    patch_size=m.patch_size,
+    remat_blocks=m.remat_blocks,
+    **layers_,
+  )
+
+
+SPEC = ModelSpec(
+  build=_build, fields=('dim', 'depth', 'kernel_size', 'patch_size'), identical_blocks=True
+)

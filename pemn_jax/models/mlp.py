@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pemn_jax import layers
+from pemn_jax.models.registry import ModelSpec
 
 ModuleDef = Any
 
@@ -33,3 +34,16 @@ class MLP(nn.Module):
       x = self.dense(width, dtype=self.dtype, name=f'dense{i}')(x)
       x = nn.relu(norm(name=f'bn{i}')(x))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+def _build(m, layers_):
+  return MLP(hidden_dims=tuple(m.hidden_dims), **layers_)
+
+
+def _validate(m):
+  dims = m.hidden_dims
+  if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+    raise ValueError(f'model.hidden_dims must be positive integers, got {dims!r}')
+
+
+SPEC = ModelSpec(build=_build, validate=_validate, fields=('hidden_dims',))

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import traverse_util
 
 from pemn_jax import layers, strategies
 from pemn_jax.strategies import Path
@@ -97,15 +97,11 @@ def scan_blocks(
 
   x, new_stats = jax.lax.scan(body, x, stacked)
   if update_stats:
-    written: dict[str, Any] = {}  # top-level name in parent -> its (nested) statistics
-    for i in range(depth):
-      for name, stats in new_stats.items():
-        path = paths(i)[name]
-        value = jax.tree.map(lambda v, i=i: v[i], stats)
-        node = written
-        for k in path[:-1]:
-          node = node.setdefault(k, {})
-        node[path[-1]] = value
-    for key, value in written.items():
+    flat = {  # path in the parent -> block i's (nested) statistics
+      paths(i)[name]: jax.tree.map(lambda v, i=i: v[i], stats)
+      for i in range(depth)
+      for name, stats in new_stats.items()
+    }
+    for key, value in traverse_util.unflatten_dict(flat).items():
       parent.put_variable('batch_stats', key, value)
   return x

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from pemn_jax import layers
+from pemn_jax.models.registry import ModelSpec
 
 ModuleDef = Any
 DEPTHS = (20, 32, 44, 56, 110)
@@ -81,3 +82,17 @@ class CifarResNet(nn.Module):
         )(x)
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+def _build(m, layers_):
+  return CifarResNet(depth=m.depth, width=m.width, **layers_)
+
+
+def _validate(m):
+  if (m.depth - 2) % 6:
+    raise ValueError(f'model.depth must be 6n+2 for resnet (20, 32, 56, ...), got {m.depth}')
+  if isinstance(m.width, bool) or not isinstance(m.width, int) or m.width < 1:
+    raise ValueError(f'model.width must be a positive integer, got {m.width!r}')
+
+
+SPEC = ModelSpec(build=_build, validate=_validate, fields=('depth', 'width'))

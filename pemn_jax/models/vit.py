@@ -23,6 +23,7 @@ import numpy as np
 
 from pemn_jax import layers
 from pemn_jax.models import remat
+from pemn_jax.models.registry import ModelSpec
 
 ModuleDef = Any
 
@@ -124,3 +125,33 @@ class ViT(nn.Module):
         x = Block(self.dim, heads, self.mlp_ratio, self.dense, self.dtype, name=f'block{i}')(x)
     x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='ln_final')(x).mean(axis=1)
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
+
+
+def _build(m, layers_):
+  return ViT(
+    dim=m.dim,
+    depth=m.depth,
+    patch_size=m.patch_size,
+    num_heads=m.num_heads,
+    mlp_ratio=m.mlp_ratio,
+    remat_blocks=m.remat_blocks,
+    **layers_,
+  )
+
+
+def _validate(m):
+  heads = m.num_heads or max(1, m.dim // 64)
+  if m.dim % heads or m.dim % 4:
+    raise ValueError(
+      f'model.dim ({m.dim}) must be divisible by 4 and by model.num_heads ({heads}) for vit'
+    )
+  if not m.mlp_ratio > 0:
+    raise ValueError(f'model.mlp_ratio must be > 0, got {m.mlp_ratio!r}')
+
+
+SPEC = ModelSpec(
+  build=_build,
+  validate=_validate,
+  fields=('dim', 'depth', 'patch_size', 'num_heads', 'mlp_ratio'),
+  identical_blocks=True,
+)
