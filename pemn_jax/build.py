@@ -53,6 +53,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "model.conv_impl='native' needs model.dtype='float32' (the native kernels "
       f"are float32), got model.dtype={m.dtype!r}; use model.conv_impl='auto'"
     )
+  if m.conv_impl == 'native' and 'depthwise' not in native.parse_kernels(m.native_kernels):
+    raise ValueError(
+      "model.conv_impl='native' needs the depthwise kernel, which "
+      f'model.native_kernels={m.native_kernels!r} switches off'
+    )
   native.parse_kernels(m.native_kernels)
   REGISTRY[m.name].validate(m)
   if m.sparsity_method is not None and m.masked:

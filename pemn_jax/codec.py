@@ -303,7 +303,7 @@ def encode_mask(mask: np.ndarray, method: int | None = None) -> bytes:
 
 
 def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
-  """Decode bytes from :func:`encode_mask` into a boolean array of ``shape``.
+  """Decode bytes from :func:``encode_mask`` into a boolean array of ``shape``.
 
   Raises ``ValueError`` if the data is truncated, corrupted, or does not match ``shape``.
   """

@@ -1,8 +1,8 @@
 """Tests of the data layer: TF-free TFDS builders, dataset sources, batches, augmentation.
 
 The embedded Fashion-MNIST subset is prepared once per test session into a temporary data dir;
-TFDS catalogue datasets are driven by `tfds.testing.mock_data` (whose data sources work for
-`as_data_source`, with unknown split sizes, so the pipeline counts examples with `len(source)`).
+TFDS catalogue datasets are driven by ``tfds.testing.mock_data`` (whose data sources work for
+``as_data_source``, with unknown split sizes, so the pipeline counts examples with ``len(source)``).
 """
 
 from __future__ import annotations

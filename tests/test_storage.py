@@ -213,7 +213,7 @@ def test_format_table_mentions_every_row(convmixer_256_6):
 
 
 def test_summarize_agrees_with_report(convmixer_256_6):
-  # The summary `pemn inspect` prints, from given variables (no init compile needed).
+  # The summary ``pemn inspect`` prints, from given variables (no init compile needed).
   config = _convmixer_config()
   model = build.build_model(config)
   abstract = jax.eval_shape(lambda: build.init_variables(model, config))

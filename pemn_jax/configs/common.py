@@ -38,7 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.hidden_dims = (100, 100, 100)  # MLP hidden widths
   c.model.width = 16  # ResNet base width (channels of the first stage)
   # the paper's sparse baselines (dense only, masked=False): 'random' | 'magnitude' removal of
-  # `sparsity` of each layer's weights (pemn_jax.sparse)
+  # ``sparsity`` of each layer's weights (pemn_jax.sparse)
   c.model.sparsity_method = config_dict.placeholder(str)
   c.model.sparsity = 0.9
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (scores, BN, optimizer: fp32)

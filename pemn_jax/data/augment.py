@@ -1,15 +1,15 @@
 """The reference code's CIFAR training augmentation of a batch, vectorised in NumPy.
 
 Recipe, in torchvision's order and with torchvision's definitions (the reference code uses
-`transforms.RandomHorizontalFlip`, `RandAugment(num_ops=2, magnitude=12)`,
-`ColorJitter(0.2, 0.2, 0.2)`, `Normalize`, `RandomErasing(p=0.2)`):
+``transforms.RandomHorizontalFlip``, ``RandAugment(num_ops=2, magnitude=12)``,
+``ColorJitter(0.2, 0.2, 0.2)``, ``Normalize``, ``RandomErasing(p=0.2)``):
 
 1. horizontal flip with probability 0.5;
-2. RandAugment: `num_ops` ops drawn uniformly (with replacement) from the 14 of torchvision
+2. RandAugment: ``num_ops`` ops drawn uniformly (with replacement) from the 14 of torchvision
    (Identity, ShearX, ShearY, TranslateX, TranslateY, Rotate, Brightness, Color, Contrast,
-   Sharpness, Posterize, Solarize, AutoContrast, Equalize), at magnitude bin `magnitude` of 31;
+   Sharpness, Posterize, Solarize, AutoContrast, Equalize), at magnitude bin ``magnitude`` of 31;
    signed ops flip their sign with probability 0.5 (the ops themselves, torchvision-faithful,
-   are `pemn_jax.data.image_ops`);
+   are ``pemn_jax.data.image_ops``);
 3. colour jitter: brightness, contrast and saturation factors uniform in [1-j, 1+j], applied in a
    random order;
 4. scale to [0, 1] and normalise with the dataset's mean and std;
@@ -19,8 +19,8 @@ Recipe, in torchvision's order and with torchvision's definitions (the reference
 Pixels stay float32 on the 0..255 scale between ops and are clipped after each (PIL rounds to
 uint8 between ops; ops that need integers, Posterize, Solarize, Equalize, round first).
 
-Randomness is explicit: every random choice of example b is read from `uniforms[b]`, a row of
-`NUM_UNIFORMS` numbers in [0, 1) (see `example_uniforms`), so the result is a pure function of
+Randomness is explicit: every random choice of example b is read from ``uniforms[b]``, a row of
+``NUM_UNIFORMS`` numbers in [0, 1) (see ``example_uniforms``), so the result is a pure function of
 (images, uniforms, options). The pipeline derives each row from (seed, epoch, position of the
 example in the epoch), which makes augmentation independent of batch size, process count and
 resumption.
@@ -47,7 +47,7 @@ from pemn_jax.data.image_ops import (
 MAX_RANDAUGMENT_OPS = 4
 ERASE_ATTEMPTS = 10
 
-# Column layout of the per-example uniforms (public: `experiments/augment_jax.py` reads the same
+# Column layout of the per-example uniforms (public: ``experiments/augment_jax.py`` reads the same
 # columns, so that both versions draw identical choices).
 COL_FLIP = 0
 COL_RA = 1  # (op, sign) pairs for up to MAX_RANDAUGMENT_OPS ops
@@ -67,11 +67,11 @@ class AugmentOptions:
   """Switches of the training augmentation; defaults are the reference recipe.
 
   Attributes:
-      flip: random horizontal flip (p = 0.5).
-      randaugment_num_ops: RandAugment ops per image (0 disables RandAugment; at most 4).
-      randaugment_magnitude: magnitude bin, 0..30.
-      color_jitter: brightness/contrast/saturation jitter strength (0 disables).
-      erase_prob: random-erasing probability (0 disables).
+    flip: random horizontal flip (p = 0.5).
+    randaugment_num_ops: RandAugment ops per image (0 disables RandAugment; at most 4).
+    randaugment_magnitude: magnitude bin, 0..30.
+    color_jitter: brightness/contrast/saturation jitter strength (0 disables).
+    erase_prob: random-erasing probability (0 disables).
   """
 
   flip: bool = True
@@ -95,12 +95,12 @@ def example_uniforms(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray
   """The random numbers of each example: a pure function of (seed, epoch, position).
 
   Args:
-      seed: run seed (any integer).
-      epoch: epoch number.
-      positions: (B,) positions of the examples in the epoch's global order.
+    seed: run seed (any integer).
+    epoch: epoch number.
+    positions: (B,) positions of the examples in the epoch's global order.
 
   Returns:
-      (B, NUM_UNIFORMS) float64 in [0, 1).
+    (B, NUM_UNIFORMS) float64 in [0, 1).
   """
   seed, epoch = int(seed) % 2**64, int(epoch) % 2**64
   return np.stack(
@@ -126,12 +126,12 @@ def augment_uint8(images: np.ndarray, uniforms: np.ndarray, options: AugmentOpti
   """Flip, RandAugment and colour jitter of a batch (steps 1-3 of the recipe).
 
   Args:
-      images: (B, H, W, C) uint8.
-      uniforms: (B, NUM_UNIFORMS) in [0, 1), the randomness of each example.
-      options: which steps to apply and how strongly.
+    images: (B, H, W, C) uint8.
+    uniforms: (B, NUM_UNIFORMS) in [0, 1), the randomness of each example.
+    options: which steps to apply and how strongly.
 
   Returns:
-      (B, H, W, C) float32 on the 0..255 scale.
+    (B, H, W, C) float32 on the 0..255 scale.
   """
   x = images.astype(np.float32)
   b, h, w, _ = x.shape
@@ -177,12 +177,12 @@ def normalize(x: np.ndarray, mean, std) -> np.ndarray:
   """Scales 0..255 pixels to [0, 1] and standardises per channel.
 
   Args:
-      x: (..., C) pixels on the 0..255 scale (uint8 or float).
-      mean: C per-channel means on the [0, 1] scale.
-      std: C per-channel standard deviations on the [0, 1] scale.
+    x: (..., C) pixels on the 0..255 scale (uint8 or float).
+    mean: C per-channel means on the [0, 1] scale.
+    std: C per-channel standard deviations on the [0, 1] scale.
 
   Returns:
-      float32 array of the same shape.
+    float32 array of the same shape.
   """
   mean = np.asarray(mean, np.float32) * 255.0
   inv = 1.0 / (np.asarray(std, np.float32) * 255.0)
@@ -193,12 +193,12 @@ def random_erase(x: np.ndarray, uniforms: np.ndarray, prob: float) -> np.ndarray
   """torchvision RandomErasing(p, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0), batched.
 
   Args:
-      x: (B, H, W, C) float32 (normalised images).
-      uniforms: (B, NUM_UNIFORMS) in [0, 1).
-      prob: probability of erasing a rectangle in an image.
+    x: (B, H, W, C) float32 (normalised images).
+    uniforms: (B, NUM_UNIFORMS) in [0, 1).
+    prob: probability of erasing a rectangle in an image.
 
   Returns:
-      The images with the chosen rectangles set to 0 (a new array).
+    The images with the chosen rectangles set to 0 (a new array).
   """
   b, h, w, _ = x.shape
   u = np.asarray(uniforms, dtype=np.float64)
@@ -232,14 +232,14 @@ def augment_batch(
   """The whole training recipe: flip, RandAugment, colour jitter, normalise, random erasing.
 
   Args:
-      images: (B, H, W, C) uint8.
-      uniforms: (B, NUM_UNIFORMS) in [0, 1) (see `example_uniforms`).
-      mean: C per-channel means on [0, 1].
-      std: C per-channel stds on [0, 1].
-      options: recipe switches (default: the reference recipe).
+    images: (B, H, W, C) uint8.
+    uniforms: (B, NUM_UNIFORMS) in [0, 1) (see ``example_uniforms``).
+    mean: C per-channel means on [0, 1].
+    std: C per-channel stds on [0, 1].
+    options: recipe switches (default: the reference recipe).
 
   Returns:
-      (B, H, W, C) float32, normalised.
+    (B, H, W, C) float32, normalised.
   """
   options = options or AugmentOptions()
   x = normalize(augment_uint8(images, uniforms, options), mean, std)

@@ -1,26 +1,26 @@
 """TFDS builders for the project's local datasets, prepared TF-free into array_record.
 
-Three `tfds.core.GeneratorBasedBuilder` subclasses turn local files into TFDS datasets:
+Three ``tfds.core.GeneratorBasedBuilder`` subclasses turn local files into TFDS datasets:
 
 | builder (TFDS name)      | source                                                       |
 |--------------------------|--------------------------------------------------------------|
-| `fashion_mnist_embedded` | the Fashion-MNIST subset shipped in `pemn_jax/data_files/`   |
-| `fashion_mnist_local`    | the four official Fashion-MNIST IDX files in a directory     |
-| `cifar10_jpeg`           | `cifar10_jpeg_q75.npz` (CIFAR-10 as JPEG files, see README)  |
+| ``fashion_mnist_embedded`` | the Fashion-MNIST subset shipped in ``pemn_jax/data_files/``   |
+| ``fashion_mnist_local``    | the four official Fashion-MNIST IDX files in a directory     |
+| ``cifar10_jpeg``           | ``cifar10_jpeg_q75.npz`` (CIFAR-10 as JPEG files, see README)  |
 
 Why this works without TensorFlow: images are stored as `tfds.features.Tensor(shape=(H, W, C),
-dtype=uint8)` (the `Image` feature would need `tf.image.encode_png` to write), labels as
-`ClassLabel`, and the files are written with `file_format='array_record'`, whose writer and reader
-(`array_record`, `builder.as_data_source()`) need no TensorFlow. Records keep the order of the
-source files (`disable_shuffling`): record i of a split is example i of the source file.
+dtype=uint8)` (the ``Image`` feature would need ``tf.image.encode_png`` to write), labels as
+``ClassLabel``, and the files are written with ``file_format='array_record'``, whose writer and reader
+(``array_record``, ``builder.as_data_source()``) need no TensorFlow. Records keep the order of the
+source files (``disable_shuffling``): record i of a split is example i of the source file.
 
-TFDS writes into an `incomplete.*` directory and renames it only after `dataset_info.json` is
+TFDS writes into an ``incomplete.*`` directory and renames it only after ``dataset_info.json`` is
 written, so a reader never sees a half-written dataset; two processes preparing at once would still
-race on that rename, so `prepare_builder` serialises preparation with an exclusive `fcntl` file
+race on that rename, so ``prepare_builder`` serialises preparation with an exclusive ``fcntl`` file
 lock in the data dir and re-checks under the lock (the second process finds the dataset ready and
 only reads it).
 
-The IDX reader/writer here is also used by `experiments/make_embedded_dataset.py`, so the shipped
+The IDX reader/writer here is also used by ``experiments/make_embedded_dataset.py``, so the shipped
 subset and the full official files go through one code path.
 """
 
@@ -66,7 +66,7 @@ def embedded_source_dir() -> pathlib.Path:
   """Directory of the Fashion-MNIST subset shipped inside the package.
 
   Returns:
-      Path of `pemn_jax/data_files/fashion_mnist_subset`.
+    Path of ``pemn_jax/data_files/fashion_mnist_subset``.
   """
   root = importlib.resources.files('pemn_jax') / 'data_files' / 'fashion_mnist_subset'
   return pathlib.Path(str(root))
@@ -83,13 +83,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
   """Reads an IDX file (the MNIST / Fashion-MNIST format), gzipped or not.
 
   Args:
-      path: file path; a `.gz` suffix means gzip-compressed.
+    path: file path; a ``.gz`` suffix means gzip-compressed.
 
   Returns:
-      uint8 array with the shape stored in the header (e.g. (N, 28, 28) or (N,)).
+    uint8 array with the shape stored in the header (e.g. (N, 28, 28) or (N,)).
 
   Raises:
-      ValueError: the header is not an unsigned-byte IDX header or the size does not match.
+    ValueError: the header is not an unsigned-byte IDX header or the size does not match.
   """
   path = pathlib.Path(path)
   with _open_maybe_gzip(path) as f:
@@ -106,14 +106,14 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
-  """Writes a uint8 array as an IDX file, gzip-compressed deterministically if `.gz`.
+  """Writes a uint8 array as an IDX file, gzip-compressed deterministically if ``.gz``.
 
   The gzip header carries no file name and mtime 0, so the same array always gives the same
   bytes (for a given zlib).
 
   Args:
-      path: output file; a `.gz` suffix means gzip-compressed (level 9).
-      array: uint8 array of any rank (1..255).
+    path: output file; a ``.gz`` suffix means gzip-compressed (level 9).
+    array: uint8 array of any rank (1..255).
   """
   array = np.ascontiguousarray(array, dtype=np.uint8)
   header = bytes([0, 0, _IDX_UBYTE, array.ndim]) + struct.pack(f'>{array.ndim}I', *array.shape)
@@ -128,15 +128,15 @@ def read_idx_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarra
   """Reads one split of an IDX dataset directory.
 
   Args:
-      source_dir: directory holding the four official file names (see `IDX_FILES`).
-      split: 'train' or 'test'.
+    source_dir: directory holding the four official file names (see ``IDX_FILES``).
+    split: 'train' or 'test'.
 
   Returns:
-      (images uint8 (N, 28, 28, 1), labels uint8 (N,)).
+    (images uint8 (N, 28, 28, 1), labels uint8 (N,)).
 
   Raises:
-      FileNotFoundError: a file is missing.
-      ValueError: images and labels disagree in count.
+    FileNotFoundError: a file is missing.
+    ValueError: images and labels disagree in count.
   """
   source_dir = pathlib.Path(source_dir)
   image_name, label_name = IDX_FILES[split]
@@ -153,10 +153,10 @@ def missing_idx_files(source_dir: str | os.PathLike) -> list[str]:
   """Lists the official IDX file names absent from a directory.
 
   Args:
-      source_dir: directory to check.
+    source_dir: directory to check.
 
   Returns:
-      The missing file names (empty when all four are there).
+    The missing file names (empty when all four are there).
   """
   source_dir = pathlib.Path(source_dir)
   names = [name for pair in IDX_FILES.values() for name in pair]
@@ -284,16 +284,16 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike, timeout_s: float = 3600.0):
-  """Holds an exclusive advisory lock on `path` (created if absent) for the block.
+  """Holds an exclusive advisory lock on ``path`` (created if absent) for the block.
 
-  Works across processes on one machine (and on file systems with working `flock`).
+  Works across processes on one machine (and on file systems with working ``flock``).
 
   Args:
-      path: lock file path.
-      timeout_s: give up with TimeoutError after this long.
+    path: lock file path.
+    timeout_s: give up with TimeoutError after this long.
 
   Yields:
-      None, while the lock is held.
+    None, while the lock is held.
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -316,31 +316,31 @@ def file_lock(path: str | os.PathLike, timeout_s: float = 3600.0):
 def is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
   """Whether the builder's version dir holds a finished preparation.
 
-  TFDS renames its `incomplete.*` dir into place only after writing both JSON files, so their
-  presence means the dataset is complete. (Same test as `builder.is_prepared()`, without its
+  TFDS renames its ``incomplete.*`` dir into place only after writing both JSON files, so their
+  presence means the dataset is complete. (Same test as ``builder.is_prepared()``, without its
   warning about an absent folder.)
 
   Args:
-      builder: a TFDS builder bound to a data dir.
+    builder: a TFDS builder bound to a data dir.
 
   Returns:
-      True when `dataset_info.json` and `features.json` exist in `builder.data_path`.
+    True when ``dataset_info.json`` and ``features.json`` exist in ``builder.data_path``.
   """
   path = pathlib.Path(os.fspath(builder.data_path))
   return (path / 'dataset_info.json').is_file() and (path / 'features.json').is_file()
 
 
 def prepare_builder(make_builder, data_dir: str | os.PathLike) -> tfds.core.DatasetBuilder:
-  """Prepares a builder into `data_dir` as array_record once, safely across processes.
+  """Prepares a builder into ``data_dir`` as array_record once, safely across processes.
 
   Args:
-      make_builder: zero-argument callable returning a fresh builder bound to `data_dir`
-          (called again under the lock, because a builder made before another process
-          finished preparing does not see the new files).
-      data_dir: the TFDS data dir (holds the lock file).
+    make_builder: zero-argument callable returning a fresh builder bound to ``data_dir``
+        (called again under the lock, because a builder made before another process
+        finished preparing does not see the new files).
+    data_dir: the TFDS data dir (holds the lock file).
 
   Returns:
-      A builder whose dataset is prepared and readable with `as_data_source()`.
+    A builder whose dataset is prepared and readable with ``as_data_source()``.
   """
   builder = make_builder()
   if is_prepared(builder):

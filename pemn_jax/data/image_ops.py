@@ -5,9 +5,9 @@ and follows torchvision's (or PIL's) definition of the op: Brightness, Color (sa
 Contrast and Sharpness blend with a degenerate image; Posterize, Solarize, AutoContrast and
 Equalize act on rounded integer pixels as PIL does on uint8; the geometric ops (ShearX, ShearY,
 TranslateX, TranslateY, Rotate) warp by an inverse affine map with nearest sampling and fill 0,
-shears pivoting on the top-left corner, rotation on the centre. `randaugment_magnitudes` gives
-torchvision's magnitude of each op at one of 31 bins and `apply_op` applies an op by name.
-The batch augmentation that draws ops and parameters per example is `pemn_jax.data.augment`.
+shears pivoting on the top-left corner, rotation on the centre. ``randaugment_magnitudes`` gives
+torchvision's magnitude of each op at one of 31 bins and ``apply_op`` applies an op by name.
+The batch augmentation that draws ops and parameters per example is ``pemn_jax.data.augment``.
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ def _blend(x: np.ndarray, other: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 
 def brightness(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
-  """Scales pixel values by `factor` (PIL ImageEnhance.Brightness).
+  """Scales pixel values by ``factor`` (PIL ImageEnhance.Brightness).
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      factor: (n,) factors (1 = unchanged).
+    x: (n, H, W, C) float32 on 0..255.
+    factor: (n,) factors (1 = unchanged).
 
   Returns:
-      The adjusted images, clipped to 0..255.
+    The adjusted images, clipped to 0..255.
   """
   return _blend(x, np.zeros((), np.float32), factor)
 
@@ -53,11 +53,11 @@ def saturation(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
   """Blends with the grayscale image (PIL ImageEnhance.Color; identity for one channel).
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      factor: (n,) factors (1 = unchanged, 0 = grayscale).
+    x: (n, H, W, C) float32 on 0..255.
+    factor: (n,) factors (1 = unchanged, 0 = grayscale).
 
   Returns:
-      The adjusted images.
+    The adjusted images.
   """
   return _blend(x, _grayscale(x), factor)
 
@@ -66,11 +66,11 @@ def contrast(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
   """Blends with the mean grey level of each image (torchvision adjust_contrast).
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      factor: (n,) factors (1 = unchanged).
+    x: (n, H, W, C) float32 on 0..255.
+    factor: (n,) factors (1 = unchanged).
 
   Returns:
-      The adjusted images.
+    The adjusted images.
   """
   mean = _grayscale(x).mean(axis=(1, 2, 3), keepdims=True)
   return _blend(x, mean, factor)
@@ -80,11 +80,11 @@ def sharpness(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
   """Blends with a smoothed image (3x3 kernel, centre 5, sum 13; border kept), as PIL.
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      factor: (n,) factors (1 = unchanged, 0 = smoothed, >1 sharpened).
+    x: (n, H, W, C) float32 on 0..255.
+    factor: (n,) factors (1 = unchanged, 0 = smoothed, >1 sharpened).
 
   Returns:
-      The adjusted images.
+    The adjusted images.
   """
   smooth = x.copy()
   acc = 4.0 * x[:, 1:-1, 1:-1]
@@ -96,28 +96,28 @@ def sharpness(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
 
 
 def posterize(x: np.ndarray, bits: int) -> np.ndarray:
-  """Keeps the `bits` most significant bits of each pixel.
+  """Keeps the ``bits`` most significant bits of each pixel.
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      bits: 1..8.
+    x: (n, H, W, C) float32 on 0..255.
+    bits: 1..8.
 
   Returns:
-      The posterized images (float32).
+    The posterized images (float32).
   """
   mask = np.uint8((0xFF << (8 - bits)) & 0xFF)
   return (np.round(x).astype(np.uint8) & mask).astype(np.float32)
 
 
 def solarize(x: np.ndarray, threshold: float) -> np.ndarray:
-  """Inverts pixels at or above `threshold`.
+  """Inverts pixels at or above ``threshold``.
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      threshold: 0..255.
+    x: (n, H, W, C) float32 on 0..255.
+    threshold: 0..255.
 
   Returns:
-      The solarized images.
+    The solarized images.
   """
   x = np.round(x)
   return np.where(x >= threshold, 255.0 - x, x).astype(np.float32)
@@ -127,10 +127,10 @@ def autocontrast(x: np.ndarray) -> np.ndarray:
   """Stretches each channel of each image to the full 0..255 range (constant channels kept).
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
+    x: (n, H, W, C) float32 on 0..255.
 
   Returns:
-      The stretched images.
+    The stretched images.
   """
   lo = x.min(axis=(1, 2), keepdims=True)
   hi = x.max(axis=(1, 2), keepdims=True)
@@ -144,10 +144,10 @@ def equalize(x: np.ndarray) -> np.ndarray:
   """Histogram-equalises each channel of each image (PIL ImageOps.equalize's rule).
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
+    x: (n, H, W, C) float32 on 0..255.
 
   Returns:
-      The equalised images.
+    The equalised images.
   """
   n, h, w, c = x.shape
   xi = np.round(x).astype(np.int64).transpose(0, 3, 1, 2).reshape(n * c, h * w)
@@ -167,11 +167,11 @@ def affine_nearest(x: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   """Warps images by per-image inverse affine maps, nearest sampling, fill 0.
 
   Args:
-      x: (n, H, W, C) images.
-      inverse: (n, 2, 3) maps from output pixel-centre coordinates (x, y) to input coordinates.
+    x: (n, H, W, C) images.
+    inverse: (n, 2, 3) maps from output pixel-centre coordinates (x, y) to input coordinates.
 
   Returns:
-      The warped images, same dtype.
+    The warped images, same dtype.
   """
   n, h, w, _ = x.shape
   ys, xs = np.meshgrid(np.arange(h) + 0.5, np.arange(w) + 0.5, indexing='ij')
@@ -214,13 +214,13 @@ def randaugment_magnitudes(magnitude_bin: int, h: int, w: int) -> dict[str, floa
   """Unsigned magnitudes of the torchvision RandAugment ops at one bin (of 31).
 
   Args:
-      magnitude_bin: 0..30.
-      h: image height.
-      w: image width.
+    magnitude_bin: 0..30.
+    h: image height.
+    w: image width.
 
   Returns:
-      Op name -> magnitude (shear as tan, translate in pixels, rotate in degrees, enhance
-      as the deviation of the factor from 1, posterize bits, solarize threshold).
+    Op name -> magnitude (shear as tan, translate in pixels, rotate in degrees, enhance
+    as the deviation of the factor from 1, posterize bits, solarize threshold).
   """
   frac = magnitude_bin / (NUM_MAGNITUDE_BINS - 1)
   return {
@@ -242,15 +242,15 @@ def randaugment_magnitudes(magnitude_bin: int, h: int, w: int) -> dict[str, floa
 
 
 def apply_op(x: np.ndarray, op: str, magnitude: np.ndarray) -> np.ndarray:
-  """Applies one RandAugment op to every image of `x`.
+  """Applies one RandAugment op to every image of ``x``.
 
   Args:
-      x: (n, H, W, C) float32 on 0..255.
-      op: a name from `OPS`.
-      magnitude: (n,) signed magnitudes in the units of `randaugment_magnitudes`.
+    x: (n, H, W, C) float32 on 0..255.
+    op: a name from ``OPS``.
+    magnitude: (n,) signed magnitudes in the units of ``randaugment_magnitudes``.
 
   Returns:
-      The transformed images, float32 on 0..255.
+    The transformed images, float32 on 0..255.
   """
   if op == 'Identity':
     return x

@@ -2,29 +2,29 @@
 
 Public API
 ----------
-- `steps_per_epoch(info, global_batch_size) -> int`: full training batches per epoch.
-- `eval_steps(info, global_batch_size) -> int`: evaluation batches (last one padded).
-- `epoch_permutation(num_examples, seed, epoch)`: the training order of one epoch.
+- ``steps_per_epoch(info, global_batch_size) -> int``: full training batches per epoch.
+- ``eval_steps(info, global_batch_size) -> int``: evaluation batches (last one padded).
+- ``epoch_permutation(num_examples, seed, epoch)``: the training order of one epoch.
 - `train_batches(data_config, *, global_batch_size, seed, epoch, process_index, process_count,
   start_step_in_epoch=0) -> Iterator[dict]`: one epoch of process-local training batches
-  `{'image': float32 (L, H, W, C) normalised, 'label': int32 (L,)}`, L = global / process_count.
+  ``{'image': float32 (L, H, W, C) normalised, 'label': int32 (L,)}``, L = global / process_count.
 - `eval_batches(data_config, *, global_batch_size, process_index, process_count)
-  -> Iterator[dict]`: the test split once, `{'image', 'label', 'mask'}`; `mask` float32 is 1 for
+  -> Iterator[dict]``: the test split once, ``{'image', 'label', 'mask'}`; ``mask`` float32 is 1 for
   real examples and 0 for padding (only the last batch has padding).
 
-Which dataset is read and what it is (`prepare`, `get_dataset_info`, `DatasetInfo`) is
-`pemn_jax.data.sources`; the augmentation is `pemn_jax.data.augment`.
+Which dataset is read and what it is (``prepare``, ``get_dataset_info``, ``DatasetInfo``) is
+``pemn_jax.data.sources``; the augmentation is ``pemn_jax.data.augment``.
 
 Order and randomness: epoch e uses a permutation of all training indices that is a pure function
 of (seed, e); global batch s is positions [s*G, (s+1)*G) of it (the last partial batch is
 dropped), and process p takes the contiguous slice [p*L, (p+1)*L) of each global batch. The
 augmentation of the example at position i is a pure function of (seed, e, i). Hence the global
 batch, augmented pixels included, does not depend on the process count, and a resumed run with
-`start_step_in_epoch=s` yields exactly the batches s, s+1, ... of an uninterrupted run, without
+``start_step_in_epoch=s`` yields exactly the batches s, s+1, ... of an uninterrupted run, without
 reading the skipped ones. Evaluation reads the test split in order; batch s holds test positions
 [s*G, (s+1)*G), process p again its slice, padded past the end. Every process gets the same
-number of batches. Batches are built in a background thread, `data.prefetch` ahead, with the
-recipe switches `data.augment_options` (fields of `augment.AugmentOptions`).
+number of batches. Batches are built in a background thread, ``data.prefetch`` ahead, with the
+recipe switches ``data.augment_options`` (fields of ``augment.AugmentOptions``).
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ import numpy as np
 from pemn_jax.data import augment as augment_lib
 from pemn_jax.data import sources
 
-# For the callers still reaching these through `pipeline` while they are moved to `sources`.
+# For the callers still reaching these through ``pipeline`` while they are moved to ``sources``.
 from pemn_jax.data.sources import DatasetInfo, clear_cache, get_dataset_info, prepare  # noqa: F401
 
 _PERMUTATION_STREAM = 0x5045524D  # separates the order's seed from other uses of (seed, epoch)
 
 
 def _augment_options(raw: Any) -> augment_lib.AugmentOptions:
-  """`data.augment_options` (a completed ConfigDict or mapping) as `AugmentOptions`."""
+  """``data.augment_options`` (a completed ConfigDict or mapping) as ``AugmentOptions``."""
   raw = dict(raw.to_dict() if hasattr(raw, 'to_dict') else raw)
   allowed = {f.name for f in dataclasses.fields(augment_lib.AugmentOptions)}
   unknown = set(raw) - allowed
@@ -66,11 +66,11 @@ def steps_per_epoch(info: sources.DatasetInfo, global_batch_size: int) -> int:
   """Full global training batches per epoch (the last partial batch is dropped).
 
   Args:
-      info: the dataset.
-      global_batch_size: examples per step over all processes.
+    info: the dataset.
+    global_batch_size: examples per step over all processes.
 
   Returns:
-      floor(num_train / global_batch_size).
+    floor(num_train / global_batch_size).
   """
   return info.num_train // int(global_batch_size)
 
@@ -79,11 +79,11 @@ def eval_steps(info: sources.DatasetInfo, global_batch_size: int) -> int:
   """Evaluation batches covering the test split once (the last one padded).
 
   Args:
-      info: the dataset.
-      global_batch_size: examples per evaluation step over all processes.
+    info: the dataset.
+    global_batch_size: examples per evaluation step over all processes.
 
   Returns:
-      ceil(num_test / global_batch_size).
+    ceil(num_test / global_batch_size).
   """
   return math.ceil(info.num_test / int(global_batch_size))
 
@@ -92,12 +92,12 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   """The training order of one epoch: a pure function of (seed, epoch).
 
   Args:
-      num_examples: size of the training split.
-      seed: run seed.
-      epoch: epoch number.
+    num_examples: size of the training split.
+    seed: run seed.
+    epoch: epoch number.
 
   Returns:
-      int64 permutation of range(num_examples).
+    int64 permutation of range(num_examples).
   """
   entropy = [int(seed) % 2**64, int(epoch) % 2**64, _PERMUTATION_STREAM]
   return np.random.default_rng(entropy).permutation(num_examples)
@@ -127,7 +127,7 @@ def _read(source, indices: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.nda
 
 
 def _prefetch(items: Iterator[dict], size: int) -> Iterator[dict]:
-  """Runs `items` in a daemon thread, `size` ahead; errors re-raise in the consumer."""
+  """Runs ``items`` in a daemon thread, ``size`` ahead; errors re-raise in the consumer."""
   if size <= 0:
     yield from items
     return
@@ -181,21 +181,21 @@ def train_batches(
   """One epoch of this process's training batches.
 
   Args:
-      data_config: the `config.data` ConfigDict.
-      global_batch_size: examples per step over all processes (`train.batch_size`).
-      seed: run seed; the order and augmentation are pure functions of (seed, epoch).
-      epoch: epoch number (0-based).
-      process_index: this process (`jax.process_index()`).
-      process_count: number of processes (`jax.process_count()`).
-      start_step_in_epoch: first step to yield (a resumed run skips the steps done).
+    data_config: the ``config.data`` ConfigDict.
+    global_batch_size: examples per step over all processes (``train.batch_size``).
+    seed: run seed; the order and augmentation are pure functions of (seed, epoch).
+    epoch: epoch number (0-based).
+    process_index: this process (``jax.process_index()``).
+    process_count: number of processes (``jax.process_count()``).
+    start_step_in_epoch: first step to yield (a resumed run skips the steps done).
 
   Returns:
-      Iterator over `steps_per_epoch - start_step_in_epoch` dicts with 'image' float32
-      (L, H, W, C) normalised and 'label' int32 (L,), L = global_batch_size / process_count.
+    Iterator over ``steps_per_epoch - start_step_in_epoch`` dicts with 'image' float32
+    (L, H, W, C) normalised and 'label' int32 (L,), L = global_batch_size / process_count.
 
   Raises:
-      ValueError: batch size not divisible by the process count or larger than the training
-          split, start step out of range, bad config (see `prepare`).
+    ValueError: batch size not divisible by the process count or larger than the training
+        split, start step out of range, bad config (see ``prepare``).
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
   cfg = sources.complete(data_config)
@@ -237,18 +237,18 @@ def eval_batches(
   """The test split once, in order, as this process's padded batches.
 
   Args:
-      data_config: the `config.data` ConfigDict.
-      global_batch_size: examples per evaluation step over all processes.
-      process_index: this process.
-      process_count: number of processes.
+    data_config: the ``config.data`` ConfigDict.
+    global_batch_size: examples per evaluation step over all processes.
+    process_index: this process.
+    process_count: number of processes.
 
   Returns:
-      Iterator over `eval_steps(info, global_batch_size)` dicts with 'image' float32
-      (L, H, W, C) normalised (zeros where padded), 'label' int32 (0 where padded) and 'mask'
-      float32 (1 real, 0 padding).
+    Iterator over ``eval_steps(info, global_batch_size)`` dicts with 'image' float32
+    (L, H, W, C) normalised (zeros where padded), 'label' int32 (0 where padded) and 'mask'
+    float32 (1 real, 0 padding).
 
   Raises:
-      ValueError: batch size not divisible by the process count; bad config (see `prepare`).
+    ValueError: batch size not divisible by the process count; bad config (see ``prepare``).
   """
   local = _local_batch_size(global_batch_size, process_index, process_count)
   cfg = sources.complete(data_config)

@@ -1,37 +1,37 @@
-"""Which dataset a `config.data` names and what it is: resolution, opening, metadata.
+"""Which dataset a ``config.data`` names and what it is: resolution, opening, metadata.
 
 Public API
 ----------
-- `complete(data_config) -> ConfigDict`: the data config with every field; fields it lacks (a
+- ``complete(data_config) -> ConfigDict``: the data config with every field; fields it lacks (a
   partial config in a test, the recorded config of an older artifact) come from
-  `pemn_jax.configs.common.base_config().data`, the one place the defaults live.
-- `prepare(data_config) -> DatasetInfo`: makes sure the dataset is prepared (our own builders are
+  ``pemn_jax.configs.common.base_config().data``, the one place the defaults live.
+- ``prepare(data_config) -> DatasetInfo``: makes sure the dataset is prepared (our own builders are
   prepared on first use, under a file lock) and returns its description. Safe to call from every
   process; a trainer may call it from process 0 first and barrier, so that the others only read.
-- `get_dataset_info(data_config) -> DatasetInfo`: same as `prepare` (it prepares if needed).
-- `image_shape(data_config) -> (H, W, C)`: from `IMAGE_SHAPES` for the datasets we know, without
+- ``get_dataset_info(data_config) -> DatasetInfo``: same as ``prepare`` (it prepares if needed).
+- ``image_shape(data_config) -> (H, W, C)``: from ``IMAGE_SHAPES`` for the datasets we know, without
   opening (or importing) anything; otherwise from the opened dataset.
-- `open_dataset(data_config) -> OpenedDataset`: its `DatasetInfo` and random-access train and
-  test sources (what `pemn_jax.data.pipeline` reads batches from), cached per process.
-- `clear_cache()`, `default_cache_dir()`, `KNOWN_STATS` (normalisation statistics).
+- ``open_dataset(data_config) -> OpenedDataset``: its ``DatasetInfo`` and random-access train and
+  test sources (what ``pemn_jax.data.pipeline`` reads batches from), cached per process.
+- ``clear_cache()``, ``default_cache_dir()``, ``KNOWN_STATS`` (normalisation statistics).
 
-What `data.name` means
+What ``data.name`` means
 ----------------------
-`fashion_mnist_embedded` (the subset shipped in the package), `fashion_mnist` (full
-Fashion-MNIST: the TFDS catalogue `fashion_mnist` if it is already prepared as array_record in
-`data_dir` and `source_dir` is unset, otherwise our `fashion_mnist_local` builder on the official
-IDX files in `source_dir`), `fashion_mnist_local` (always the IDX files), `cifar10_jpeg` (CIFAR-10
-JPEG-q75 mirror npz at `source_path`), or any TFDS catalogue name already prepared as array_record
-in `data_dir` (e.g. `cifar10`, `cifar100`, `mnist`). Our builders prepare into `data_dir` (default
-`default_cache_dir()`); catalogue datasets are read from it (default: TFDS's own default,
-`$TFDS_DATA_DIR` or `~/tensorflow_datasets`). The other fields are described in
-`pemn_jax/configs/common.py`.
+``fashion_mnist_embedded`` (the subset shipped in the package), ``fashion_mnist`` (full
+Fashion-MNIST: the TFDS catalogue ``fashion_mnist`` if it is already prepared as array_record in
+``data_dir`` and ``source_dir`` is unset, otherwise our ``fashion_mnist_local`` builder on the official
+IDX files in ``source_dir``), ``fashion_mnist_local`` (always the IDX files), ``cifar10_jpeg`` (CIFAR-10
+JPEG-q75 mirror npz at ``source_path``), or any TFDS catalogue name already prepared as array_record
+in ``data_dir`` (e.g. ``cifar10``, ``cifar100``, ``mnist``). Our builders prepare into ``data_dir`` (default
+``default_cache_dir()``); catalogue datasets are read from it (default: TFDS's own default,
+``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). The other fields are described in
+``pemn_jax/configs/common.py``.
 
 A prepared dataset is reused as it is: to rebuild one of ours from other source files, delete
-`<data_dir>/<builder name>/`.
+``<data_dir>/<builder name>/``.
 
-tensorflow_datasets (and `builders`, which imports it) is imported inside the functions that open
-a dataset, so that importing this module, its tables and `image_shape` of a known dataset cost no
+tensorflow_datasets (and ``builders``, which imports it) is imported inside the functions that open
+a dataset, so that importing this module, its tables and ``image_shape`` of a known dataset cost no
 TFDS import (the model builder asks for shapes before any data is needed).
 """
 
@@ -86,16 +86,16 @@ class DatasetInfo:
   """What the trainer needs to know about a dataset.
 
   Attributes:
-      name: `data.name` as configured.
-      image_shape: (H, W, C).
-      num_classes: number of labels.
-      num_train: training examples.
-      num_test: test examples.
-      mean: per-channel mean on [0, 1] used for normalisation.
-      std: per-channel std on [0, 1].
-      augment: whether training batches are augmented (config value or dataset default).
-      tfds_name: the TFDS dataset actually read (e.g. `fashion_mnist_local`).
-      data_dir: the TFDS data dir it is read from.
+    name: ``data.name`` as configured.
+    image_shape: (H, W, C).
+    num_classes: number of labels.
+    num_train: training examples.
+    num_test: test examples.
+    mean: per-channel mean on [0, 1] used for normalisation.
+    std: per-channel std on [0, 1].
+    augment: whether training batches are augmented (config value or dataset default).
+    tfds_name: the TFDS dataset actually read (e.g. ``fashion_mnist_local``).
+    data_dir: the TFDS data dir it is read from.
   """
 
   name: str
@@ -115,9 +115,9 @@ class OpenedDataset:
   """A dataset ready to read.
 
   Attributes:
-      info: its description.
-      train: random-access sequence of training records {'image', 'label', ...}.
-      test: the same for the test split.
+    info: its description.
+    train: random-access sequence of training records {'image', 'label', ...}.
+    test: the same for the test split.
   """
 
   info: DatasetInfo
@@ -143,15 +143,15 @@ def _as_dict(cfg: Any, what: str) -> dict:
 def complete(data_config: Any) -> ml_collections.ConfigDict:
   """The data config with every field, the missing ones filled with their defaults.
 
-  The defaults are `pemn_jax.configs.common.base_config().data` (nothing else in the data
-  package holds one). A field set to None counts as missing; `augment_options` is completed
+  The defaults are ``pemn_jax.configs.common.base_config().data`` (nothing else in the data
+  package holds one). A field set to None counts as missing; ``augment_options`` is completed
   field by field. Unknown fields are kept (and rejected where they are read).
 
   Args:
-      data_config: the `config.data` ConfigDict, a mapping with some of its fields, or None.
+    data_config: the ``config.data`` ConfigDict, a mapping with some of its fields, or None.
 
   Returns:
-      A new ConfigDict; `data_config` is not changed.
+    A new ConfigDict; ``data_config`` is not changed.
   """
   fields = common.base_config().data.to_dict()
   given = _as_dict(data_config, 'the data config')
@@ -162,10 +162,10 @@ def complete(data_config: Any) -> ml_collections.ConfigDict:
 
 
 def default_cache_dir() -> str:
-  """Where our builders prepare when `data.data_dir` is unset.
+  """Where our builders prepare when ``data.data_dir`` is unset.
 
   Returns:
-      `$XDG_CACHE_HOME/pemn_jax/tensorflow_datasets` (default `~/.cache/...`).
+    ``$XDG_CACHE_HOME/pemn_jax/tensorflow_datasets`` (default ``~/.cache/...``).
   """
   cache = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
   return os.path.join(cache, 'pemn_jax', 'tensorflow_datasets')
@@ -260,7 +260,7 @@ def _cifar10_jpeg_builder(cfg: dict, data_dir: str):
 
 
 def _resolve_builder(cfg: dict):
-  """(builder, data_dir as used, is_catalogue) for the `_OPEN_FIELDS` of a completed config."""
+  """(builder, data_dir as used, is_catalogue) for the ``_OPEN_FIELDS`` of a completed config."""
   import tensorflow_datasets as tfds
 
   from pemn_jax.data import builders
@@ -341,13 +341,13 @@ def open_dataset(data_config: Any) -> OpenedDataset:
   """The configured dataset, prepared if needed and opened (cached per process).
 
   Args:
-      data_config: the `config.data` ConfigDict (or a mapping with some of its fields).
+    data_config: the ``config.data`` ConfigDict (or a mapping with some of its fields).
 
   Returns:
-      Its `OpenedDataset`.
+    Its ``OpenedDataset``.
 
   Raises:
-      ValueError, FileNotFoundError: as `prepare`.
+    ValueError, FileNotFoundError: as ``prepare``.
   """
   cfg = complete(data_config)
   return _open_cached(tuple((f, cfg[f]) for f in _OPEN_FIELDS))
@@ -356,7 +356,7 @@ def open_dataset(data_config: Any) -> OpenedDataset:
 def clear_cache() -> None:
   """Forgets opened datasets (they are cached per process by their config fields).
 
-  Tests use it between `tfds.testing.mock_data` contexts; a trainer never needs it.
+  Tests use it between ``tfds.testing.mock_data`` contexts; a trainer never needs it.
   """
   _open_cached.cache_clear()
 
@@ -368,15 +368,15 @@ def prepare(data_config: Any) -> DatasetInfo:
   """Prepares the configured dataset if needed (lock-guarded) and describes it.
 
   Args:
-      data_config: the `config.data` ConfigDict (or a mapping with some of its fields).
+    data_config: the ``config.data`` ConfigDict (or a mapping with some of its fields).
 
   Returns:
-      The dataset's `DatasetInfo`.
+    The dataset's ``DatasetInfo``.
 
   Raises:
-      ValueError: unknown `data.name`, missing `data.source_path`, bad `data.augment`.
-      FileNotFoundError: source files or a prepared catalogue dataset are absent (the message
-          names the config field and what to do).
+    ValueError: unknown ``data.name``, missing ``data.source_path``, bad ``data.augment``.
+    FileNotFoundError: source files or a prepared catalogue dataset are absent (the message
+        names the config field and what to do).
   """
   return open_dataset(data_config).info
 
@@ -385,10 +385,10 @@ def get_dataset_info(data_config: Any) -> DatasetInfo:
   """Describes the configured dataset (preparing it first if needed).
 
   Args:
-      data_config: the `config.data` ConfigDict.
+    data_config: the ``config.data`` ConfigDict.
 
   Returns:
-      Its `DatasetInfo`.
+    Its ``DatasetInfo``.
   """
   return prepare(data_config)
 
@@ -397,12 +397,12 @@ def image_shape(data_config: Any) -> tuple[int, int, int]:
   """(H, W, C) of the configured dataset's images.
 
   Args:
-      data_config: the `config.data` ConfigDict (or a mapping with some of its fields, or None
-          for the default dataset).
+    data_config: the ``config.data`` ConfigDict (or a mapping with some of its fields, or None
+        for the default dataset).
 
   Returns:
-      `IMAGE_SHAPES[data.name]` for the datasets we know (nothing is opened or imported);
-      otherwise the opened dataset's `image_shape` (which prepares it if needed).
+    ``IMAGE_SHAPES[data.name]`` for the datasets we know (nothing is opened or imported);
+    otherwise the opened dataset's ``image_shape`` (which prepares it if needed).
   """
   name = complete(data_config).name
   if name in IMAGE_SHAPES:
