@@ -119,8 +119,8 @@ def score_mask(scores: jax.Array, keep_fraction: float, score_abs: bool = True) 
       score (paper's equation; gradient ``g``).
   """
   if score_abs:
-    # |s| written as s * sign(s) so that the gradient is exactly sign(s): 0 at s = 0, as in
-    # METHOD.md and PyTorch's abs backward (JAX's own abs has gradient 1 at 0).
+    # |s| written as s * sign(s) so that the gradient is exactly sign(s): 0 at s = 0, as in the
+    # method's dL/ds = sign(s) * dL/d|s| and PyTorch's abs backward (JAX's abs gives 1 at 0).
     ranked = scores * jax.lax.stop_gradient(jnp.sign(scores))
   else:
     ranked = scores

@@ -1,6 +1,6 @@
 """Straight-through top-k (pemn_jax.masking), checked against masks and gradients by hand.
 
-METHOD.md section 1: keep the ceil(k * n) entries with the largest |score| (ties: lower index
+The method (docs/method.md, section 1): keep the ceil(k * n) entries with the largest |score| (ties: lower index
 first); backward is the identity to |score|, then through abs: dL/ds = sign(s) * dL/dmask.
 With score_abs=False the top-k is over the raw scores and the gradient is dL/dmask unchanged.
 """
@@ -130,7 +130,7 @@ def test_gradient_with_abs_is_sign_times_upstream():
 
 
 def test_gradient_with_abs_is_zero_at_a_zero_score():
-  # sign(0) = 0 (METHOD.md: dL/ds = sign(s) * ...; PyTorch's abs backward gives 0 there too).
+  # sign(0) = 0 (the method: dL/ds = sign(s) * ...; PyTorch's abs backward gives 0 there too).
   s = jnp.array([0.0, -0.5, 0.5, -0.0])
   grad = jax.grad(lambda s: jnp.sum(masking.score_mask(s, 0.5) * jnp.array([1.0, 2.0, 3.0, 4.0])))(
     s

@@ -176,7 +176,7 @@ def test_logit_shapes_abstract(model, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# The architectures against hand-written forward passes (METHOD.md section 4).
+# The architectures against hand-written forward passes (docs/method.md, section 5).
 
 
 def _conv(x, w, stride, padding, groups=1):

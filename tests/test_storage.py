@@ -1,4 +1,4 @@
-"""Storage accounting (pemn_jax.storage), checked by hand (METHOD.md section 5)."""
+"""Storage accounting (pemn_jax.storage), checked by hand (docs/method.md, section 7)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The PEMN weight strategies (pemn_jax.strategies), value placement computed by hand.
 
-METHOD.md section 2: masked layers ordered by depth; a kernel is flattened in PyTorch layout
+The method (docs/method.md, section 2): masked layers ordered by depth; a kernel is flattened in PyTorch layout
 (conv OIHW, dense OI), filled, then transposed into Flax layout (HWIO, IO).
 
   mask     each layer its own Kaiming-normal draw
@@ -28,7 +28,7 @@ from pemn_jax import build, layers, strategies, summary
 from pemn_jax.configs import common
 
 # ---------------------------------------------------------------------------------------------
-# Helpers written from METHOD.md, not from the library.
+# Helpers written from the method (docs/method.md), not from the library.
 
 
 def _to_torch(w):

@@ -1,11 +1,11 @@
 """Masked ConvMixer-256/8 on CIFAR-10 (JPEG-q75 mirror), random vector padding r = 1e-3.
 
-The reference recipe (METHOD.md section 3): AdamW, weight decay 0.005, batch 512, 100 epochs,
-lr 0 -> 0.05 -> 0.0025 -> 0, full augmentation. Every point of the paper's ConvMixer grid is an
+The reference recipe (docs/method.md, section 4): AdamW, weight decay 0.005, batch 512, 100
+epochs, lr 0 -> 0.05 -> 0.0025 -> 0, full augmentation. Every point of the paper's ConvMixer grid is an
 override, e.g.::
 
   pemn train --config pemn_jax/configs/convmixer_cifar10.py --workdir /tmp/cm \
-      --config.data.source_path=../shared/data/cifar10_jpeg_q75.npz \
+      --config.data.source_path=PATH/cifar10_jpeg_q75.npz \
       --config.model.dim=512 --config.model.depth=6 \
       --config.strategy.name=max_layer_padding          # or mask, one_layer
   ... --config.strategy.rp_ratio=1e-5                     # RP 1e-1 .. 1e-5

@@ -6,7 +6,7 @@ Three ``tfds.core.GeneratorBasedBuilder`` subclasses turn local files into TFDS 
 |--------------------------|--------------------------------------------------------------|
 | ``fashion_mnist_embedded`` | the Fashion-MNIST subset shipped in ``pemn_jax/data_files/``   |
 | ``fashion_mnist_local``    | the four official Fashion-MNIST IDX files in a directory     |
-| ``cifar10_jpeg``           | ``cifar10_jpeg_q75.npz`` (CIFAR-10 as JPEG files, see README)  |
+| ``cifar10_jpeg``           | ``cifar10_jpeg_q75.npz`` (CIFAR-10 as JPEGs, docs/data.md)  |
 
 Why this works without TensorFlow: images are stored as `tfds.features.Tensor(shape=(H, W, C),
 dtype=uint8)` (the ``Image`` feature would need ``tf.image.encode_png`` to write), labels as
