@@ -1,9 +1,9 @@
 """Masked Linen layers (pemn_jax.layers): collections, initialisation, effective weight, training.
 
-The method (docs/method.md, section 1): frozen weights are plain Kaiming normal (std sqrt(2 / fan_in)), never
-trained; scores U(-1/sqrt(fan_in), +1/sqrt(fan_in)); effective weight = w * mask, keeping
-exactly ceil(k * n) entries; trainable = scores and BN. Section 2: values are drawn in PyTorch
-layout and transposed into Flax layout.
+The method (docs/method.md, section 1): frozen weights are plain Kaiming normal (std sqrt(2 /
+fan_in)), never trained; scores U(-1/sqrt(fan_in), +1/sqrt(fan_in)); effective weight = w * mask,
+keeping exactly ceil(k * n) entries; trainable = scores and BN. Section 2: values are drawn in
+PyTorch layout and transposed into Flax layout.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Straight-through top-k (pemn_jax.masking), checked against masks and gradients by hand.
 
-The method (docs/method.md, section 1): keep the ceil(k * n) entries with the largest |score| (ties: lower index
-first); backward is the identity to |score|, then through abs: dL/ds = sign(s) * dL/dmask.
-With score_abs=False the top-k is over the raw scores and the gradient is dL/dmask unchanged.
+The method (docs/method.md, section 1): keep the ceil(k * n) entries with the largest |score| (ties:
+lower index first); backward is the identity to |score|, then through abs: dL/ds = sign(s) *
+dL/dmask. With score_abs=False the top-k is over the raw scores and the gradient is dL/dmask
+unchanged.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The PEMN weight strategies (pemn_jax.strategies), value placement computed by hand.
 
-The method (docs/method.md, section 2): masked layers ordered by depth; a kernel is flattened in PyTorch layout
-(conv OIHW, dense OI), filled, then transposed into Flax layout (HWIO, IO).
+The method (docs/method.md, section 2): masked layers ordered by depth; a kernel is flattened in
+PyTorch layout (conv OIHW, dense OI), filled, then transposed into Flax layout (HWIO, IO).
 
   mask     each layer its own Kaiming-normal draw
   OL       the first layer of each shape is the prototype, later layers of that shape copy it;

@@ -1,7 +1,7 @@
 """Masked ConvMixer-256/8 on CIFAR-10 (JPEG-q75 mirror), random vector padding r = 1e-3.
 
-The reference recipe (docs/method.md, section 4): AdamW, weight decay 0.005, batch 512, 100
-epochs, lr 0 -> 0.05 -> 0.0025 -> 0, full augmentation. Every point of the paper's ConvMixer grid is an
+The reference recipe (docs/method.md, section 4): AdamW, weight decay 0.005, batch 512, 100 epochs,
+lr 0 -> 0.05 -> 0.0025 -> 0, full augmentation. Every point of the paper's ConvMixer grid is an
 override, e.g.::
 
   pemn train --config pemn_jax/configs/convmixer_cifar10.py --workdir /tmp/cm \

@@ -10,9 +10,9 @@ Three ``tfds.core.GeneratorBasedBuilder`` subclasses turn local files into TFDS 
 
 Why this works without TensorFlow: images are stored as `tfds.features.Tensor(shape=(H, W, C),
 dtype=uint8)` (the ``Image`` feature would need ``tf.image.encode_png`` to write), labels as
-``ClassLabel``, and the files are written with ``file_format='array_record'``, whose writer and reader
-(``array_record``, ``builder.as_data_source()``) need no TensorFlow. Records keep the order of the
-source files (``disable_shuffling``): record i of a split is example i of the source file.
+``ClassLabel``, and the files are written with ``file_format='array_record'``, whose writer and
+reader (``array_record``, ``builder.as_data_source()``) need no TensorFlow. Records keep the order
+of the source files (``disable_shuffling``): record i of a split is example i of the source file.
 
 TFDS writes into an ``incomplete.*`` directory and renames it only after ``dataset_info.json`` is
 written, so a reader never sees a half-written dataset; two processes preparing at once would still
