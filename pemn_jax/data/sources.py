@@ -18,14 +18,14 @@ Public API
 What ``data.name`` means
 ------------------------
 ``fashion_mnist_embedded`` (the subset shipped in the package), ``fashion_mnist`` (full
-Fashion-MNIST: the TFDS catalogue ``fashion_mnist`` if it is already prepared as array_record in ``data_dir`` and ``source_dir`` is unset, otherwise our
-``fashion_mnist_local`` builder on the official IDX files in ``source_dir``),
-``fashion_mnist_local`` (always the IDX files), ``cifar10_jpeg`` (CIFAR-10 JPEG-q75 mirror npz at
-``source_path``), or any TFDS catalogue name already prepared as array_record in ``data_dir`` (e.g.
-``cifar10``, ``cifar100``, ``mnist``). Our builders prepare into ``data_dir`` (default
-``default_cache_dir()``); catalogue datasets are read from it (default: TFDS's own default,
-``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). The other fields are described in
-``pemn_jax/configs/common.py``.
+Fashion-MNIST: the TFDS catalogue ``fashion_mnist`` if it is already prepared as array_record in
+``data_dir`` and ``source_dir`` is unset, otherwise our ``fashion_mnist_local`` builder on the
+official IDX files in ``source_dir``), ``fashion_mnist_local`` (always the IDX files),
+``cifar10_jpeg`` (CIFAR-10 JPEG-q75 mirror npz at ``source_path``), or any TFDS catalogue name
+already prepared as array_record in ``data_dir`` (e.g. ``cifar10``, ``cifar100``, ``mnist``). Our
+builders prepare into ``data_dir`` (default ``default_cache_dir()``); catalogue datasets are read
+from it (default: TFDS's own default, ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``). The other
+fields are described in ``pemn_jax/configs/common.py``.
 
 A prepared dataset is reused as it is: to rebuild one of ours from other source files, delete
 ``<data_dir>/<builder name>/``.
