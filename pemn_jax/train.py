@@ -150,6 +150,61 @@ def restore_or_start(config, workdir: str, mngr, state, s: Setup, replicated):
 # The loop.
 
 
+def _train_batches(config, epoch: int, pos: int):
+  """This process's training batches of ``epoch`` from batch ``pos`` on (resumable order)."""
+  return iter(
+    pipeline.train_batches(
+      config.data,
+      global_batch_size=config.train.batch_size,
+      seed=config.seed,
+      epoch=epoch,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      start_step_in_epoch=pos,
+    )
+  )
+
+
+def evaluate_state(eval_step, config, s: Setup, shardings, params, batch_stats) -> dict:
+  """Accuracy and loss of ``params`` / ``batch_stats`` over the whole test split."""
+  batches = pipeline.eval_batches(
+    config.data,
+    global_batch_size=config.train.eval_batch_size,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  return steps.evaluate(eval_step, params, batch_stats, s.frozen, batches, shardings.batch)
+
+
+def _mean_metrics(running: list[dict]) -> dict:
+  return {k: sum(float(m[k]) for m in running) / len(running) for k in running[0]}
+
+
+def _finish(workdir, done, total_steps, meta, last_eval, seconds, s: Setup, interrupted) -> dict:
+  """The run's summary; written to ``summary.json`` unless a signal stopped the run early."""
+  finished = done >= total_steps
+  summary = {
+    'workdir': os.path.abspath(workdir),
+    'step': done,
+    'total_steps': total_steps,
+    'finished': finished,
+    **{k: meta[k] for k in ('best_accuracy', 'best_epoch', 'best_step')},
+    'final_accuracy': last_eval['accuracy'] if finished else None,
+    'final_loss': last_eval['loss'] if finished else None,
+    'train_seconds_this_run': seconds,
+    'fingerprint': s.fingerprint,
+  }
+  if interrupted:
+    monitoring.announce(
+      f'pemn: stopped by {interrupted} at step {done}/{total_steps}; checkpoint written. '
+      f'Resume with the same command (pemn train --config ... --workdir {workdir}).',
+      warning=True,
+    )
+  elif jax.process_index() == 0:
+    fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
+  return summary
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains the model a config describes, resuming from ``workdir`` if it holds checkpoints.
 
@@ -173,70 +228,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = total_train_steps(config, info)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
 
-  # Model, state, and the workdir's latest checkpoint if any.
+  # Model, state (the workdir's latest checkpoint if any), the jitted steps.
   shardings = steps.mesh_and_shardings()
   s = setup_model(config, shape, shardings.replicated)
   tx = steps.make_optimizer(t, total_steps)
-  state = steps.create_train_state(s.variables, tx, shardings.replicated)
   os.makedirs(workdir, exist_ok=True)
   mngr = checkpointing.manager(workdir, t.max_checkpoints)
+  state = steps.create_train_state(s.variables, tx, shardings.replicated)
   state, meta = restore_or_start(config, workdir, mngr, state, s, shardings.replicated)
-  kernels = config.model.native_kernels
-  train_step = steps.jit_train_step(s.model, tx, shardings, kernels)
-  eval_step = steps.jit_eval_step(s.model, shardings, kernels)
-
-  def evaluate(state):
-    batches = pipeline.eval_batches(
-      config.data,
-      global_batch_size=t.eval_batch_size,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-    return steps.evaluate(
-      eval_step, state.params, state.batch_stats, s.frozen, batches, shardings.batch
-    )
-
-  def batches_from(step):
-    epoch, pos = divmod(step, steps_per_epoch)
-    return iter(
-      pipeline.train_batches(
-        config.data,
-        global_batch_size=t.batch_size,
-        seed=config.seed,
-        epoch=epoch,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        start_step_in_epoch=pos,
-      )
-    )
+  train_step = steps.jit_train_step(s.model, tx, shardings, config.model.native_kernels)
+  eval_step = steps.jit_eval_step(s.model, shardings, config.model.native_kernels)
+  evaluate = lambda st: evaluate_state(eval_step, config, s, shardings, st.params, st.batch_stats)  # noqa: E731
 
   # The loop over global steps; ``done`` counts the steps finished.
   start = done = int(jax.device_get(state.step))
   writer = monitoring.MetricWriter(workdir, start)
   progress = monitoring.Progress(total_steps, start, t.progress)
-  last_eval, interrupted, running, t0 = None, None, [], time.time()
-  batches = None
+  last_eval = interrupted = batches = None
+  running, t0 = [], time.time()
   try:
     with monitoring.StopSignal() as stop:
       for step in range(start, total_steps):
         epoch, pos = divmod(step, steps_per_epoch)
         if batches is None or pos == 0:
-          batches = batches_from(step)
+          batches = _train_batches(config, epoch, pos)
         state, metrics = train_step(
           state, s.frozen, steps.to_global(next(batches), shardings.batch)
         )
         done = step + 1
         running.append(metrics)
 
+        logged = None
         if is_time(done, t.log_every_steps, total_steps):
-          m = {k: float(sum(float(x[k]) for x in running) / len(running)) for k in running[0]}
-          m['lr'] = float(steps.lr_schedule(t, total_steps)(step))
-          m['steps_per_s'] = (done - start) / max(time.time() - t0, 1e-9)
-          writer.write('train', done, m)
+          logged = _mean_metrics(running)
+          logged['lr'] = float(steps.lr_schedule(t, total_steps)(step))
+          logged['steps_per_s'] = (done - start) / max(time.time() - t0, 1e-9)
+          writer.write('train', done, logged)
           running = []
-          progress.update(m)
-        else:
-          progress.update()
+        progress.update(logged)
 
         end_of_epoch = pos + 1 == steps_per_epoch or done == total_steps
         if end_of_epoch and is_time(epoch + 1, t.eval_every_epochs, num_epochs):
@@ -265,33 +294,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     progress.close()
     writer.close()
 
-  # Nothing left to train (a finished workdir run again): evaluate the final state so the
-  # summary still reports the final accuracy.
-  finished = done >= total_steps
-  if finished and last_eval is None:
+  # A finished workdir run again trains nothing: evaluate so the summary has the final accuracy.
+  if done >= total_steps and last_eval is None:
     last_eval = evaluate(state)
-  summary = {
-    'workdir': os.path.abspath(workdir),
-    'step': done,
-    'total_steps': total_steps,
-    'finished': finished,
-    'best_accuracy': meta['best_accuracy'],
-    'best_epoch': meta['best_epoch'],
-    'best_step': meta['best_step'],
-    'final_accuracy': last_eval['accuracy'] if finished else None,
-    'final_loss': last_eval['loss'] if finished else None,
-    'train_seconds_this_run': time.time() - t0,
-    'fingerprint': s.fingerprint,
-  }
-  if interrupted:
-    monitoring.announce(
-      f'pemn: stopped by {interrupted} at step {done}/{total_steps}; checkpoint written. '
-      f'Resume with the same command (pemn train --config ... --workdir {workdir}).',
-      warning=True,
-    )
-  elif jax.process_index() == 0:
-    fileio.atomic_write_json(os.path.join(workdir, 'summary.json'), summary)
-  return summary
+  return _finish(workdir, done, total_steps, meta, last_eval, time.time() - t0, s, interrupted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -339,15 +345,7 @@ def evaluate_workdir(workdir: str, best: bool = False, native_kernels: str | Non
   config, s, state, step = restore_workdir(workdir, best)
   shardings = steps.mesh_and_shardings()
   eval_step = steps.jit_eval_step(s.model, shardings, native_kernels or config.model.native_kernels)
-  batches = pipeline.eval_batches(
-    config.data,
-    global_batch_size=config.train.eval_batch_size,
-    process_index=jax.process_index(),
-    process_count=jax.process_count(),
-  )
-  result = steps.evaluate(
-    eval_step, state.params, state.batch_stats, s.frozen, batches, shardings.batch
-  )
+  result = evaluate_state(eval_step, config, s, shardings, state.params, state.batch_stats)
   return {**result, 'step': step}
 
 
