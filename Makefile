@@ -32,22 +32,22 @@ test: lint
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/python experiments/demo.py --workdir $(WORKDIR)
+	$(BIN)/python -m experiments.demo --workdir $(WORKDIR)
 
 clean-demo:
 	rm -rf $(WORKDIR)
 
 bench: $(STAMP)
-	$(BIN)/python experiments/bench_step.py
+	$(BIN)/python -m experiments.bench_step
 
 bench-remat: $(STAMP)
-	$(BIN)/python experiments/bench_remat.py
+	$(BIN)/python -m experiments.bench_remat
 
 bench-native: $(STAMP)
-	$(BIN)/python experiments/bench_remat.py --compare native --rows 0,1,2
+	$(BIN)/python -m experiments.bench_remat --compare native --rows 0,1,2
 
 bench-codec: $(STAMP)
-	$(BIN)/python experiments/bench_codec.py
+	$(BIN)/python -m experiments.bench_codec
 
 bench-input: $(STAMP)
-	$(BIN)/python experiments/bench_input.py
+	$(BIN)/python -m experiments.bench_input

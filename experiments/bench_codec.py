@@ -4,17 +4,19 @@ Layers (581,120 masked weights in total): patch stem 2x2x3x256 = 3,072; 8 blocks
 5x5x256 = 6,400 and pointwise 256x256 = 65,536; head 256x10 = 2,560. Each layer gets an exact
 top-k mask (ceil(k*n) ones) of i.i.d. random scores, as PEMN produces.
 
-Usage: .venv/bin/python experiments/bench_codec.py
+Usage: .venv/bin/python -m experiments.bench_codec
 """
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import time
 
 import numpy as np
 
+from experiments.common import machine, machine_line
 from pemn_jax import codec
 from pemn_jax.codec import METHOD_RANS, decode_mask, encode_mask, entropy_bits
 
@@ -80,8 +82,14 @@ def bench_single(n: int, k: float, rng: np.random.Generator) -> dict:
   )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  argparse.ArgumentParser(
+    prog='python -m experiments.bench_codec',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  ).parse_args(argv)
   rng = np.random.default_rng(0)
+  print(machine_line(machine()))
   print(f'python {platform.python_version()}, numpy {np.__version__}; best of {REPEATS} runs')
   print(
     f'model: ConvMixer-256/8 masks, {len(LAYERS)} layers, '

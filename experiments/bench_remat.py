@@ -1,7 +1,7 @@
 """Benchmark of ``model.remat_blocks`` (or of the native kernels): the masked train step under
 each choice, side by side.
 
-  python experiments/bench_remat.py [--compare remat|native] [--steps N] [--rounds N]
+  python -m experiments.bench_remat [--compare remat|native] [--steps N] [--rounds N]
                                     [--rows 0,1,2,3] [--json]
 
 ``--compare native`` measures instead the pure-XLA step (``model.native_kernels=none``: XLA's
@@ -42,8 +42,7 @@ import statistics
 import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_step  # noqa: E402  (sibling script)
+from experiments import bench_step, common
 
 ROWS = (
   ('ConvMixer-256/8 p2, 32x32x3', bench_step.DEFAULT_CONFIG, []),
@@ -113,7 +112,8 @@ def child(row: int, variant: list[str], batch_size: int, steps: int, copts: dict
 def run_child(row: int, variant: list[str], batch_size: int, steps: int, copts: dict) -> dict:
   cmd = [
     sys.executable,
-    os.path.abspath(__file__),
+    '-m',
+    'experiments.bench_remat',
     '--_child',
     str(row),
     '--batch-size',
@@ -124,6 +124,7 @@ def run_child(row: int, variant: list[str], batch_size: int, steps: int, copts: 
   ]
   out = subprocess.run(
     cmd,
+    cwd=bench_step.REPO,
     capture_output=True,
     text=True,
     check=False,
@@ -246,8 +247,8 @@ def main() -> int:
     bench_row(i, args.batch_size, args.steps, args.rounds, copts, args.compare) for i in picked
   ]
   result = {
-    **bench_step.machine(),
-    'command': ' '.join([os.path.relpath(sys.argv[0], bench_step.REPO)] + sys.argv[1:]),
+    **bench_step.machine_fields(),
+    'command': common.command_line('experiments.bench_remat'),
     'batch_size': args.batch_size,
     'steps': args.steps,
     'rounds': args.rounds,

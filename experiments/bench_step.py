@@ -1,6 +1,6 @@
 """Train-step benchmark: masked vs dense, against this CPU's FLOP floor and the PyTorch reference.
 
-  python experiments/bench_step.py [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
+  python -m experiments.bench_step [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
                                    [--steps N] [--json]
 
 Default: ConvMixer-256/8 (``pemn_jax/configs/convmixer_cifar10.py``) on synthetic CIFAR-shaped
@@ -25,19 +25,15 @@ run, and ``floor_ratio = masked_step_s / (flops_per_step / matmul_peak_flops)``.
 With ``--json``, one JSON object; keys (stable): ``device``, ``masked_step_s``, ``dense_step_s``,
 ``masked_compile_s``, ``dense_compile_s``, ``flops_per_step``, ``dense_flops_per_step``,
 ``matmul_peak_flops``, ``floor_ratio``, ``masked_peak_rss_mb``, ``masked_images_per_s``,
-``dense_images_per_s``, ``masked_over_dense``, ``reference_*`` and ``rows`` (every config
-measured, the first being the main one).
+``dense_images_per_s``, ``masked_over_dense``, ``reference_*``, ``rows`` (every config
+measured, the first being the main one), ``machine`` and ``machine_info`` (``experiments.common``).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import datetime
-import importlib.util
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,11 +41,14 @@ import sys
 import time
 from unittest import mock
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from experiments import common
+from experiments.common import load_config
+
+REPO = common.ROOT
 DEFAULT_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'convmixer_cifar10.py')
 SMALL_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'demo.py')
 # The authors' PyTorch code, dense ConvMixer-256/8, batch 128, fp32, on this machine kind
-# (2 vCPU AMD EPYC, AVX2), torch 2.13 CPU: measured in another run (issue 5).
+# (2 vCPU AMD EPYC, AVX2), torch 2.13 CPU: measured in another run, not by this script.
 REFERENCE = {
   'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
   'step_s': 6.7,
@@ -62,27 +61,7 @@ WARMUP = 2
 
 
 # ----------------------------------------------------------------------------------------------
-# Config.
-
-
-def load_config(path: str, overrides: list[str]):
-  """``get_config()`` of a config file, with ``--config.a.b=value`` overrides applied."""
-  spec = importlib.util.spec_from_file_location('bench_config', path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config()
-  for item in overrides:
-    key, _, raw = item[len('--config.') :].partition('=')
-    try:
-      value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-      value = raw
-    *parents, leaf = key.split('.')
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+# Config (loaded by ``load_config``: ``pemn_jax.configs.common.load``).
 
 
 def describe(config) -> str:
@@ -259,7 +238,8 @@ def rss_child(
   """Peak RSS (MB) of a fresh process that builds and trains only the masked model."""
   cmd = [
     sys.executable,
-    os.path.abspath(__file__),
+    '-m',
+    'experiments.bench_step',
     '--_rss-child',
     '--config',
     config_path,
@@ -275,7 +255,7 @@ def rss_child(
     cmd += ['--compiler-option', f'{k}={v}']
   if not compiler_options:
     cmd += ['--compiler-option', 'none']  # the child must not fall back to the library default
-  out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
   if out.returncode != 0:
     return {'error': out.stderr.strip().splitlines()[-1] if out.stderr.strip() else 'failed'}
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -330,30 +310,24 @@ def bench_config(
   }
 
 
-def machine() -> dict:
-  import jax
-
-  cpu = platform.processor() or ''
-  try:
-    with open('/proc/cpuinfo') as f:
-      names = [ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name')]
-    cpu = names[0] if names else cpu
-  except OSError:
-    pass
-  from pemn_jax import native
-
-  d = jax.devices()[0]
-  on_cpu = d.platform == 'cpu'
+def machine_fields() -> dict:
+  """The machine part of a benchmark record: ``machine`` (one line) and ``machine_info``
+  (``common.machine()``), and the flat keys these records have always had (``device``,
+  ``nproc``, ``cpu_model``, ``jax``, ``native_depthwise``, ...), plus the date and XLA_FLAGS."""
+  m = common.machine()
+  on_cpu = m['device'].startswith('cpu:')
   return {
-    'native_depthwise': on_cpu and native.available(),
-    'native_reason': native.unavailable_reason() if on_cpu else 'not the CPU backend',
-    'device': f'{d.platform}:{getattr(d, "device_kind", "")}',
-    'device_count': jax.device_count(),
-    'nproc': os.cpu_count(),
-    'cpu_model': cpu,
-    'jax': jax.__version__,
+    'native_depthwise': on_cpu and m['native_kernels']['available'],
+    'native_reason': m['native_kernels']['reason'] if on_cpu else 'not the CPU backend',
+    'device': m['device'],
+    'device_count': m['device_count'],
+    'nproc': m['nproc'],
+    'cpu_model': m['cpu_model'],
+    'jax': m['jax'],
     'xla_flags': os.environ.get('XLA_FLAGS', ''),
-    'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'date': common.utc_now(),
+    'machine': common.machine_line(m),
+    'machine_info': m,
   }
 
 
@@ -414,7 +388,9 @@ def format_table(result: dict) -> str:
 
 
 def main() -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = argparse.ArgumentParser(
+    prog='python -m experiments.bench_step', description=__doc__.split('\n')[0]
+  )
   p.add_argument('--config', default=None, help='config file (default ConvMixer-256/8 CIFAR-10)')
   p.add_argument(
     '--small-config',
@@ -443,10 +419,7 @@ def main() -> int:
     'own (train.step_compiler_options); "none" for XLA\'s defaults',
   )
   p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
-  args, rest = p.parse_known_args()
-  bad = [a for a in rest if not a.startswith('--config.') or '=' not in a]
-  if bad:
-    p.error(f'unrecognised arguments: {" ".join(bad)} (overrides are --config.FIELD=VALUE)')
+  args, rest = common.parse_args(p)
   config_path = os.path.abspath(args.config or DEFAULT_CONFIG)
   # Default: the options the library's trainer compiles its step with (what users run).
   if args.compiler_option:
@@ -489,8 +462,8 @@ def main() -> int:
   best, median = max(peak_before[0], peak_after[0]), max(peak_before[1], peak_after[1])
   main_row = rows[0]
   result = {
-    **machine(),
-    'command': ' '.join([os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+    **machine_fields(),
+    'command': common.command_line('experiments.bench_step'),
     'matmul_peak_flops': best,
     'matmul_median_flops': median,
     'matmul_peak_before_after_flops': [peak_before[0], peak_after[0]],

@@ -4,35 +4,53 @@ Trains a masked ConvMixer with random vector padding on the embedded Fashion-MNI
 (resuming if the workdir already holds checkpoints), then prints the test accuracy, the
 storage table, and the paths of the workdir, metrics and checkpoints.
 
-  python experiments/demo.py [--workdir workdirs/demo] [--config.FIELD=VALUE ...]
+  python -m experiments.demo [--workdir workdirs/demo] [--config CONFIG.py]
+                             [--config.FIELD=VALUE ...] [--verbosity warning]
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from experiments import common
 
-from pemn_jax import build, train
-
-config_flags.DEFINE_config_file(
-  'config',
-  os.path.join(os.path.dirname(__file__), '..', 'pemn_jax', 'configs', 'demo.py'),
-  'Config file (default: pemn_jax/configs/demo.py).',
-  lock_config=True,
-)
-flags.DEFINE_string('workdir', 'workdirs/demo', 'Where checkpoints and metrics go.')
-FLAGS = flags.FLAGS
+DEFAULT_CONFIG = os.path.join(common.CONFIGS, 'demo.py')
 
 
-def main(argv):
-  del argv
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  config = FLAGS.config
-  workdir = FLAGS.workdir
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+    prog='python -m experiments.demo',
+    description=__doc__.split('\n')[0],
+    epilog='Any config field can be set with --config.FIELD=VALUE (e.g. '
+    '--config.train.num_epochs=2).',
+  )
+  p.add_argument(
+    '--config',
+    default=DEFAULT_CONFIG,
+    help='config file (default: pemn_jax/configs/demo.py)',
+  )
+  p.add_argument('--workdir', default='workdirs/demo', help='where checkpoints and metrics go')
+  p.add_argument(
+    '--verbosity',
+    default='warning',
+    choices=('debug', 'info', 'warning', 'error'),
+    help='absl log level of the library (default warning: orbax logs every checkpoint at info)',
+  )
+  args, overrides = common.parse_args(p, argv)
+  try:
+    config = common.load_config(args.config, overrides)
+  except (ValueError, TypeError) as e:
+    p.error(str(e))
+  config.lock()  # as the pemn command's: a misspelt field is an error, not a new field
+
+  from absl import logging
+
+  from pemn_jax import summary, train
+
+  logging.set_verbosity(args.verbosity)
+  workdir = args.workdir
   s = config.strategy
   print(
     f'pemn demo: masked ConvMixer-{config.model.dim}/{config.model.depth}, {s.name} '
@@ -41,19 +59,19 @@ def main(argv):
     flush=True,
   )
   try:
-    summary = train.train_and_evaluate(config, workdir)
+    result = train.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError) as e:
     print(f'pemn demo: error: {e}', file=sys.stderr)
     return 1
-  if not summary['finished']:
+  if not result['finished']:
     return 130
   print()
   print(
-    f'test accuracy: final {summary["final_accuracy"]:.4f}, best {summary["best_accuracy"]:.4f}'
-    f' (epoch {summary["best_epoch"]}); chance is 0.1000'
+    f'test accuracy: final {result["final_accuracy"]:.4f}, best {result["best_accuracy"]:.4f}'
+    f' (epoch {result["best_epoch"]}); chance is 0.1000'
   )
-  print(build.summarize(config)['storage_table'])
-  wd = summary['workdir']
+  print(summary.summarize(config)['storage_table'])
+  wd = result['workdir']
   print(f'workdir      {wd}')
   print(f'metrics      {os.path.join(wd, "metrics.jsonl")} (TensorBoard: {wd}/tensorboard)')
   print(f'checkpoints  {os.path.join(wd, "checkpoints")}')
@@ -62,4 +80,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(lambda argv: sys.exit(main(argv)))
+  sys.exit(main())

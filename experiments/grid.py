@@ -1,32 +1,36 @@
-"""Run and report the paper-claim grids (issue: the paper's claims, checked).
+"""Run and report the paper-claim grids: the paper's claims, checked on scaled-down recipes.
 
 Each grid is a list of runs; each run is one ``pemn train`` subprocess with config overrides,
 in its own workdir (so an interrupted grid resumes where it stopped: finished runs are skipped,
 a half-done run resumes from its checkpoint). After each run, a JSON record goes to
 ``experiments/results/<grid>/runs/<run>.json`` with the exact command, date, machine, dataset,
-best/final accuracy and storage accounting. ``report`` turns the records into a markdown table
-and a PNG plot.
+best/final accuracy and storage accounting (the model's report, ``summary.summarize``, and its
+exported ``.pemn`` file's, ``artifact.inspect``, both computed in this process). ``report``
+turns the records into a markdown table and PNG plots.
 
-  python experiments/grid.py run    --grid cifar_convmixer \
-      --cifar-npz ../shared/data/cifar10_jpeg_q75.npz
-  python experiments/grid.py report --grid cifar_convmixer
+  python -m experiments.grid run    --grid cifar_convmixer --cifar-npz PATH
+  python -m experiments.grid report --grid cifar_convmixer
+  python -m experiments.grid list   --grid cifar_convmixer
+
+PATH is the CIFAR-10 npz (``cifar10_jpeg_q75.npz``; docs/data.md says how to build it), needed
+by the CIFAR-10 grids only.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, 'experiments', 'results')
-CONFIGS = os.path.join(ROOT, 'pemn_jax', 'configs')
+from experiments import common
+
+ROOT = common.ROOT
+RESULTS = common.RESULTS
+CONFIGS = common.CONFIGS
 
 STRATEGY_POINTS = [  # (label, overrides) of figure 3, in the paper's order
   ('Dense', {'model.masked': False}),
@@ -82,7 +86,7 @@ RESNET_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-1'
 DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'Mask')]
 # Claim 5, second half (ResNet-56 loses less than ResNet-32): dense and two PEMN points.
 RESNET_DEPTH_POINTS = [p for p in STRATEGY_POINTS if p[0] in ('Dense', 'MP', 'RP 1e-2')]
-# The bfloat16 compute option's accuracy effect (performance issue): the demo, both dtypes.
+# The accuracy effect of the bfloat16 compute option (model.dtype): the demo, both dtypes.
 DTYPE_POINTS = [('float32', {'model.dtype': 'float32'}), ('bfloat16', {'model.dtype': 'bfloat16'})]
 KEEP_POINTS = [
   (
@@ -157,7 +161,7 @@ GRIDS = {
     {**CIFAR_RESNET_BASE, 'model.depth': 56}, 'resnet_cifar10.py', (0,), RESNET_DEPTH_POINTS
   ),
   'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
-  # The small-model keep-fraction sweep of the artifact issue: the demo's model and data.
+  # Keep fraction against accuracy and .pemn file size on a small model: the demo's model and data.
   'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
   'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
 }
@@ -172,25 +176,6 @@ DATASET_LABELS = {
 }
 
 
-def machine() -> str:
-  cpu = 'unknown CPU'
-  try:
-    with open('/proc/cpuinfo') as f:
-      cpu = next(ln.split(':', 1)[1].strip() for ln in f if ln.startswith('model name'))
-  except (OSError, StopIteration):
-    pass
-  return f'{os.cpu_count()} cores, {cpu}, {platform.system()} {platform.machine()}, CPU only'
-
-
-def native_kernels() -> str:
-  """Which ``pemn_jax.native`` kernels a run on this machine and environment used."""
-  from pemn_jax import native
-
-  if not native.available():
-    return f'none ({native.unavailable_reason()})'
-  return ', '.join(f for f in native.FEATURES if native.enabled(f))
-
-
 def command(run, workdir, extra) -> list[str]:
   cmd = [
     os.path.join('.venv', 'bin', 'pemn'),
@@ -201,6 +186,68 @@ def command(run, workdir, extra) -> list[str]:
   for k, v in {**run['overrides'], **extra}.items():
     cmd.append(f'--config.{k}={v}')
   return cmd
+
+
+ARTIFACT_FIELDS = (
+  'file_bytes',
+  'dense_fp32_bytes',
+  'mask_bytes',
+  'mask_bits_per_entry',
+  'other_bytes',
+  'ratio_vs_dense_fp32',
+  'sparse_kernel_bytes',
+  'csr_bytes',
+)
+
+
+def record(grid, run, cmd, workdir, started) -> dict:
+  """The JSON record of one finished run, from its workdir (``ROOT``-relative ``workdir``).
+
+  The model's report is ``summary.summarize`` of the config the command trained (its config
+  file with the command's overrides); the artifact is the workdir's best checkpoint exported
+  (``train.export_workdir``) to ``<workdir>/model.pemn`` and read back by ``artifact.inspect``,
+  all in this process.
+  ``wall_seconds`` runs from ``started`` (``time.time()`` before the training) to the end of
+  these.
+  """
+  from pemn_jax import artifact, summary, train
+
+  with open(os.path.join(ROOT, workdir, 'summary.json')) as f:
+    run_summary = json.load(f)
+  with open(os.path.join(ROOT, workdir, 'config.json')) as f:
+    summary_config = json.load(f)
+  config = common.load_config(
+    os.path.join(CONFIGS, run['config']), [a for a in cmd if a.startswith('--config.')]
+  )
+  info = summary.summarize(config)
+  art_path = os.path.join(ROOT, workdir, 'model.pemn')
+  train.export_workdir(os.path.join(ROOT, workdir), art_path, best=True)
+  art = artifact.inspect(art_path)
+  m = common.machine()
+  data_name = summary_config['data']['name']
+  return {
+    'grid': grid,
+    'run': run['name'],
+    'label': run['label'],
+    'seed': run['seed'],
+    'command': shlex.join(cmd),
+    'cwd': ROOT,
+    'date': common.utc_now(),
+    'machine': common.machine_line(m),
+    'native_kernels': common.native_line(m),
+    'machine_info': m,
+    'wall_seconds': time.time() - started,
+    'dataset': DATASET_LABELS.get(data_name, data_name),
+    'best_accuracy': run_summary['best_accuracy'],
+    'best_epoch': run_summary['best_epoch'],
+    'final_accuracy': run_summary['final_accuracy'],
+    'steps': run_summary['total_steps'],
+    'masked_weights': info['masked_weights'],
+    'unique_values': info['unique_values'],
+    'storage': info['storage'],
+    'csr_bits': info.get('csr_bits'),
+    'artifact': {k: art.get(k) for k in ARTIFACT_FIELDS},
+  }
 
 
 def do_run(args) -> int:
@@ -219,8 +266,13 @@ def do_run(args) -> int:
   extra = {}
   if args.cifar_npz:
     extra['data.source_path'] = os.path.relpath(os.path.abspath(args.cifar_npz), ROOT)
-  outdir = os.path.join(RESULTS, args.grid, 'runs')
+  outdir = os.path.join(args.results, args.grid, 'runs')
   os.makedirs(outdir, exist_ok=True)
+  # The training subprocesses get this environment as it is; this process, which only reports
+  # (and exports) small models, must not take an accelerator's memory from them (JAX would
+  # preallocate most of a GPU's at its first use here).
+  train_env = dict(os.environ)
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   for run in runs:
     record_path = os.path.join(outdir, f'{run["name"]}.json')
     if os.path.exists(record_path):
@@ -231,90 +283,15 @@ def do_run(args) -> int:
     cmd = command(run, workdir, run_extra)
     print(f'[grid] {run["name"]}: {shlex.join(cmd)}', flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, check=False)
+    proc = subprocess.run(cmd, cwd=ROOT, env=train_env, check=False)
     if proc.returncode != 0:
       print(f'[grid] {run["name"]}: exit {proc.returncode}; stopping the grid', flush=True)
       return proc.returncode
-    with open(os.path.join(ROOT, workdir, 'summary.json')) as f:
-      summary = json.load(f)
-    with open(os.path.join(ROOT, workdir, 'config.json')) as f:
-      summary_config = json.load(f)
-    inspect = subprocess.run(
-      [
-        os.path.join(ROOT, '.venv', 'bin', 'pemn'),
-        'inspect',
-        '--json',
-        *[a for a in cmd[2:] if not a.startswith('--workdir')],
-      ],
-      cwd=ROOT,
-      check=True,
-      capture_output=True,
-      text=True,
-    )
-    info = json.loads(inspect.stdout)
-    art_path = os.path.join(ROOT, workdir, 'model.pemn')
-    subprocess.run(
-      [
-        os.path.join(ROOT, '.venv', 'bin', 'pemn'),
-        'export',
-        f'--workdir={workdir}',
-        '--best',
-        f'--out={art_path}',
-      ],
-      cwd=ROOT,
-      check=True,
-      capture_output=True,
-    )
-    art = json.loads(
-      subprocess.run(
-        [os.path.join(ROOT, '.venv', 'bin', 'pemn'), 'inspect', f'--artifact={art_path}', '--json'],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-      ).stdout
-    )
-    record = {
-      'grid': args.grid,
-      'run': run['name'],
-      'label': run['label'],
-      'seed': run['seed'],
-      'command': shlex.join(cmd),
-      'cwd': ROOT,
-      'date': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-      'machine': machine(),
-      'native_kernels': native_kernels(),
-      'wall_seconds': time.time() - t0,
-      'dataset': DATASET_LABELS.get(summary_config['data']['name'], summary_config['data']['name']),
-      'best_accuracy': summary['best_accuracy'],
-      'best_epoch': summary['best_epoch'],
-      'final_accuracy': summary['final_accuracy'],
-      'steps': summary['total_steps'],
-      'masked_weights': info['masked_weights'],
-      'unique_values': info['unique_values'],
-      'storage': info['storage'],
-      'csr_bits': info.get('csr_bits'),
-      'artifact': {
-        k: art.get(k)
-        for k in (
-          'file_bytes',
-          'dense_fp32_bytes',
-          'mask_bytes',
-          'mask_bits_per_entry',
-          'other_bytes',
-          'ratio_vs_dense_fp32',
-          'sparse_kernel_bytes',
-          'csr_bytes',
-        )
-      },
-    }
-    tmp = record_path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(record, f, indent=2)
-    os.replace(tmp, record_path)
+    rec = record(args.grid, run, cmd, workdir, t0)
+    common.write_record(record_path, rec)
     print(
-      f'[grid] {run["name"]}: best {record["best_accuracy"]:.4f} final '
-      f'{record["final_accuracy"]:.4f} ({record["wall_seconds"]:.0f} s)',
+      f'[grid] {run["name"]}: best {rec["best_accuracy"]:.4f} final '
+      f'{rec["final_accuracy"]:.4f} ({rec["wall_seconds"]:.0f} s)',
       flush=True,
     )
   return 0
@@ -344,8 +321,9 @@ def storage_bytes(record, convention):
   return (record.get('artifact') or {}).get('file_bytes')
 
 
-def load_records(grid):
-  d = os.path.join(RESULTS, grid, 'runs')
+def load_records(grid, results=RESULTS):
+  """Every record of a grid under ``results`` (``experiments/results``), by file name."""
+  d = os.path.join(results, grid, 'runs')
   out = []
   for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
     if name.endswith('.json'):
@@ -354,10 +332,32 @@ def load_records(grid):
   return out
 
 
+def source_path_note(records) -> list[str]:
+  """Lines saying where the commands' CIFAR-10 npz lay, if they pass one (else none)."""
+  flag = '--config.data.source_path='
+  paths = sorted(
+    {a[len(flag) :] for r in records for a in shlex.split(r['command']) if a.startswith(flag)}
+  )
+  if not paths:
+    return []
+  where = (
+    'outside the repository, in a folder beside it'
+    if all(p.startswith('../') for p in paths)
+    else 'at that path from the repository root'
+  )
+  passed = ' or '.join(f'`{flag}{p}`' for p in paths)
+  return [
+    f'The commands below pass {passed}: when they ran, the npz lay {where}. It is built as '
+    '[docs/data.md](../../../docs/data.md#cifar-10-jpeg-q75-mirror) describes; pass its path on '
+    'your machine instead.',
+    '',
+  ]
+
+
 def do_report(args) -> int:
   import numpy as np
 
-  records = load_records(args.grid)
+  records = load_records(args.grid, args.results)
   if not records:
     print(f'no records for grid {args.grid}', file=sys.stderr)
     return 1
@@ -401,14 +401,15 @@ def do_report(args) -> int:
     '',
     '## Commands (one per run, exactly as executed; cwd = repository root)',
     '',
+    *source_path_note(records),
   ]
   for r in records:
     md.append(f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{r["command"]}`')
   md.append('')
   md.append(
-    f'Regenerate this file and the plot: `python experiments/grid.py report --grid {args.grid}`'
+    f'Regenerate this file and the plot: `python -m experiments.grid report --grid {args.grid}`'
   )
-  out = os.path.join(RESULTS, args.grid)
+  out = os.path.join(args.results, args.grid)
   with open(os.path.join(out, 'README.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
   import matplotlib
@@ -495,14 +496,28 @@ def do_report(args) -> int:
   return 0
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+  p = argparse.ArgumentParser(
+    prog='python -m experiments.grid',
+    description=__doc__,
+    formatter_class=argparse.RawTextHelpFormatter,
+  )
   p.add_argument('action', choices=('run', 'report', 'list'))
   p.add_argument('--grid', choices=sorted(GRIDS), required=True)
-  p.add_argument('--only', help='comma-separated run names')
-  p.add_argument('--cifar-npz', help='path of cifar10_jpeg_q75.npz')
-  p.add_argument('--workroot', default=os.path.join(ROOT, 'workdirs'))
-  args = p.parse_args()
+  p.add_argument('--only', help='run: comma-separated run names, run in this order')
+  p.add_argument(
+    '--cifar-npz',
+    metavar='PATH',
+    help='the CIFAR-10 npz, cifar10_jpeg_q75.npz (docs/data.md); CIFAR-10 grids only',
+  )
+  p.add_argument('--workroot', default=os.path.join(ROOT, 'workdirs'), help='run: workdirs go here')
+  p.add_argument(
+    '--results',
+    default=RESULTS,
+    help='where the records are (<results>/<grid>/runs) and the report goes '
+    '(default experiments/results)',
+  )
+  args = p.parse_args(argv)
   if args.action == 'list':
     for r in GRIDS[args.grid]():
       print(r['name'], shlex.join(command(r, '<workdir>', {})))

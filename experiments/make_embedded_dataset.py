@@ -8,7 +8,7 @@ files alike. Also writes PROVENANCE.md with md5 sums of the source and output fi
 
 Run (from the repo root, after `apt-get install dataset-fashion-mnist`):
 
-    .venv/bin/python experiments/make_embedded_dataset.py
+    .venv/bin/python -m experiments.make_embedded_dataset
 
 Options: --source_dir (default /usr/share/datasets/fashion-mnist), --out_dir,
 --train_per_class, --test_per_class.
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> None:
   Args:
       argv: command-line arguments (default: sys.argv[1:]).
   """
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog='python -m experiments.make_embedded_dataset', description=__doc__.splitlines()[0]
+  )
   parser.add_argument('--source_dir', default=builders.DEFAULT_FASHION_MNIST_DIR)
   parser.add_argument('--out_dir', default=str(DEFAULT_OUT))
   parser.add_argument('--train_per_class', type=int, default=1000)
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     f'| `{n}` | `{s}` | `{su}` | `{o}` | `{ou}` | {size:,} |' for n, s, su, o, ou, size in rows
   )
   command = (
-    '.venv/bin/python experiments/make_embedded_dataset.py'
+    '.venv/bin/python -m experiments.make_embedded_dataset'
     f' --source_dir {args.source_dir}'
     f' --train_per_class {args.train_per_class} --test_per_class {args.test_per_class}'
   )

@@ -6,20 +6,19 @@ strategy + 1-bit masks; + entropy-coded masks). For ConvMixer-256/8 it also writ
 ``.pemn`` artifact of a freshly initialised network per strategy and reports its size on disk,
 and repeats that for keep fractions 0.3 / 0.1 / 0.05, where entropy coding goes below 1 bit.
 
-  python experiments/storage_table.py > experiments/results/storage.md
+  python -m experiments.storage_table > experiments/results/storage.md
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 
-import jax
-
-from pemn_jax import artifact, build, layers
+from experiments.common import machine, machine_line
+from pemn_jax import artifact, build, layers, summary
 from pemn_jax.configs import common
 
 MODELS = [
@@ -48,12 +47,18 @@ def config_for(model, strategy, rp, keep=0.5):
   return c
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
+  argparse.ArgumentParser(
+    prog='python -m experiments.storage_table',
+    description=__doc__,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  ).parse_args(argv)
+  m = machine()
   print("# Storage of every strategy: the paper's convention and ours")
   print()
   print(
-    f'Command: `python experiments/storage_table.py > experiments/results/storage.md`; '
-    f'{datetime.date.today()}; {platform.machine()}, jax {jax.__version__}. '
+    f'Command: `python -m experiments.storage_table > experiments/results/storage.md`; '
+    f'{datetime.date.today()}; {machine_line(m)}, jax {m["jax"]}. '
     'Ratios are dense fp32 weights / storage (BN excluded unless said); keep fraction 0.5. '
     'Arithmetic from `pemn_jax.storage` (no training needed: storage does not depend on '
     'the trained values at a fixed keep fraction).'
@@ -66,7 +71,7 @@ def main():
     )
     print('|---|---|---|---|---|---|')
     for label, strategy, rp in STRATS:
-      shapes_info = build.summarize(config_for(model, strategy, rp), abstract=True)
+      shapes_info = summary.summarize(config_for(model, strategy, rp), abstract=True)
       st = shapes_info['storage']
       print(
         f'| {label} | {shapes_info["unique_values"]:,} | {st["ratio_paper"]:.2f}x | '

@@ -1,12 +1,16 @@
-"""The verdict rules of experiments/claims.py, on synthetic run records."""
+"""The verdict rules of experiments.claims, on synthetic run records and on the committed ones."""
 
 import os
+import shutil
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), 'experiments'))
-import claims  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the root there
+  sys.path.insert(0, ROOT)
+
+from experiments import claims, grid  # noqa: E402
 
 
 def rec(label, acc, seed=0, uniq=100, paper_bits=8000, csr_bits=None, file_bytes=1000):
@@ -109,3 +113,16 @@ def test_claim5_depth_without_a_point_is_not_measured():
   verdict, lines = claims.claim5_depth([rec('Dense', 66), rec('MP', 61.5)], [])
   assert verdict == 'not measured yet'
   assert lines == ['MP: loses 4.50 points at 32 layers to Dense; the other depth not run']
+
+
+def test_the_committed_records_give_the_committed_verdicts(tmp_path):
+  results = tmp_path / 'results'
+  shutil.copytree(grid.RESULTS, results, ignore=shutil.ignore_patterns('*.png'))
+  assert claims.main(['--results', str(results)]) == 0
+
+  def verdicts(path):
+    with open(path) as f:
+      return [ln for ln in f.read().splitlines() if ln.startswith('- Verdict:')]
+
+  got = verdicts(results / 'README.md')
+  assert len(got) == 8 and got == verdicts(os.path.join(grid.RESULTS, 'README.md'))

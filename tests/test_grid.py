@@ -1,28 +1,24 @@
-"""experiments/grid.py: every grid's runs are valid configs that differ only where they should."""
+"""experiments.grid: every grid's runs are valid configs that differ only where they should;
+a run's record has today's fields; experiments.common's machine line keeps its format."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'experiments'))
-import grid  # noqa: E402
+if ROOT not in sys.path:  # `pytest` (unlike `python -m pytest`) does not put the root there
+  sys.path.insert(0, ROOT)
 
-from pemn_jax import build  # noqa: E402
-from pemn_jax.configs import common  # noqa: E402
+from experiments import common, grid  # noqa: E402
+from pemn_jax import build, summary  # noqa: E402
 
 
 def _config(run):
-  import importlib.util
-
-  spec = importlib.util.spec_from_file_location(
-    'cfg', os.path.join(ROOT, 'pemn_jax', 'configs', run['config'])
-  )
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return common.with_overrides(mod.get_config(), run['overrides'])
+  return common.load_config(os.path.join(grid.CONFIGS, run['config']), run['overrides'])
 
 
 @pytest.mark.parametrize('name', sorted(grid.GRIDS))
@@ -35,7 +31,7 @@ def test_every_run_builds_and_names_are_unique(name):
 
 @pytest.mark.parametrize('name', sorted(grid.GRIDS))
 def test_runs_of_a_grid_share_one_recipe(name):
-  # Within a grid only the strategy point and the seed may differ (the issue's fairness rule).
+  # Within a grid only the strategy point and the seed may differ: the comparison is fair.
   runs = grid.GRIDS[name]()
   point_fields = ('strategy.', 'model.masked', 'model.sparsity', 'model.dtype', 'seed')
   recipes = {
@@ -49,7 +45,8 @@ def test_only_runs_in_the_order_given_and_rejects_unknown_names():
   proc = subprocess.run(
     [
       sys.executable,
-      os.path.join(ROOT, 'experiments', 'grid.py'),
+      '-m',
+      'experiments.grid',
       'run',
       '--grid',
       'cifar_resnet',
@@ -63,3 +60,85 @@ def test_only_runs_in_the_order_given_and_rejects_unknown_names():
   )
   assert proc.returncode == 2
   assert 'no run named nope_s0 in grid cifar_resnet' in proc.stderr
+
+
+def test_machine_line_keeps_the_format_of_the_records():
+  m = {
+    'nproc': 2,
+    'cpu_model': 'AMD EPYC',
+    'os': 'Linux',
+    'arch': 'x86_64',
+    'device': 'cpu:cpu',
+    'device_count': 1,
+    'native_kernels': {'available': True, 'reason': None, 'enabled': ['depthwise', 'topk']},
+  }
+  assert common.machine_line(m) == '2 cores, AMD EPYC, Linux x86_64, CPU only'
+  assert common.native_line(m) == 'depthwise, topk'
+  gpu = {**m, 'device': 'gpu:NVIDIA H200', 'device_count': 8}
+  assert common.machine_line(gpu) == '2 cores, AMD EPYC, Linux x86_64, 8 x gpu NVIDIA H200'
+  off = {**m, 'native_kernels': {'available': False, 'reason': 'RuntimeError: no g++'}}
+  assert common.native_line(off) == 'none (RuntimeError: no g++)'
+
+
+def test_machine_describes_this_machine_as_json():
+  m = json.loads(json.dumps(common.machine()))
+  assert set(m['isa']) == set(common.ISA_FLAGS)
+  assert m['nproc'] == os.cpu_count() and m['python'] and m['jax'] and m['jaxlib']
+  assert set(m['native_kernels']) == {'available', 'reason', 'enabled'}
+  assert common.machine_line(m).startswith(f'{os.cpu_count()} cores, ')
+
+
+def _committed_grids():
+  return sorted(g for g in grid.GRIDS if grid.load_records(g))
+
+
+@pytest.mark.parametrize('name', _committed_grids())
+def test_report_of_the_committed_records_is_the_committed_readme(name, tmp_path):
+  # The committed records stay readable, and the report made from them is the committed one
+  # (the line naming the command that regenerates it aside).
+  shutil.copytree(os.path.join(grid.RESULTS, name), tmp_path / name)
+  assert grid.main(['report', '--grid', name, '--results', str(tmp_path)]) == 0
+
+  def lines(path):
+    with open(path) as f:
+      return [ln for ln in f.read().splitlines() if not ln.startswith('Regenerate this file')]
+
+  assert lines(tmp_path / name / 'README.md') == lines(
+    os.path.join(grid.RESULTS, name, 'README.md')
+  )
+
+
+@pytest.mark.slow
+def test_a_run_writes_the_record_of_today_and_is_skipped_when_done(tmp_path, monkeypatch, capsys):
+  points = [('Mask', {'strategy.name': 'mask'})]
+  monkeypatch.setitem(
+    grid.GRIDS, 'smoke', lambda: grid._grid({'train.progress': False}, 'smoke.py', (0,), points)
+  )
+  monkeypatch.setitem(os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # do_run's default
+  argv = ['run', '--grid', 'smoke', '--results', str(tmp_path), '--workroot', str(tmp_path)]
+  assert grid.main(argv) == 0
+  with open(tmp_path / 'smoke' / 'runs' / 'mask_s0.json') as f:
+    rec = json.load(f)
+  # The fields of the committed records (those since native_kernels), in their order, with the
+  # machine dict after the machine line and the kernels.
+  with open(os.path.join(grid.RESULTS, 'cifar_vit', 'runs', 'mask_s1.json')) as f:
+    old = list(json.load(f))
+  at = old.index('native_kernels') + 1
+  assert list(rec) == [*old[:at], 'machine_info', *old[at:]]
+  workdir = os.path.join(tmp_path, 'smoke', 'mask_s0')
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    run_summary = json.load(f)
+  assert rec['command'].split()[:2] == ['.venv/bin/pemn', 'train']
+  assert '--config.strategy.name=mask' in rec['command'].split()
+  assert rec['best_accuracy'] == run_summary['best_accuracy']
+  assert rec['steps'] == run_summary['total_steps'] == 20
+  config = common.load_config(os.path.join(grid.CONFIGS, 'smoke.py'), {'strategy.name': 'mask'})
+  info = summary.summarize(config)
+  assert rec['unique_values'] == info['unique_values']
+  assert rec['storage'] == json.loads(json.dumps(info['storage']))
+  assert rec['artifact']['file_bytes'] == os.path.getsize(os.path.join(workdir, 'model.pemn'))
+  assert rec['machine'] == common.machine_line(rec['machine_info'])
+  assert rec['native_kernels'] == common.native_line(rec['machine_info'])
+  capsys.readouterr()
+  assert grid.main(argv) == 0  # done already: no second training
+  assert 'mask_s0: done already' in capsys.readouterr().out
