@@ -7,7 +7,7 @@ does not depend on content).
 
 Run (from the repo root):
 
-    .venv/bin/python experiments/bench_input.py [--batch 128] [--reps 20] [--cifar_npz PATH]
+    .venv/bin/python -m experiments.bench_input [--batch 128] [--reps 20] [--cifar_npz PATH]
 
 `--cifar_npz` defaults to $PEMN_CIFAR10_NPZ. The JAX timing includes the host-to-device copy and
 excludes compilation (done once before timing). The JAX version is `experiments/augment_jax.py`.
@@ -18,19 +18,15 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-if __package__ in (None, ''):  # run as a script: make the `experiments` package importable
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from experiments import augment_jax  # noqa: E402
-from pemn_jax.configs import common  # noqa: E402
-from pemn_jax.data import augment as A  # noqa: E402
-from pemn_jax.data import builders, pipeline, sources  # noqa: E402
+from experiments import augment_jax
+from pemn_jax.configs import common
+from pemn_jax.data import augment as A
+from pemn_jax.data import builders, pipeline, sources
 
 CIFAR_MEAN, CIFAR_STD = sources.KNOWN_STATS['cifar10']
 

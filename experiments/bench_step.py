@@ -9,8 +9,8 @@ ConvMixer-96/4 on 28x28x1) unless ``--config`` is given or ``--small-config ''``
 
 For each config, in one process:
   * the masked model and the dense model of the same definition (``model.masked`` False) are
-    built, initialised, and jitted with the library's own step (``train.make_train_step`` +
-    ``train.make_optimizer``, sharded and donated as ``train.train_and_evaluate`` does);
+    built, initialised, and jitted with the library's own step (``steps.make_train_step`` +
+    ``steps.make_optimizer``, sharded and donated as ``train.train_and_evaluate`` does);
   * compile time (trace + lower + compile) of each step;
   * XLA cost-analysis FLOPs of the compiled steps (with ``--config.model.remat_blocks=...``,
     those of the same step without remat: XLA counts a loop body once, and recomputation is
@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-from unittest import mock
 
 from experiments import common
 from experiments.common import load_config
@@ -119,36 +118,33 @@ def build_step(
   ``model.remat_blocks`` (the RSS child must not hold a second model); flops is then XLA's.
   """
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
-  from pemn_jax import build, layers, native, train
+  from pemn_jax import build, layers, steps
 
   config = config.copy_and_resolve_references()
   config.model.masked = masked
   shape = build.input_shape(config)
   model = build.build_model(config)
   variables = build.init_variables(model, config, shape)
-  _, replicated, batch_sharding = train.mesh_and_shardings()
+  shardings = steps.mesh_and_shardings()
+  replicated, batch_sharding = shardings.replicated, shardings.batch
   variables = jax.device_put(variables, replicated)
   frozen = variables.get(layers.FROZEN)
-  tx = train.make_optimizer(config, 1000)
-  state = jax.jit(
-    lambda p, b: train.TrainState(
-      step=jnp.zeros((), jnp.int32), params=p, batch_stats=b, opt_state=tx.init(p)
-    ),
-    out_shardings=replicated,
-  )(variables['params'], variables.get('batch_stats', {}))
+  tx = steps.make_optimizer(config.train, 1000)
+  state = steps.create_train_state(variables, tx, replicated)
   rng = np.random.default_rng(0)
   batch = {
     'image': rng.standard_normal((batch_size, *shape), dtype=np.float32),
     'label': rng.integers(0, config.model.num_classes, batch_size).astype(np.int32),
   }
-  batch = train.to_global(batch, batch_sharding)
+  batch = steps.to_global(batch, batch_sharding)
   if remat != 'none':
     model = RematModel(model, remat_policy(remat))
+  # The trainer's step, traced as the trainer traces it (under the data mesh, with the config's
+  # native kernels); compiler options are given at compile time so variants can differ.
   step = jax.jit(
-    train.make_train_step(model, tx),
+    steps.in_mesh(steps.make_train_step(model, tx), shardings.mesh, config.model.native_kernels),
     in_shardings=(replicated, replicated, batch_sharding),
     out_shardings=(replicated, replicated),
     donate_argnums=(0,),
@@ -160,7 +156,7 @@ def build_step(
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
   flops = float((cost or {}).get('flops', float('nan')))
-  remat_blocks = config.model.get('remat_blocks', 'none') != 'none'
+  remat_blocks = config.model.remat_blocks != 'none'
   uses_native = 'custom_call_target="pemn_' in compiled.as_text()
   if count_flops and (remat_blocks or uses_native):
     # XLA's cost analysis counts a while loop's body once, so the scanned blocks would be
@@ -169,9 +165,8 @@ def build_step(
     # model's own FLOPs: those of the same step without remat, in pure XLA.
     twin = config.copy_and_resolve_references()
     twin.model.remat_blocks = 'none'
-    # native.enabled reads the switch at trace time.
-    with mock.patch.dict(os.environ, {'PEMN_JAX_NATIVE_OFF': ','.join(native.FEATURES)}):
-      flops = build_step(twin, batch_size, masked, remat, compiler_options)[5]
+    twin.model.native_kernels = 'none'  # the same step in pure XLA: no custom call to recount
+    flops = build_step(twin, batch_size, masked, remat, compiler_options)[5]
   return compiled, state, frozen, batch, compile_s, flops
 
 
@@ -344,7 +339,7 @@ def format_table(result: dict) -> str:
     f'{result["compiler_options"] or "none"}, remat {result["remat"]}',
     'native kernels (pemn_jax.native: depthwise conv, top-k mask, GELU+BN): '
     + (
-      'loaded (used in float32 unless model.conv_impl or PEMN_JAX_NATIVE_OFF says otherwise)'
+      'loaded (used in float32 unless model.conv_impl or model.native_kernels says otherwise)'
       if result['native_depthwise']
       else f'not used ({result["native_reason"]})'
     ),
@@ -416,7 +411,7 @@ def main() -> int:
     metavar='KEY=VALUE',
     help='XLA option for the step compile, e.g. xla_cpu_scheduler_type='
     "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED; default: the library trainer's "
-    'own (train.step_compiler_options); "none" for XLA\'s defaults',
+    'own (steps.compiler_options); "none" for XLA\'s defaults',
   )
   p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
   args, rest = common.parse_args(p)
@@ -425,9 +420,9 @@ def main() -> int:
   if args.compiler_option:
     copts = dict(kv.split('=', 1) for kv in args.compiler_option if kv != 'none')
   else:
-    from pemn_jax import train as train_lib
+    from pemn_jax import steps
 
-    copts = train_lib.step_compiler_options() or {}
+    copts = steps.compiler_options() or {}
 
   if args._rss_child:
     import jax
