@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
     config = common.load_config(args.config, overrides)
   except (ValueError, TypeError) as e:
     p.error(str(e))
+  from pemn_jax import native
+
+  spec = native.kernels_from_env(os.environ)  # PEMN_JAX_NATIVE(_OFF), as the pemn command reads
+  if spec is not None:
+    config.model.native_kernels = spec
   config.lock()  # as the pemn command's: a misspelt field is an error, not a new field
 
   from absl import logging
