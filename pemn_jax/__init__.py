@@ -9,6 +9,8 @@ The public API, for ``import pemn_jax as pemn``:
   ``topk_mask``;
 - weight strategies: ``apply_strategy`` over a ``frozen`` collection, ``STRATEGIES``,
   ``kernel_order`` (the depth order the strategies place values in);
+- any Linen model as a PEMN network: ``mask_model`` (matched layers on frozen random kernels x
+  masks, by module-path rules);
 - models from configs: ``build_model``, ``init_variables``, ``frozen_fingerprint``;
 - training: ``train_and_evaluate``, ``evaluate_workdir``, ``export_workdir``;
 - the ``.pemn`` file: ``export``, ``load``, ``inspect_artifact``, ``materialize_dense``;
@@ -35,6 +37,7 @@ _API = {
   'STRATEGIES': ('pemn_jax.strategies', 'STRATEGIES'),
   'apply_strategy': ('pemn_jax.strategies', 'apply_strategy'),
   'kernel_order': ('pemn_jax.build', 'kernel_order'),
+  'mask_model': ('pemn_jax.mask_model', 'mask_model'),
   'build_model': ('pemn_jax.build', 'build_model'),
   'init_variables': ('pemn_jax.build', 'init_variables'),
   'frozen_fingerprint': ('pemn_jax.build', 'frozen_fingerprint'),

@@ -46,27 +46,35 @@ Dtype = Any
 
 
 def torch_shape(flax_shape: Sequence[int]) -> tuple[int, ...]:
-  """PyTorch layout of a Flax kernel shape: dense (in, out) -> (out, in); conv HWIO -> OIHW."""
+  """PyTorch layout of a Flax kernel shape: dense (in, out) -> (out, in); conv HWIO -> OIHW.
+
+  Kernels of other ranks (1-D or 3-D convs, ``nn.DenseGeneral``) have no counterpart in the
+  reference code: their layout is Flax's own (row-major), unchanged.
+  """
   if len(flax_shape) == 2:
     return (flax_shape[1], flax_shape[0])
   if len(flax_shape) == 4:
     kh, kw, i, o = flax_shape
     return (o, i, kh, kw)
-  raise ValueError(f'kernel must be 2-D (dense) or 4-D (conv), got shape {tuple(flax_shape)}')
+  return tuple(flax_shape)
 
 
 def to_flax_layout(w_torch):
   """Transposes a PyTorch-layout kernel (OI or OIHW) into Flax layout (IO or HWIO)."""
   if w_torch.ndim == 2:
     return w_torch.T
-  return w_torch.transpose(2, 3, 1, 0)
+  if w_torch.ndim == 4:
+    return w_torch.transpose(2, 3, 1, 0)
+  return w_torch
 
 
 def to_torch_layout(w_flax):
   """Inverse of ``to_flax_layout``."""
   if w_flax.ndim == 2:
     return w_flax.T
-  return w_flax.transpose(3, 2, 0, 1)
+  if w_flax.ndim == 4:
+    return w_flax.transpose(3, 2, 0, 1)
+  return w_flax
 
 
 def fan_in(flax_shape: Sequence[int]) -> int:
