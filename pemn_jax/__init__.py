@@ -14,7 +14,8 @@ The public API, for ``import pemn_jax as pemn``:
 - models from configs: ``build_model``, ``init_variables``, ``frozen_fingerprint``;
 - training: ``train_and_evaluate``, ``evaluate_workdir``, ``export_workdir``;
 - the ``.pemn`` file: ``export``, ``load``, ``inspect_artifact``, ``materialize_dense``;
-- storage accounting: ``storage_report``.
+- storage accounting: ``storage_report``;
+- ``steps``: the train state and the jitted train/eval steps the trainer uses (a module).
 
 Everything else is reachable through its module (``pemn_jax.steps``, ``pemn_jax.data``, ...)
 but not promised. Names are resolved on first use, so ``import pemn_jax`` imports neither the
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 
-# name -> (module, attribute in it)
+# name -> (module, attribute in it; None: the module itself)
 _API = {
   'FROZEN': ('pemn_jax.layers', 'FROZEN'),
   'Conv': ('pemn_jax.layers', 'Conv'),
@@ -49,6 +50,7 @@ _API = {
   'inspect_artifact': ('pemn_jax.artifact', 'inspect'),
   'materialize_dense': ('pemn_jax.artifact', 'materialize_dense'),
   'storage_report': ('pemn_jax.storage', 'report'),
+  'steps': ('pemn_jax.steps', None),  # a module
 }
 
 __all__ = sorted(_API)
@@ -57,7 +59,9 @@ __all__ = sorted(_API)
 def __getattr__(name: str):
   if name in _API:
     module, attr = _API[name]
-    value = getattr(importlib.import_module(module), attr)
+    value = importlib.import_module(module)
+    if attr is not None:
+      value = getattr(value, attr)
     globals()[name] = value  # resolved once
     return value
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
