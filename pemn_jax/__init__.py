@@ -15,7 +15,8 @@ The public API, for ``import pemn_jax as pemn``:
 - training: ``train_and_evaluate``, ``evaluate_workdir``, ``export_workdir``;
 - the ``.pemn`` file: ``export``, ``load``, ``inspect_artifact``, ``materialize_dense``;
 - storage accounting: ``storage_report``;
-- ``steps``: the train state and the jitted train/eval steps the trainer uses (a module).
+- ``steps``: the train state and the jitted train/eval steps the trainer uses (a module);
+- ``nnx``: the NNX masked layers, their ``Frozen`` variable type and strategies (a module).
 
 Everything else is reachable through its module (``pemn_jax.steps``, ``pemn_jax.data``, ...)
 but not promised. Names are resolved on first use, so ``import pemn_jax`` imports neither the
@@ -51,6 +52,7 @@ _API = {
   'materialize_dense': ('pemn_jax.artifact', 'materialize_dense'),
   'storage_report': ('pemn_jax.storage', 'report'),
   'steps': ('pemn_jax.steps', None),  # a module
+  'nnx': ('pemn_jax.nnx', None),  # a module: the NNX layers
 }
 
 __all__ = sorted(_API)
