@@ -1,9 +1,30 @@
-"""orbax-checkpoint plumbing: save, keep the latest few plus the best, restore onto any mesh.
+"""orbax-checkpoint plumbing: save, keep the latest few plus the best, restore verified anywhere.
 
 A checkpoint holds the TRAINABLE state only (step, params, batch_stats, optimizer state) and a
-JSON ``meta`` item: the frozen-weight fingerprint, the model/strategy/seed config it belongs
-to, and the run's best test accuracy so far. The frozen random weights are never stored: they
-are regenerated from the seed and strategy, and the fingerprint proves the regeneration matches.
+JSON ``meta`` item: the frozen-weight fingerprint, the identity of the run it belongs to (the
+config fields a resumed run must keep), the run's best test accuracy so far and the state's
+digest. The frozen random weights are never stored: they are regenerated from the seed and
+strategy, and the fingerprint proves the regeneration matches.
+
+Integrity. orbax's OCDBT format checksums its index, not the value files, so one flipped byte in
+a value file would restore silently as other numbers. ``save`` hashes the state on the host
+(``state_digest``: sha256 over every leaf's path, shape, dtype and bytes) into the meta, and
+``restore`` hashes what it restored and refuses a mismatch in one line naming the step, its
+directory and the newest earlier kept checkpoint that verifies (delete the damaged step
+directory to resume from that one). The state is replicated, so in a multi-process run every
+process hashes its own full copy and all get the same digest. Checkpoints written before the
+digest existed restore with a logged warning, unverified. ``save`` also refuses a state holding
+a non-finite value (``NonFiniteStateError``): a diverged run never saves its damage.
+
+What a resumed run may change. ``identity`` is the run's config less ``MAY_CHANGE_ON_RESUME``:
+seed, model and strategy (which network), the data fields that change the examples and the
+train fields that change the updates. ``check_identity`` names every field that differs. What
+may change is the stopping point (``train.num_steps`` / ``train.num_epochs``, to extend a run:
+the lr schedule is then re-evaluated over the new total for the remaining steps) and how the run
+executes (intervals, progress, eval batch, data paths and prefetch, remat, native kernels).
+
+Step directories. An empty directory named like a step (left by a crash or a user) is no
+checkpoint: it is skipped with a warning and left where it is (``_SkipEmptySteps``).
 
 Preservation: the latest ``train.max_checkpoints`` checkpoints plus the one with the best test
 accuracy (an orbax ``AnyPreservationPolicy`` of ``LatestN`` and ``BestN``). orbax writes each
@@ -13,23 +34,94 @@ moment leaves the previous checkpoints intact and no half-written one that reads
 
 from __future__ import annotations
 
+import hashlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-# Config fields that must agree between a workdir's checkpoints and a run that resumes them.
-IDENTITY_FIELDS = ('seed', 'model', 'strategy')
-# Fields under IDENTITY_FIELDS that choose how the step runs, not which network it trains
-# (same variables, same values): a run may resume with them changed, e.g. to save memory.
-EXECUTION_ONLY = {'model': ('remat_blocks', 'native_kernels')}
+# Config groups that say which network a checkpoint belongs to ...
+MODEL_FIELDS = ('seed', 'model', 'strategy')
+# ... and those that say how it was trained (which examples, which updates).
+RUN_FIELDS = ('data', 'train')
+# Everything a workdir's checkpoints record and a run that resumes them must agree on.
+IDENTITY_FIELDS = MODEL_FIELDS + RUN_FIELDS
+# Fields under IDENTITY_FIELDS a resumed run may change: the stopping point, and switches that
+# choose how the run executes, not which network it trains on which examples with which updates
+# (same variables, same values at every step the runs share).
+MAY_CHANGE_ON_RESUME = {
+  'model': ('remat_blocks', 'native_kernels'),
+  'data': ('data_dir', 'source_dir', 'source_path', 'prefetch'),
+  'train': (
+    'num_steps',
+    'num_epochs',
+    'log_every_steps',
+    'checkpoint_every_steps',
+    'max_checkpoints',
+    'eval_every_epochs',
+    'eval_batch_size',
+    'progress',
+  ),
+}
+STOPPING_POINT = ('train.num_steps', 'train.num_epochs')
+# The meta key of the state's sha256 (absent in checkpoints written before it existed).
+DIGEST_KEY = 'state_sha256'
+# Hashed first: a future change of what the digest covers gets a new tag, not false alarms.
+_DIGEST_SCHEME = b'pemn-jax state digest v1\n'
 
 
 def _accuracy(metrics: dict) -> float:
   """Ranking key of a checkpoint: its test accuracy (-inf for checkpoints saved without eval)."""
   return metrics.get('accuracy', float('-inf'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Step directories.
+
+_warned_empty: set[str] = set()
+
+
+def _is_empty_dir(path) -> bool:
+  return path.is_dir() and next(iter(path.iterdir()), None) is None
+
+
+class _SkipEmptySteps(ocp.path.step.NameFormat):
+  """orbax's standard step names (``checkpoints/<step>``), blind to empty step directories.
+
+  orbax lists an empty ``checkpoints/7/`` as step 7, the latest, and every resume then fails
+  reading it. It holds nothing to lose, but it is not ours to delete: it is skipped with one
+  warning per process and left in place.
+  """
+
+  def __init__(self):
+    self._standard = ocp.path.step.standard_name_format()
+
+  def build_name(self, step: int) -> str:
+    return self._standard.build_name(step)
+
+  def find_all(self, base_path) -> Iterator[Any]:
+    for metadata in self._standard.find_all(base_path):
+      if _is_empty_dir(metadata.path):
+        if str(metadata.path) not in _warned_empty:
+          _warned_empty.add(str(metadata.path))
+          logging.warning(
+            'pemn: %s is an empty step directory, not a checkpoint: skipped (left in place)',
+            metadata.path,
+          )
+        continue
+      yield metadata
+
+  def find_step(self, base_path, step: int) -> Any:
+    metadata = self._standard.find_step(base_path, step)
+    if _is_empty_dir(metadata.path):
+      raise ValueError(f'{metadata.path} is an empty directory, not a checkpoint')
+    return metadata
 
 
 def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -52,21 +144,82 @@ def manager(workdir: str, max_to_keep: int = 2, read_only: bool = False) -> ocp.
     create=not read_only,
     enable_async_checkpointing=True,
     cleanup_tmp_directories=not read_only,
+    step_name_format=_SkipEmptySteps(),
   )
   return ocp.CheckpointManager(
     os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options
   )
 
 
+# ----------------------------------------------------------------------------------------------
+# The state's digest.
+
+
+def _on_host(x) -> np.ndarray:
+  """``x`` as a host array; of a multi-process array, this process's full replica."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if not x.is_fully_replicated:  # the train state is replicated; anything else is a bug
+      raise ValueError(f'cannot hash a state leaf sharded over processes ({x.sharding})')
+    x = x.addressable_data(0)
+  return np.asarray(x)
+
+
+def _digest_and_nonfinite(state: Any) -> tuple[str, str | None]:
+  """sha256 of ``state`` and the path of its first leaf holding a non-finite value (or None)."""
+  h = hashlib.sha256(_DIGEST_SCHEME)
+  nonfinite = None
+  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+    a = np.ascontiguousarray(_on_host(leaf))
+    name = jax.tree_util.keystr(path)
+    # The header fixes how many bytes follow, so no two trees hash the same byte stream.
+    h.update(f'{name} {a.shape} {a.dtype}\n'.encode())
+    h.update(a.reshape(-1).view(np.uint8))
+    if nonfinite is None and jnp.issubdtype(a.dtype, jnp.inexact) and not np.isfinite(a).all():
+      nonfinite = name
+  return h.hexdigest(), nonfinite
+
+
+def state_digest(state: Any) -> str:
+  """sha256 (hex) over every leaf's path, shape, dtype and bytes, computed on the host.
+
+  Equal for a state and its restored copy on any device count (the values are replicated).
+  """
+  return _digest_and_nonfinite(state)[0]
+
+
+class NonFiniteStateError(ValueError):
+  """``save`` refused a state with a NaN or infinite value (``leaf`` names the first one)."""
+
+  def __init__(self, step: int, leaf: str):
+    super().__init__(f'not saving checkpoint step {step}: state leaf {leaf} is not finite')
+    self.step, self.leaf = step, leaf
+
+
+# ----------------------------------------------------------------------------------------------
+# Save and restore.
+
+
 def save(
   mngr: ocp.CheckpointManager, step: int, state: Any, meta: dict, accuracy: float | None = None
 ) -> None:
-  """Saves (asynchronously) the state and meta; ``accuracy`` makes it a best-candidate."""
+  """Saves (asynchronously) the state and meta; ``accuracy`` makes it a best-candidate.
+
+  The state is first copied to the host and hashed (its digest goes into the saved meta, not
+  into ``meta``); a state with a non-finite value is refused before anything is written.
+
+  Raises:
+    NonFiniteStateError: a leaf of ``state`` holds a NaN or an infinity.
+  """
+  digest, nonfinite = _digest_and_nonfinite(state)
+  if nonfinite is not None:
+    raise NonFiniteStateError(step, nonfinite)
   # Always a dict: with best_fn set, orbax warns on every save that has no metrics.
   metrics = {} if accuracy is None else {'accuracy': float(accuracy)}
   mngr.save(
     step,
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({**meta, DIGEST_KEY: digest})
+    ),
     metrics=metrics,
     force=True,
   )
@@ -81,8 +234,15 @@ def best_step(mngr: ocp.CheckpointManager) -> int | None:
   return step if step in mngr.all_steps() else None
 
 
-def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> ValueError:
-  """The one clear error for a checkpoint that cannot be read."""
+class _Damaged(Exception):
+  """A checkpoint that does not restore as it was written; the text says what is wrong."""
+
+  def __init__(self, detail: str, maybe_other_model: bool):
+    super().__init__(detail)
+    self.maybe_other_model = maybe_other_model
+
+
+def _read_error(e: Exception) -> _Damaged:
   # orbax/tensorstore messages end with the whole tensorstore spec (kilobytes of JSON): keep the
   # first line up to it, which names the file and what is wrong with it.
   detail = str(e).splitlines()[0] if str(e) else ''
@@ -90,36 +250,12 @@ def _unreadable(mngr: ocp.CheckpointManager, step: int, e: Exception) -> ValueEr
     detail = detail.split(tail)[0]
   if len(detail) > 400:
     detail = detail[:400] + '...'
-  return ValueError(
-    f'cannot restore checkpoint step {step} in {mngr.directory}: {type(e).__name__}: '
-    f'{detail}. The checkpoint is corrupted (or was written for a different model); it was '
-    'left untouched. Delete that step directory to resume from an earlier checkpoint, or use '
-    'a new --workdir.'
-  )
+  return _Damaged(f'{type(e).__name__}: {detail}', maybe_other_model=True)
 
 
-def restore_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
-  """The JSON ``meta`` item of ``step`` (fingerprint, identity, best so far), state unread.
-
-  Raises:
-    ValueError: the meta item is unreadable (see ``restore``).
-  """
-  try:
-    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
-  except Exception as e:  # orbax raises many types; the user needs one clear message
-    raise _unreadable(mngr, step, e) from e
-
-
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
-  """Restores ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying shardings).
-
-  Check the meta (``restore_meta`` + ``check_identity``) first: a checkpoint of a different
-  model then fails with a message naming the differing config fields, not a shape mismatch.
-
-  Raises:
-    ValueError: the checkpoint is unreadable or does not fit this model; the message says which
-      step and directory, and the checkpoints are left untouched.
-  """
+def _restore_verified(mngr, step: int, abstract_state: Any) -> tuple[Any, dict, bool]:
+  """``(state, meta, verified)`` of ``step``; ``verified`` is False for a checkpoint written
+  without a digest. Raises ``_Damaged``."""
   try:
     restored = mngr.restore(
       step,
@@ -128,8 +264,86 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tupl
       ),
     )
   except Exception as e:  # orbax raises many types; the user needs one clear message
-    raise _unreadable(mngr, step, e) from e
-  return restored['state'], restored['meta']
+    raise _read_error(e) from e
+  state, meta = restored['state'], restored['meta']
+  expected = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+  if expected is None:
+    return state, meta, False
+  if state_digest(state) != expected:
+    raise _Damaged(
+      'its state does not match the sha256 digest saved with it (a value file changed after '
+      'it was written)',
+      maybe_other_model=False,
+    )
+  return state, meta, True
+
+
+def _unreadable(mngr, step: int, damage: _Damaged, abstract_state: Any = None) -> ValueError:
+  """The one clear error for a checkpoint that cannot be restored, with the way out: the newest
+  earlier kept checkpoint that restores intact (tried when ``abstract_state`` is given)."""
+  step_dir = os.path.join(str(mngr.directory), str(step))
+  if abstract_state is None:
+    way_out = (
+      'Delete that step directory to resume from an earlier checkpoint, or use a new --workdir.'
+    )
+  else:
+    way_out = 'No earlier kept checkpoint restores intact: use a new --workdir.'
+    for earlier in sorted((s for s in mngr.all_steps() if s < step), reverse=True):
+      try:
+        _, _, verified = _restore_verified(mngr, earlier, abstract_state)
+      except _Damaged:
+        continue
+      how = 'verifies' if verified else 'restores (written without a digest, unverified)'
+      way_out = (
+        f'Checkpoint step {earlier} {how}: delete {step_dir} to resume (or evaluate, export) '
+        f'from step {earlier}, or use a new --workdir.'
+      )
+      break
+  cause = ' (or was written for a different model)' if damage.maybe_other_model else ''
+  return ValueError(
+    f'cannot restore checkpoint step {step} in {mngr.directory}: {damage}. The checkpoint is '
+    f'corrupted{cause}; it was left untouched. {way_out}'
+  )
+
+
+def restore_meta(mngr: ocp.CheckpointManager, step: int, abstract_state: Any = None) -> dict:
+  """The JSON ``meta`` item of ``step`` (fingerprint, identity, best so far), state unread.
+
+  Raises:
+    ValueError: the meta item is unreadable (see ``restore``; ``abstract_state``, when given,
+      lets the message name an earlier checkpoint that restores intact).
+  """
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
+  except Exception as e:  # orbax raises many types; the user needs one clear message
+    raise _unreadable(mngr, step, _read_error(e), abstract_state) from e
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any) -> tuple[Any, dict]:
+  """Restores ``step`` into ``abstract_state`` (ShapeDtypeStructs carrying shardings), verified.
+
+  The restored state's digest must equal the one saved with it; a checkpoint written before
+  digests existed is restored with a logged warning. Check the meta (``restore_meta`` +
+  ``check_identity``) first: a checkpoint of a different model then fails with a message naming
+  the differing config fields, not a shape mismatch.
+
+  Raises:
+    ValueError: the checkpoint is unreadable, altered, or does not fit this model; one line
+      naming the step and directory, and the newest earlier checkpoint that restores intact.
+      The checkpoints are left untouched.
+  """
+  try:
+    state, meta, verified = _restore_verified(mngr, step, abstract_state)
+  except _Damaged as damage:
+    raise _unreadable(mngr, step, damage, abstract_state) from damage.__cause__
+  if not verified:
+    logging.warning(
+      'pemn: checkpoint step %d in %s has no state digest (written by an earlier pemn-jax): '
+      'restored unverified',
+      step,
+      mngr.directory,
+    )
+  return state, meta
 
 
 def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
@@ -137,9 +351,14 @@ def abstract_like(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
+# ----------------------------------------------------------------------------------------------
+# Identity: what a resumed run must keep.
+
+
 def identity(config) -> dict:
-  """The config fields that define which network a checkpoint belongs to (JSON-ready)."""
-  return _without_execution_fields(
+  """The config fields a workdir's checkpoints belong to (JSON-ready): ``IDENTITY_FIELDS`` less
+  ``MAY_CHANGE_ON_RESUME``."""
+  return _comparable(
     {
       k: (config[k].to_dict() if hasattr(config[k], 'to_dict') else config[k])
       for k in IDENTITY_FIELDS
@@ -147,9 +366,9 @@ def identity(config) -> dict:
   )
 
 
-def _without_execution_fields(ident: dict) -> dict:
+def _comparable(ident: dict) -> dict:
   out = dict(ident)
-  for group, fields in EXECUTION_ONLY.items():
+  for group, fields in MAY_CHANGE_ON_RESUME.items():
     if isinstance(out.get(group), dict):
       out[group] = {k: v for k, v in out[group].items() if k not in fields}
   return out
@@ -159,13 +378,16 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
   """Raises ValueError naming every field that differs between a workdir and this run.
 
   A field the workdir's record lacks (it was added to pemn-jax later) matches when this run
-  leaves it at its default, so adding a config field does not orphan existing workdirs.
+  leaves it at its default, so adding a config field does not orphan existing workdirs. A whole
+  group the record lacks (checkpoints written before the data and train settings were recorded)
+  is not compared: its defaults say nothing about what that run used.
   """
   from pemn_jax.configs import common  # configs import nothing from here
 
   defaults = identity(common.base_config())
-  saved, current = _without_execution_fields(saved), _without_execution_fields(current)
-  diffs = []
+  saved, current = _comparable(saved), _comparable(current)
+  current = {k: v for k, v in current.items() if k in saved}
+  diffs, groups = [], set()
 
   def walk(a, b, d, prefix):
     for k in sorted(set(a) | set(b)):
@@ -176,15 +398,32 @@ def check_identity(saved: dict, current: dict, where: str) -> None:
         continue
       elif _norm(va) != _norm(vb):
         diffs.append(f'{prefix}{k}: checkpoint {va!r} vs config {vb!r}')
+        groups.add((prefix or k).split('.')[0])
 
   walk(saved, current, defaults, '')
-  if diffs:
+  if not diffs:
+    return
+  if groups & set(MODEL_FIELDS):
     raise ValueError(
       f'{where} holds checkpoints of a different model ('
       + '; '.join(diffs)
       + '). Use a new --workdir, or the matching config. '
       'The existing checkpoints were left untouched.'
     )
+  may_change = [
+    f'{g}.{f}'
+    for g, fields in MAY_CHANGE_ON_RESUME.items()
+    for f in fields
+    if f'{g}.{f}' not in STOPPING_POINT
+  ]
+  raise ValueError(
+    f'{where} holds a run trained with other settings ('
+    + '; '.join(diffs)
+    + f'). A resumed run may change only its stopping point ({", ".join(STOPPING_POINT)}, to '
+    f'extend it) and how it executes ({", ".join(may_change)}). Use a new --workdir, or the '
+    "run's settings (its config.json and config_history.jsonl). "
+    'The existing checkpoints were left untouched.'
+  )
 
 
 def _norm(v):

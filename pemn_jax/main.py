@@ -6,6 +6,9 @@
   pemn export   --workdir DIR [--best] --out MODEL.pemn
   pemn inspect  --artifact MODEL.pemn [--json]
 
+Exit status: 0 done; 1 an error (one line on stderr); 2 a usage mistake; 143 / 130 a training
+run stopped by SIGTERM / SIGINT after its checkpoint (the same command resumes it).
+
 Multi-host: ``--coordinator_address HOST:PORT --num_processes N --process_id I`` (or the cluster
 environment JAX detects by itself: Slurm, Open MPI, TPU pods) initialise JAX's distributed
 runtime before anything else touches a device.
@@ -13,8 +16,10 @@ runtime before anything else touches a device.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sys
 
 import ml_collections
@@ -115,7 +120,15 @@ def cmd_train() -> int:
   from pemn_jax import train
 
   maybe_initialize_distributed()
-  train.train_and_evaluate(_config(), _require('workdir'))
+  summary = train.train_and_evaluate(_config(), _require('workdir'))
+  if not summary['finished']:
+    # Stopped by a signal (the resume hint is printed): the shell's 128 + the signal's number
+    # (143 SIGTERM, 130 SIGINT; 143 for a signal another process got), so a scheduler never
+    # takes an unfinished run as done.
+    import signal
+
+    sig = getattr(signal, str(summary.get('stopped_by')), signal.SIGTERM)
+    return 128 + int(sig)
   return 0
 
 
@@ -174,11 +187,199 @@ def main(argv) -> int:
   except UsageError as e:
     print(f'pemn {argv[1]}: {e}', file=sys.stderr)
     return 2
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
-    # Configuration and input errors: one line, no traceback. Everything else keeps its trace.
+  except (ValueError, OSError) as e:
+    # Configuration and input errors, and what the OS refused (a read-only or full disk): one
+    # line, no traceback. Everything else (genuine bugs) keeps its trace.
+    if isinstance(e, OSError) and e.errno is not None:
+      line = _os_error_line(e, argv[1])
+    elif _DISK_FULL.search(str(e)):  # tensorstore's report of a full disk (an orbax save)
+      path = re.search(r'Failed writing: "([^"]+)"', str(e))
+      line = _disk_full_line(path.group(1) if path else None, argv[1])
+    elif isinstance(e, ValueError | FileNotFoundError | FileExistsError):
+      line = _first_line(e)
+    else:
+      line = None
+    if line is None:
+      raise
     logging.debug('error', exc_info=True)
-    print(f'pemn {argv[1]}: error: {e}', file=sys.stderr)
+    print(f'pemn {argv[1]}: error: {line}', file=sys.stderr)
     return 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Mistakes on the command line, in the config file and from the OS, as one line each.
+
+# What the OS reports about a path the user chose (a workdir, an output, a data dir): no bug.
+_OS_ERRNOS = (
+  errno.EACCES,
+  errno.EPERM,
+  errno.EROFS,
+  errno.ENOSPC,
+  errno.EDQUOT,
+  errno.EEXIST,
+  errno.ENOTDIR,
+  errno.EISDIR,
+  errno.ENOENT,
+  errno.ENAMETOOLONG,
+  errno.EIO,
+)
+_DISK_FULL = re.compile(r"No space left on device|os_error_code='(28|122)'")
+_CONFIG_ARG = re.compile(r'^--?config(=|$)')
+_OVERRIDE_ARG = re.compile(r'^--?(?:no)?config\.([^=]+)(?:=(.*))?$', re.DOTALL)
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  lines = text.splitlines()
+  if not lines:
+    return type(e).__name__
+  return lines[0] + (' [...]' if len(lines) > 1 else '')
+
+
+def _last_line(e: BaseException) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[-1].strip() if lines else type(e).__name__
+
+
+def _shown_path(filename) -> str | None:
+  """The path an OSError names, as the user knows it: an atomic write's temporary file
+  (``.NAME.XXXX.tmp``, ``NAME.tmp-PID``) is shown as the file it was writing."""
+  if filename is None:
+    return None
+  path = os.fspath(filename)
+  head, base = os.path.split(path)
+  m = re.fullmatch(r'\.(.+)\.[^.]+\.tmp', base) or re.fullmatch(r'(.+)\.tmp-\d+', base)
+  return os.path.join(head, m.group(1)) if m else path
+
+
+def _disk_full_line(path: str | None, command: str) -> str:
+  """The one line for a full disk: what was being written, and that what was written before
+  is intact (a checkpoint is written in a temporary directory and renamed once complete)."""
+  if path:
+    step = re.match(r'(.*?)\.orbax-checkpoint-tmp', path)  # orbax's checkpoint in progress
+    path = f'checkpoint {step.group(1)}' if step else _shown_path(path)
+  line = 'no space left on device' + (f' writing {path}' if path else '')
+  if command == 'train' and FLAGS.workdir:
+    line += (
+      f'; the checkpoints already written in {FLAGS.workdir} are intact: free some space and '
+      'run the same command to resume'
+    )
+  elif command == 'export' and FLAGS.out:
+    line += f'; {FLAGS.out} was not written'
+  return line
+
+
+def _os_error_line(e: OSError, command: str) -> str | None:
+  """One line for an OSError of a write or read the user's paths decide; None for other
+  OSErrors (they keep their traceback)."""
+  path = _shown_path(e.filename)
+  if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    return _disk_full_line(path, command)
+  if path is None:
+    return f'{e.strerror} (errno {e.errno})' if e.errno in _OS_ERRNOS else None
+  return f'{path}: {e.strerror or _first_line(e)}'
+
+
+def _fail(line: str, status: int):
+  print(line, file=sys.stderr)
+  sys.exit(status)
+
+
+def _prefix(argv: list[str]) -> str:
+  """'pemn CMD' for messages: the subcommand named on the command line, if any."""
+  command = next((a for a in argv[1:] if a in SUBCOMMANDS), None)
+  return f'pemn {command}' if command else 'pemn'
+
+
+def _config_path(argv: list[str]) -> str | None:
+  """The file ``--config`` names (as ml_collections finds it: the last ``--config`` given,
+  less a ``:ARG`` suffix), or None."""
+  path = None
+  for i, arg in enumerate(argv):
+    m = _CONFIG_ARG.match(arg)
+    if m:
+      path = arg[m.end() :] if m.group(1) else (argv[i + 1] if i + 1 < len(argv) else '')
+  return None if path is None else path.split(':', 1)[0]
+
+
+def _missing_override(argv: list[str], path: str | None) -> str | None:
+  """The first ``--config.FIELD`` override naming no field, as one line with the closest field
+  (the config is loaded again: only in this error path)."""
+  if not path:
+    return None
+  from pemn_jax.configs import common
+
+  config = common.load(path)
+  for arg in argv:
+    m = _OVERRIDE_ARG.match(arg)
+    problem = m and common.missing_field(config, m.group(1))
+    if problem:
+      return f'--config.{m.group(1)}: {problem}'
+  return None
+
+
+def _check_parsed_config(argv: list[str], path: str | None) -> None:
+  """After parsing: the config file really loaded, and booleans were given as True / False
+  (absl would take ``--config.model.masked=1`` or ``=t`` for True)."""
+  config = FLAGS['config'].value
+  if config is None:
+    return
+  if not isinstance(config, ml_collections.ConfigDict):
+    try:
+      config.keys()  # ml_collections keeps a failed load until the config is read
+    except OSError as e:
+      raise ValueError(f'--config {path} cannot be loaded: {_last_line(e)}') from None
+    raise ValueError(
+      f'--config {path}: get_config() returned {type(config).__name__}, not a ConfigDict'
+    )
+  for arg in argv:
+    m = _OVERRIDE_ARG.match(arg)
+    if not m or m.group(2) is None:
+      continue
+    value = config
+    for name in m.group(1).split('.'):
+      value = value[name]
+    if isinstance(value, bool) and m.group(2).strip().lower() not in ('true', 'false'):
+      raise UsageError(f'--config.{m.group(1)} must be True or False, got {m.group(2)!r}')
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing (``app.run``'s ``flags_parser``), with a mistake as one line on stderr:
+  exit status 2 for a usage mistake (an unknown flag or config field, a value of the wrong
+  type), 1 for a config file that cannot be used (missing, a directory, a syntax error, no
+  ``get_config``, or ``get_config`` failing on a ValueError / TypeError)."""
+  from pemn_jax.configs import common
+
+  prefix, path = _prefix(argv), _config_path(argv)
+  try:
+    if path is not None:
+      common.check_config_file(path, '--config')  # before ml_collections executes it
+  except (ValueError, FileNotFoundError) as e:
+    _fail(f'{prefix}: error: {e}', 1)
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    text = str(e)
+    if 'Error whilst parsing config file' in text:  # get_config raised; its last line says why
+      why = text.strip().splitlines()[-1]
+      _fail(f'{prefix}: error: --config {path}: get_config() failed: {why}', 1)
+    _fail(f'{prefix}: {_first_line(e)}', 2)  # absl's message names the flag
+  except (AttributeError, KeyError) as e:
+    if isinstance(e, AttributeError) and e.name == 'get_config':
+      _fail(f'{prefix}: error: --config {path} defines no get_config()', 1)
+    problem = _missing_override(argv, path)
+    if problem is None:
+      raise
+    _fail(f'{prefix}: {problem}', 2)
+  except OSError as e:  # an override applied to a config file that failed to load
+    _fail(f'{prefix}: error: --config {path} cannot be loaded: {_last_line(e)}', 1)
+  try:
+    _check_parsed_config(argv, path)
+  except UsageError as e:
+    _fail(f'{prefix}: {e}', 2)
+  except ValueError as e:
+    _fail(f'{prefix}: error: {e}', 1)
+  return rest
 
 
 def _ignore_closed_loop_callbacks() -> None:
@@ -204,6 +405,28 @@ def _ignore_closed_loop_callbacks() -> None:
   import logging
 
   logging.getLogger('asyncio').addFilter(_not_an_unretrieved_orbax_read)
+
+
+def _quiet_orbax_background_errors() -> None:
+  """Drops the ERROR logs of a failed background save (a full disk), with their tracebacks.
+
+  orbax logs the failure from its save thread (and asyncio the same OSError of the file writes
+  it left unawaited), then raises the error in the main thread at the next save or wait, which
+  the CLI reports as one line; ``--verbosity`` given keeps them.
+  """
+  import logging
+
+  def keep(record) -> bool:
+    orbax = f'{os.sep}orbax{os.sep}' in (record.pathname or '')
+    return not (orbax and record.levelno >= logging.ERROR and FLAGS['verbosity'].present == 0)
+
+  def keep_asyncio(record) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return not (full and FLAGS['verbosity'].present == 0)
+
+  logging.getLogger('absl').addFilter(keep)
+  logging.getLogger('asyncio').addFilter(keep_asyncio)
 
 
 def _not_an_unretrieved_orbax_read(record) -> bool:
@@ -238,10 +461,11 @@ def run():
   import logging as std_logging
 
   _ignore_closed_loop_callbacks()
+  _quiet_orbax_background_errors()
 
   # JAX probes for a TPU on every start and logs the miss at INFO: noise on CPU and GPU hosts.
   std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == '__main__':

@@ -35,7 +35,15 @@ from pemn_jax.data import pipeline, sources
 
 
 def validate_train_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the ``train`` fields a run needs, before anything is written."""
+  """Checks every ``train`` field, before anything is written: counts are integers in
+  [1, 2**31 - 1] (the state counts steps in int32), numbers are finite (in float32 too), the
+  Adam betas in [0, 1), ``eps`` and ``peak_lr`` > 0, ``weight_decay`` >= 0, the schedule's
+  fractions and ``final_lr_scale`` in [0, 1]. What needs the dataset (a batch no larger than
+  the training split) is ``check_train_data``.
+
+  Raises:
+    ValueError: one line naming the field and what is allowed.
+  """
   t = config.train
   for field in (
     'batch_size',
@@ -46,8 +54,10 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     'log_every_steps',
     'eval_every_epochs',
   ):
-    common.check_positive_int(t[field], f'train.{field}')
-  common.check_positive_int(t.num_steps, 'train.num_steps', allow_none=True)
+    common.check_positive_int(t[field], f'train.{field}', maximum=common.INT32_MAX)
+  common.check_positive_int(
+    t.num_steps, 'train.num_steps', allow_none=True, maximum=common.INT32_MAX
+  )
   n = jax.device_count()
   for field in ('batch_size', 'eval_batch_size'):
     if t[field] % n:
@@ -55,14 +65,80 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
         f'train.{field} ({t[field]}) must be divisible by the number of devices '
         f'({n}); choose a multiple of {n}'
       )
-  if not (0.0 <= t.warmup_fraction <= t.decay_fraction <= 1.0):
+  big = common.FLOAT32_MAX
+  common.check_real(t.peak_lr, 'train.peak_lr', 0.0, big, low_open=True)
+  common.check_real(t.weight_decay, 'train.weight_decay', 0.0, big)
+  common.check_real(t.b1, 'train.b1', 0.0, 1.0, high_open=True)
+  common.check_real(t.b2, 'train.b2', 0.0, 1.0, high_open=True)
+  common.check_real(t.eps, 'train.eps', 0.0, big, low_open=True)
+  common.check_real(t.warmup_fraction, 'train.warmup_fraction', 0.0, 1.0)
+  common.check_real(t.decay_fraction, 'train.decay_fraction', 0.0, 1.0)
+  if not t.warmup_fraction <= t.decay_fraction:
     raise ValueError(
-      'train.warmup_fraction <= train.decay_fraction must both be in [0, 1], '
+      'train.warmup_fraction must be <= train.decay_fraction (the lr rises, then decays), '
       f'got {t.warmup_fraction} and {t.decay_fraction}'
     )
-  if not (t.peak_lr > 0 and t.weight_decay >= 0):
+  common.check_real(t.final_lr_scale, 'train.final_lr_scale', 0.0, 1.0)
+  common.check_bool(t.progress, 'train.progress')
+
+
+def check_train_data(
+  config: ml_collections.ConfigDict, info: sources.DatasetInfo
+) -> ml_collections.ConfigDict:
+  """The ``train`` checks that need the dataset; returns the config to train with.
+
+  ``train.batch_size`` must be at most the training split, and the run at most 2**31 - 1 steps.
+  A ``train.eval_batch_size`` larger than the test split needs (``pipeline.fit_eval_batch_size``:
+  the split rounded up to a multiple of the device count) would only be padding, memory that
+  grows with the field: it is lowered to that, with a note, in a copy of the config (the one
+  ``config.json`` records).
+
+  Raises:
+    ValueError: naming the field, the split's size and what is allowed.
+  """
+  t = config.train
+  if t.batch_size > info.num_train:
     raise ValueError(
-      f'train.peak_lr must be > 0 and train.weight_decay >= 0, got {t.peak_lr} and {t.weight_decay}'
+      f'train.batch_size ({t.batch_size}) must be at most the {info.num_train} training '
+      f'examples of data.name={info.name!r}'
+    )
+  total = total_train_steps(config, info)
+  if total > common.INT32_MAX:
+    raise ValueError(
+      f'train.num_epochs ({t.num_epochs}) x {pipeline.steps_per_epoch(info, t.batch_size)} '
+      f'steps per epoch is {total:,} steps, more than the {common.INT32_MAX:,} a run may take; '
+      'lower train.num_epochs or set train.num_steps'
+    )
+  fitted = pipeline.fit_eval_batch_size(info, t.eval_batch_size, jax.device_count())
+  if fitted < t.eval_batch_size:
+    monitoring.announce(
+      f'pemn: train.eval_batch_size {t.eval_batch_size} is more than the {info.num_test} test '
+      f'examples of data.name={info.name!r} need; evaluating in one batch of {fitted}'
+    )
+    config = config.copy_and_resolve_references()
+    config.train.eval_batch_size = fitted
+  return config
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError unless ``workdir`` is a directory this process can write in, or one it
+  can create (its nearest existing parent is a writable directory); writes nothing."""
+  if not isinstance(workdir, str | os.PathLike) or not os.fspath(workdir):
+    raise ValueError(f'--workdir must be a directory path, got {workdir!r}')
+  path = os.path.abspath(os.fspath(workdir))
+  if os.path.lexists(path) and not os.path.isdir(path):
+    what = 'a broken link' if not os.path.exists(path) else 'a file'
+    raise ValueError(f'--workdir {workdir} is {what}, not a directory')
+  probe = path
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f'--workdir {workdir} cannot be created: {probe} is a file')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    made = '' if probe == path else ', where it would be created,'
+    raise ValueError(
+      f'--workdir {workdir} cannot be written: {probe}{made} is read-only or not writable '
+      'by this user'
     )
 
 
@@ -107,12 +183,20 @@ def restore_checkpoint(mngr, step: int, template, s: Setup, workdir: str, identi
   """``(state, meta)`` of checkpoint ``step``, after checking it belongs to this model.
 
   The identity (when given) is checked from the meta alone, so a checkpoint of another model
-  fails naming the fields that differ, not with a shape mismatch from restoring its state; then
-  the frozen-weight fingerprint, so no state is ever paired with other random weights.
+  (or of a run with other training settings) fails naming the fields that differ, not with a
+  shape mismatch from restoring its state; then the state's digest (``checkpointing.restore``)
+  and the frozen-weight fingerprint, so no altered state and no state paired with other random
+  weights is ever used.
   """
   if identity is not None:
-    saved = checkpointing.restore_meta(mngr, step)
-    checkpointing.check_identity(saved['identity'], identity, workdir)
+    saved = checkpointing.restore_meta(mngr, step, template)['identity']
+    missing = [g for g in identity if g not in saved]
+    if missing and os.path.exists(os.path.join(workdir, 'config.json')):
+      # Checkpoints of earlier versions record no data/train settings; the config.json those
+      # versions rewrote at every start is their record of the run that wrote the checkpoint.
+      recorded = checkpointing.identity(load_config(workdir))
+      saved = {**{g: recorded[g] for g in missing}, **saved}
+    checkpointing.check_identity(saved, identity, workdir)
   state, meta = checkpointing.restore(mngr, step, template)
   build.check_fingerprint(
     meta['fingerprint'], s.fingerprint, f'checkpoint step {step} of {workdir}'
@@ -122,10 +206,21 @@ def restore_checkpoint(mngr, step: int, template, s: Setup, workdir: str, identi
 
 def restore_or_start(config, workdir: str, mngr, state, s: Setup, replicated):
   """The state to train from: the latest checkpoint of ``workdir`` if there is one, else
-  ``state``; and the run's meta (best accuracy so far). Writes ``config.json`` once the workdir
-  is known to belong to this model (identity fields equal)."""
+  ``state``; and the run's meta (best accuracy so far).
+
+  A resume must keep the run's identity (``checkpointing.check_identity``: model, and the data
+  and train settings that change what is trained); only the stopping point and execution-only
+  fields may change (``checkpointing.MAY_CHANGE_ON_RESUME``). Extending ``train.num_steps``
+  re-evaluates the lr schedule over the new total for the remaining steps (the steps done
+  followed the shorter schedule), so an extended run is not the run the longer ``num_steps``
+  would have trained from the start. Once the checks pass the record is written:
+  ``config.json`` is the config of the run's start from step 0 (a start with no checkpoint to
+  keep writes it anew), and every later start appends ``{step, started, config}`` to
+  ``config_history.jsonl``, so the record of the earlier parts is never overwritten.
+  """
   identity = checkpointing.identity(config)
   config_path = os.path.join(workdir, 'config.json')
+  history_path = os.path.join(workdir, HISTORY_FILE)
   meta = {
     'fingerprint': s.fingerprint,
     'identity': identity,
@@ -140,10 +235,34 @@ def restore_or_start(config, workdir: str, mngr, state, s: Setup, replicated):
     meta.update({k: saved[k] for k in ('best_accuracy', 'best_step', 'best_epoch')})
     monitoring.announce(f'pemn: resuming from checkpoint step {latest} in {workdir}')
   elif os.path.exists(config_path):  # every process checks, so none is left waiting
-    checkpointing.check_identity(checkpointing.identity(load_config(workdir)), identity, workdir)
+    # Nothing trained is kept, so the run starts afresh: only the model must be the same.
+    recorded, model = checkpointing.identity(load_config(workdir)), checkpointing.MODEL_FIELDS
+    checkpointing.check_identity(
+      {k: recorded[k] for k in model}, {k: identity[k] for k in model}, workdir
+    )
   if jax.process_index() == 0:
-    fileio.atomic_write_json(config_path, config.to_dict())
+    if latest is None or not os.path.exists(config_path):
+      fileio.atomic_write_json(config_path, config.to_dict())
+    if latest is not None or os.path.exists(history_path):
+      _append_history(history_path, latest or 0, config)
   return state, meta
+
+
+HISTORY_FILE = 'config_history.jsonl'
+
+
+def _append_history(path: str, step: int, config: ml_collections.ConfigDict) -> None:
+  """One line per start after the first: the step it started from, when, and its config."""
+  line = {
+    'step': step,
+    'started': time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()),
+    'config': config.to_dict(),
+  }
+  old = ''
+  if os.path.exists(path):
+    with open(path) as f:
+      old = f.read()
+  fileio.atomic_write(path, old + json.dumps(line) + '\n')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -180,6 +299,39 @@ def _mean_metrics(running: list[dict]) -> dict:
   return {k: sum(float(m[k]) for m in running) / len(running) for k in running[0]}
 
 
+def _diverged(what: str, step: int, mngr, t) -> ValueError:
+  """The one-line error that stops a run whose loss or state became non-finite."""
+  last = mngr.latest_step()
+  if last is None:
+    kept = 'no checkpoint was written. Train again with a lower train.peak_lr'
+  else:
+    kept = (
+      f'the last good checkpoint, step {last}, is kept in {mngr.directory}. Train again with '
+      'a lower train.peak_lr in a new --workdir'
+    )
+  return ValueError(
+    f'training diverged: {what} at step {step} (train.peak_lr={t.peak_lr:g}); nothing '
+    f'non-finite was saved and {kept}.'
+  )
+
+
+def _check_loss(metrics: list[dict], first_step: int, mngr, t) -> None:
+  """Raises ``_diverged`` at the first non-finite loss of the train-step ``metrics`` of steps
+  ``first_step``, ``first_step + 1``, ... (reading them is a device->host sync)."""
+  for i, m in enumerate(metrics):
+    loss = float(m['loss'])
+    if not math.isfinite(loss):
+      raise _diverged(f'the train loss is {loss}', first_step + i, mngr, t)
+
+
+def _save(mngr, step: int, state, meta: dict, t, accuracy: float | None = None) -> None:
+  """``checkpointing.save``; a state with a non-finite value stops the run, unsaved."""
+  try:
+    checkpointing.save(mngr, step, state, meta, accuracy=accuracy)
+  except checkpointing.NonFiniteStateError as e:
+    raise _diverged(f'the state ({e.leaf}) is not finite', step, mngr, t) from None
+
+
 def _finish(workdir, done, total_steps, meta, last_eval, seconds, s: Setup, interrupted) -> dict:
   """The run's summary; written to ``summary.json`` unless a signal stopped the run early."""
   finished = done >= total_steps
@@ -195,6 +347,7 @@ def _finish(workdir, done, total_steps, meta, last_eval, seconds, s: Setup, inte
     'fingerprint': s.fingerprint,
   }
   if interrupted:
+    summary['stopped_by'] = interrupted  # the CLI's exit status (128 + the signal's number)
     monitoring.announce(
       f'pemn: stopped by {interrupted} at step {done}/{total_steps}; checkpoint written. '
       f'Resume with the same command (pemn train --config ... --workdir {workdir}).',
@@ -210,19 +363,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: a full config (see ``pemn_jax.configs.common``).
-    workdir: checkpoints, ``metrics.jsonl``, TensorBoard events, ``config.json`` and
-      ``summary.json`` are written here.
+    workdir: checkpoints, ``metrics.jsonl``, TensorBoard events, ``config.json`` (and, when
+      resumed, ``config_history.jsonl``; see ``restore_or_start``) and ``summary.json`` are
+      written here.
+
+  A non-finite train loss stops the run with a ValueError naming the step; the last good
+  checkpoint is kept. The loss is read on the host at the logging steps (every step since the
+  last log is checked) and before every evaluation and checkpoint, not at every step (each read
+  is a device->host sync); ``checkpointing.save`` refuses a non-finite state besides, so no
+  non-finite state is ever saved.
 
   Returns:
-    The summary: best and final test accuracy, steps, wall time, workdir paths.
+    The summary: best and final test accuracy, steps, wall time, workdir paths; when a signal
+    stopped the run, ``finished`` is False and ``stopped_by`` names the signal.
   """
-  # Checks, then the data's description (process 0 prepares the dataset if needed).
+  # Checks (every field, the workdir), then the data's description (process 0 prepares the
+  # dataset if needed) and the checks that need it; the model's size is checked before its
+  # variables are drawn (build.init_variables). Nothing is written to the workdir before.
   build.validate_config(config)
   validate_train_config(config)
+  sources.validate(config.data)
+  check_workdir(workdir)
   if jax.process_index() == 0:
     sources.prepare(config.data)
   info = sources.get_dataset_info(config.data)
   shape = build.check_data(config, info.image_shape, info.num_classes)
+  config = check_train_data(config, info)
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(info, t.batch_size)
   total_steps = total_train_steps(config, info)
@@ -260,6 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
         logged = None
         if is_time(done, t.log_every_steps, total_steps):
+          _check_loss(running, done - len(running) + 1, mngr, t)
           logged = _mean_metrics(running)
           logged['lr'] = float(steps.lr_schedule(t, total_steps)(step))
           logged['steps_per_s'] = (done - start) / max(time.time() - t0, 1e-9)
@@ -268,7 +435,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         progress.update(logged)
 
         end_of_epoch = pos + 1 == steps_per_epoch or done == total_steps
-        if end_of_epoch and is_time(epoch + 1, t.eval_every_epochs, num_epochs):
+        evaluating = end_of_epoch and is_time(epoch + 1, t.eval_every_epochs, num_epochs)
+        if evaluating or is_time(done, t.checkpoint_every_steps, total_steps):
+          _check_loss([metrics], done, mngr, t)  # before evaluating and saving this state
+        if evaluating:
           last_eval = {**evaluate(state), 'epoch': epoch + 1}
           # >=: on ties the later checkpoint is the best, as orbax's BestN keeps the later one
           # (with > the recorded best_step could name a checkpoint BestN has deleted).
@@ -280,14 +450,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f'{last_eval["accuracy"]:.4f} loss {last_eval["loss"]:.4f} '
             f'(best {meta["best_accuracy"]:.4f} at epoch {meta["best_epoch"]})'
           )
-          checkpointing.save(mngr, done, state, meta, accuracy=last_eval['accuracy'])
+          _save(mngr, done, state, meta, t, accuracy=last_eval['accuracy'])
         elif is_time(done, t.checkpoint_every_steps, total_steps):
-          checkpointing.save(mngr, done, state, meta)
+          _save(mngr, done, state, meta, t)
 
         if done < total_steps and stop.should_stop():  # at the last step: just finish
           interrupted = stop.reason
           if mngr.latest_step() != done:
-            checkpointing.save(mngr, done, state, meta)
+            _check_loss([metrics], done, mngr, t)
+            _save(mngr, done, state, meta, t)
           break
   finally:
     mngr.wait_until_finished()
@@ -305,15 +476,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (its ``config.json``)."""
+  """The config a workdir was last trained with: the last start's in ``config_history.jsonl``
+  if it was resumed, else ``config.json`` (they differ only in what a resume may change)."""
   path = os.path.join(workdir, 'config.json')
   if not os.path.exists(path):
     raise FileNotFoundError(
       f'--workdir {workdir} holds no config.json: not a pemn training '
       'directory (run pemn train there first)'
     )
-  with open(path) as f:
-    return common.complete(ml_collections.ConfigDict(json.load(f)))
+  history = os.path.join(workdir, HISTORY_FILE)
+  lines = []
+  if os.path.exists(history):
+    with open(history) as f:
+      lines = [ln for ln in f if ln.strip()]
+  source = history if lines else path
+  try:
+    if lines:
+      return common.complete(ml_collections.ConfigDict(json.loads(lines[-1])['config']))
+    with open(path) as f:
+      return common.complete(ml_collections.ConfigDict(json.load(f)))
+  except (json.JSONDecodeError, KeyError, TypeError) as e:
+    raise ValueError(f'{source} is not a readable pemn config record: {e}') from e
 
 
 def restore_workdir(workdir: str, best: bool = False):
