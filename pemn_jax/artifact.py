@@ -18,10 +18,48 @@ File layout (format version 1)::
     payload   the items, back to back
     32 bytes  sha256 of everything before it
 
-Reading checks the magic, the version, the lengths and the checksum before anything is
-decoded, so a truncated, corrupted or foreign file gives a clear ``ArtifactError`` (a
-``ValueError``), never a wrong model. Rebuilding regenerates the random weights from the key
-and checks them against the fingerprint recorded at export.
+Reading trusts nothing the file claims before checking it, never allocates more than the
+file's own size or the verified model justifies, and fails only with ``ArtifactError`` (a
+``ValueError``, one line). ``read`` (and ``inspect``, ``load``) check, in this order:
+
+1. the path: it exists and is a regular file (not a directory, device or pipe), whose size
+   (``os.stat``) is at most ``MAX_FILE_BYTES``;
+2. the magic in the first 8 bytes (read alone first: a foreign file "is not a pemn artifact"),
+   and a size of at least the prefix and the digest;
+3. the sha256 over everything before the last 32 bytes (the file's own size, read once), so a
+   damaged file, prefix included, says "corrupted", never "newer format" or "truncated";
+4. the format version, 1 to ``FORMAT_VERSION`` (newer: "upgrade pemn-jax");
+5. the header length against the file; the header inflated under ``MAX_HEADER_BYTES``; strict
+   UTF-8 JSON without duplicate keys;
+6. the header's schema: the type and range of every field, the config's model and strategy
+   fields (no unknown ones), the key and fingerprint, and the entries, which must tile the
+   payload exactly in order;
+7. the model: the config builds a model within the size limits below, traced abstractly
+   (``jax.eval_shape``, no arrays; the trace stops as soon as the model grows layers the
+   entries do not store); each of its variables has exactly one entry of the right kind,
+   shape, dtype and byte length; each mask's codec header gives its shape's entry count and
+   the kept count ``masking.num_kept(n, strategy.keep_fraction)`` (sparse kernels: at most
+   ``num_kept(n, 1 - model.sparsity)`` positions); a key exactly when the model has frozen
+   random weights, and then a fingerprint of them.
+
+``load`` then decodes every item (each mask's count of ones checked again), regenerates the
+frozen weights from the key and compares their fingerprint (for a random sparse baseline, its
+stored positions must lie in the regenerated mask). ``evaluate`` takes from the file the
+dataset's NAME only: where data is read and prepared comes from the caller's config or the
+defaults, never from a received file.
+
+Limits (module constants, far above the paper's largest models: ConvMixer-1536/20, ViT-512/8
+and ResNet-110 have under 60M parameters, under 1,000 stored items and 32x32x3 inputs):
+``MAX_PARAMETERS`` 2^30 values over all the model's variables, frozen ones included (the
+trainer's limit too); ``MAX_FILE_BYTES`` 4 GiB + 2 MiB (a dense float32 model at that limit);
+``MAX_HEADER_BYTES`` 4 MiB inflated; ``MAX_ENTRIES`` 8,192 stored items; ``MAX_DEPTH`` 4,096
+for ``model.depth`` and ``len(model.hidden_dims)``; ``MAX_WIDTH`` 131,072 for the other size
+fields (dim, width, hidden widths, classes, heads, kernel and patch sizes); an input of at most
+8,192 x 8,192 x 1,024 and ``MAX_INPUT_VALUES`` 2^24 values; ``MAX_ACTIVATION_VALUES`` 2^24 for
+one example's widest activation, (H/p)(W/p) times the width (p the patch size where the family
+has one); ``MAX_EVAL_BATCH`` 65,536 for the recorded ``train.eval_batch_size``. ``export``
+verifies the bytes it is about to write as a reader would, so it never writes a file that
+``load`` refuses.
 
 Masks become scores again on load: a score of 1 where the mask keeps and 0 elsewhere, so the
 model's own top-k selects exactly the stored mask and the rebuilt network computes the trained
@@ -30,32 +68,65 @@ network's logits bit for bit.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import datetime
+import functools
 import hashlib
 import json
+import math
+import numbers
 import os
+import re
+import stat
 import struct
 import zlib
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from pemn_jax import build, codec, layers, masking, storage, strategies
+from pemn_jax import build, codec, fileio, layers, masking, storage, strategies
 from pemn_jax.configs import common
+from pemn_jax.models import REGISTRY
 
 MAGIC = b'PEMNJAX\n'
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct('<8sIQ')
 _DIGEST = 32
 
+# What the reader accepts at most (see the module docstring): a file claiming more is refused
+# before anything of that size is made.
+MAX_PARAMETERS = 2**30  # the trainer's own limit, so every model pemn-jax trains can be read
+MAX_FILE_BYTES = 4 * MAX_PARAMETERS + 2 * 2**20  # a dense float32 model at that limit, a header
+MAX_HEADER_BYTES = 4 * 2**20
+MAX_ENTRIES = 8192
+MAX_DEPTH = 4096
+MAX_WIDTH = 2**17
+MAX_IMAGE_SIDE = 8192
+MAX_CHANNELS = 1024
+MAX_INPUT_VALUES = 2**24
+MAX_ACTIVATION_VALUES = 2**24
+MAX_EVAL_BATCH = 2**16
+
+
+_LINE_BREAKS = re.compile('[\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]')
+
 
 class ArtifactError(ValueError):
-  """The file is not a valid pemn artifact (foreign, truncated, corrupted or too new)."""
+  """A ``.pemn`` file that cannot be used: foreign, truncated, corrupted, too new, malformed,
+  inconsistent with the model it describes, or (on export) not writable.
+
+  The message is one line: line breaks a crafted file put into a name are escaped.
+  """
+
+  def __init__(self, message: str):
+    super().__init__(_LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], str(message)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,13 +167,28 @@ def export(
       the file rebuilds its model without asking the data what its images look like.
 
   Returns:
-    ``inspect``'s summary of the written file.
+    ``inspect``'s summary of the written file (its bytes verified as any reader would first).
+
+  Raises:
+    ArtifactError: ``out_path`` is a directory or cannot be written (nothing is left behind).
   """
+  out_path = os.fspath(out_path)
+  if os.path.isdir(out_path):
+    raise ArtifactError(
+      f'cannot write the artifact to {out_path}: it is a directory (give a file path, '
+      f'e.g. {os.path.join(out_path, "model.pemn")})'
+    )
   masked = config.model.get('masked', True)
   sparse_method = None if masked else config.model.get('sparsity_method')
   has_frozen = masked or sparse_method == 'random'  # random sparse masks are regenerated too
   if frozen_key is None:
     frozen_key = build.model_keys(config.seed)[1]
+  if has_frozen:
+    # Readers require the fingerprint of a file with a key: without it a changed key would
+    # evaluate other random weights silently.
+    fingerprint = _export_fingerprint(config, variables, frozen_key, fingerprint, input_shape)
+  elif fingerprint != 'dense':  # what train.export_workdir records for a model without any
+    fingerprint = None
   entries, chunks, offset = [], [], 0
 
   def add(kind, path, data: bytes, **meta):
@@ -174,17 +260,28 @@ def export(
   hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
   body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hdr)) + hdr + b''.join(chunks)
   blob = body + hashlib.sha256(body).digest()
-  tmp = f'{out_path}.tmp-{os.getpid()}'
+  verified = _verify_blob(out_path, blob)  # never write a file the reader would refuse
   try:
-    with open(tmp, 'wb') as f:
-      f.write(blob)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, out_path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return inspect(out_path)
+    fileio.atomic_write(out_path, blob)  # a failed write removes its temporary file
+  except OSError as e:
+    raise ArtifactError(f'cannot write the artifact {out_path}: {e.strerror or e}') from None
+  return _summary(verified, out_path)
+
+
+def _export_fingerprint(config, variables, frozen_key, fingerprint, input_shape) -> str:
+  """The fingerprint to record: the given one, else that of the frozen weights the variables
+  were trained with, else that of the weights the key regenerates."""
+  if fingerprint is not None:
+    if not isinstance(fingerprint, str) or not _HEX_DIGEST.fullmatch(fingerprint):
+      raise ValueError(
+        f'fingerprint must be build.frozen_fingerprint of the frozen weights, got {fingerprint!r}'
+      )
+    return fingerprint
+  frozen = variables.get(layers.FROZEN)
+  if frozen is None:
+    model = build.build_model(config)
+    frozen = build.init_variables(model, config, input_shape, frozen_key=frozen_key)[layers.FROZEN]
+  return build.frozen_fingerprint(frozen)
 
 
 def _sparse_effective(config, variables, path, kernel):
@@ -201,44 +298,589 @@ def _sparse_effective(config, variables, path, kernel):
 # Reading.
 
 
-def read(path: str) -> tuple[dict, bytes]:
-  """(header, payload) of a verified artifact.
+_HEX_DIGEST = re.compile('[0-9a-f]{64}')
+# A dataset name (ours or a TFDS catalogue name, version and config): a name, never a path.
+_DATASET_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}')
+_KEY_IMPLS = ('threefry2x32', 'rbg', 'unsafe_rbg')
+_HEADER_FIELDS = {
+  'format_version',
+  'created',
+  'versions',
+  'config',
+  'step',
+  'key',
+  'frozen_fingerprint',
+  'input_shape',
+  'entries',
+}
+_REQUIRED_FIELDS = _HEADER_FIELDS - {'frozen_fingerprint', 'input_shape'}
+_ENTRY_FIELDS = {
+  'mask': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'codec'},
+  'sparse': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'positions_length', 'dtype'},
+  'array': {'kind', 'path', 'offset', 'length', 'shape', 'dtype'},
+}
+_CODECS = {'packbits': codec.METHOD_PACKBITS, 'rans': codec.METHOD_RANS}
+_MAX_NESTING = 8  # of the config's sections (the defaults nest 3 deep)
+_INT64 = 2**63
 
-  Raises:
-    ArtifactError: not an artifact, truncated, corrupted, or a newer format.
-  """
+
+class _Invalid(Exception):
+  """A header field that fails its check; ``read`` reports it as an ArtifactError."""
+
+
+def _short(value: Any) -> str:
+  """A value for an error message: scalars as repr (cut short), containers by their size."""
+  if isinstance(value, dict):
+    return f'an object with {len(value)} fields'
+  if isinstance(value, list):
+    return f'a list of {len(value)} items'
+  text = repr(value)
+  return text if len(text) <= 60 else text[:57] + '...'
+
+
+def _int(value: Any, field: str, lo: int, hi: int) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+    raise _Invalid(f'{field} must be an integer in [{lo}, {hi}], got {_short(value)}')
+  return value
+
+
+def _real(value: Any, field: str) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    raise _Invalid(f'{field} must be a finite number, got {_short(value)}')
+  return float(value)
+
+
+def _str(value: Any, field: str, max_len: int = 256) -> str:
+  if not isinstance(value, str) or len(value) > max_len:
+    raise _Invalid(f'{field} must be a string of at most {max_len} characters, got {_short(value)}')
+  return value
+
+
+def _obj(value: Any, field: str) -> dict:
+  if not isinstance(value, dict):
+    raise _Invalid(f'{field} must be an object, got {_short(value)}')
+  return value
+
+
+def _list(value: Any, field: str, max_len: int) -> list:
+  if not isinstance(value, list) or len(value) > max_len:
+    raise _Invalid(f'{field} must be a list of at most {max_len} items, got {_short(value)}')
+  return value
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+  out = dict(pairs)
+  if len(out) != len(pairs):
+    seen = set()
+    dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+    raise ValueError(f'duplicate key {dup!r} in an object')
+  return out
+
+
+def _read_file(path: str) -> bytes:
+  """The whole file, after the checks on the path, its size and its magic (steps 1-2)."""
   try:
-    with open(path, 'rb') as f:
-      blob = f.read()
+    st = os.stat(path)
   except FileNotFoundError:
     raise ArtifactError(f'artifact {path} does not exist') from None
-  except IsADirectoryError:
-    raise ArtifactError(f'artifact {path} is a directory, not a .pemn file') from None
-  if len(blob) < _PREFIX.size or blob[:8] != MAGIC:
+  except OSError as e:
+    raise ArtifactError(f'cannot read artifact {path}: {e.strerror or e}') from None
+  if stat.S_ISDIR(st.st_mode):
+    raise ArtifactError(f'artifact {path} is a directory, not a .pemn file')
+  if not stat.S_ISREG(st.st_mode):
+    # A device or pipe has no size to check before reading (/dev/zero never ends).
+    raise ArtifactError(f'artifact {path} is not a regular file (a device, pipe or socket)')
+  try:
+    with open(path, 'rb') as f:
+      size = os.fstat(f.fileno()).st_size  # of the file opened, should the path have changed
+      _check_start(path, f.read(_PREFIX.size), size)  # a bounded prefix before the rest
+      f.seek(0)
+      blob = f.read(size + 1)  # one byte more: a file that grew since the stat is noticed
+  except OSError as e:
+    raise ArtifactError(f'cannot read artifact {path}: {e.strerror or e}') from None
+  if len(blob) != size:
+    raise ArtifactError(f'{path} changed while it was read ({size:,} bytes, then {len(blob):,})')
+  return blob
+
+
+def _check_start(path: str, prefix: bytes, size: int) -> None:
+  """The magic and the size, from the first bytes and the file's length alone."""
+  if not prefix:
+    raise ArtifactError(f'{path} is empty, not a pemn artifact')
+  if prefix[: len(MAGIC)] != MAGIC[: len(prefix)]:
     raise ArtifactError(f'{path} is not a pemn artifact (no PEMNJAX magic at the start)')
-  _, version, hlen = _PREFIX.unpack_from(blob)
+  if size < _PREFIX.size + _DIGEST:
+    raise ArtifactError(
+      f'{path} is truncated ({size} bytes; an artifact has at least {_PREFIX.size + _DIGEST})'
+    )
+  if size > MAX_FILE_BYTES:
+    raise ArtifactError(
+      f'{path} is {size:,} bytes, more than the {MAX_FILE_BYTES:,} bytes this reader accepts'
+    )
+
+
+def _check_digest(path: str, blob: bytes) -> int:
+  """The format version, once the checksum over everything before it holds (steps 3-4)."""
+  _check_start(path, blob[: _PREFIX.size], len(blob))
+  _, version, _ = _PREFIX.unpack_from(blob)
+  # The checksum comes before the version and lengths it covers: a damaged prefix is a
+  # damaged file, not a newer format or a truncation.
+  if hashlib.sha256(memoryview(blob)[:-_DIGEST]).digest() != blob[-_DIGEST:]:
+    hint = ''
+    if not 1 <= version <= FORMAT_VERSION:
+      hint = (
+        f'; its prefix names format version {version}, which this pemn-jax does not read '
+        f'(it reads 1 to {FORMAT_VERSION}): a damaged file, or one from a newer pemn-jax'
+      )
+    raise ArtifactError(f'{path} is corrupted or truncated (sha256 checksum mismatch){hint}')
   if version > FORMAT_VERSION:
     raise ArtifactError(
-      f'{path} has artifact format version {version}; this pemn-jax reads '
-      f'up to {FORMAT_VERSION}: upgrade pemn-jax'
+      f'{path} has artifact format version {version}; this pemn-jax reads versions 1 to '
+      f'{FORMAT_VERSION}: upgrade pemn-jax'
     )
-  if len(blob) < _PREFIX.size + hlen + _DIGEST:
+  if version < 1:
     raise ArtifactError(
-      f'{path} is truncated ({len(blob)} bytes; the header alone needs '
-      f'{_PREFIX.size + hlen + _DIGEST})'
+      f'{path} has artifact format version {version}, which no pemn-jax writes (versions '
+      'start at 1)'
     )
-  body, digest = blob[:-_DIGEST], blob[-_DIGEST:]
-  if hashlib.sha256(body).digest() != digest:
-    raise ArtifactError(f'{path} is corrupted or truncated (sha256 checksum mismatch)')
+  return version
+
+
+def _parse_header(path: str, blob: bytes) -> tuple[Any, bytes]:
+  """(the header's JSON value, the payload) of a verified file (step 5)."""
+  _, _, hlen = _PREFIX.unpack_from(blob)
+  room = len(blob) - _PREFIX.size - _DIGEST
+  if hlen > room:
+    raise ArtifactError(
+      f'{path}: its prefix gives a {hlen:,}-byte header but only {room:,} bytes follow (the '
+      'checksum is valid, so the file was written wrongly)'
+    )
+  d = zlib.decompressobj()
   try:
-    header = json.loads(zlib.decompress(body[_PREFIX.size : _PREFIX.size + hlen]))
-  except (ValueError, zlib.error) as e:
-    raise ArtifactError(f'{path} has an unreadable header: {e}') from None
-  payload = body[_PREFIX.size + hlen :]
-  end = max((e['offset'] + e['length'] for e in header['entries']), default=0)
-  if end != len(payload):
-    raise ArtifactError(f'{path}: payload is {len(payload)} bytes, entries need {end}')
-  return header, payload
+    # Inflated under a cap: a few MB of header could otherwise inflate to GBs.
+    raw = d.decompress(memoryview(blob)[_PREFIX.size : _PREFIX.size + hlen], MAX_HEADER_BYTES + 1)
+  except zlib.error as e:
+    raise ArtifactError(f'{path} has an unreadable header (zlib: {e})') from None
+  if len(raw) > MAX_HEADER_BYTES:
+    raise ArtifactError(
+      f'{path}: the header inflates to more than {MAX_HEADER_BYTES:,} bytes, the limit of '
+      'this reader'
+    )
+  if not d.eof or d.unused_data:
+    raise ArtifactError(
+      f'{path} has an unreadable header (incomplete zlib stream or bytes after it)'
+    )
+  try:
+    header = json.loads(raw.decode('utf-8'), object_pairs_hook=_no_duplicate_keys)
+  except RecursionError:
+    raise ArtifactError(f'{path} has an unreadable header (JSON nested too deeply)') from None
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, too many digits
+    raise ArtifactError(f'{path} has an unreadable header (not UTF-8 JSON: {e})') from None
+  return header, blob[_PREFIX.size + hlen : -_DIGEST]
+
+
+def _check_tree(value: Any, field: str, depth: int) -> None:
+  """The config's JSON: identifier keys, scalars, short lists, bounded nesting."""
+  if isinstance(value, dict):
+    if depth > _MAX_NESTING:
+      raise _Invalid(f'{field} nests more than {_MAX_NESTING} levels deep')
+    for k, v in value.items():
+      if not k.isidentifier() or k.startswith('_'):
+        raise _Invalid(f'{field} has a field named {_short(k)}, which is not a config field name')
+      _check_tree(v, f'{field}.{k}', depth + 1)
+  elif isinstance(value, list):
+    _list(value, field, MAX_DEPTH)
+    for i, v in enumerate(value):
+      if isinstance(v, (dict, list)):
+        raise _Invalid(f'{field}[{i}] must be a number, string, boolean or null')
+  elif isinstance(value, str):
+    _str(value, field, 4096)
+
+
+def _check_schema(header: Any, version: int, payload_len: int) -> None:
+  """Step 6: the type and range of every header field (``_Invalid`` names the first bad one)."""
+  _obj(header, 'the header')
+  unknown = sorted(set(header) - _HEADER_FIELDS)
+  if unknown:
+    raise _Invalid(f'unknown field {_short(unknown[0])} (a newer format would have a new version)')
+  missing = sorted(_REQUIRED_FIELDS - set(header))
+  if missing:
+    raise _Invalid(f'the field {missing[0]!r} is missing')
+  if _int(header['format_version'], 'format_version', 1, FORMAT_VERSION) != version:
+    raise _Invalid(f'format_version is {header["format_version"]} but the prefix says {version}')
+  _str(header['created'], 'created', 64)
+  versions = _obj(header['versions'], 'versions')
+  if len(versions) > 16 or 'jax' not in versions:
+    raise _Invalid('versions must name at most 16 packages, jax among them')
+  for name, v in versions.items():
+    _str(v, f'versions.{name}', 64)
+  _int(header['step'], 'step', 0, _INT64 - 1)
+  key = header['key']
+  if key is not None:
+    _obj(key, 'key')
+    if set(key) != {'impl', 'data'}:
+      raise _Invalid(f'key must have exactly the fields impl and data, got {sorted(key)}')
+    if key['impl'] not in _KEY_IMPLS:
+      raise _Invalid(f'key.impl must be one of {_KEY_IMPLS}, got {_short(key["impl"])}')
+    words = _key_words(key['impl'])
+    data = key['data']
+    if not isinstance(data, list) or len(data) != words:
+      raise _Invalid(
+        f'key.data must be a list of {words} words for {key["impl"]}, got {_short(data)}'
+      )
+    for i, w in enumerate(data):
+      _int(w, f'key.data[{i}]', 0, 2**32 - 1)
+  fp = header.get('frozen_fingerprint')
+  if fp is not None and fp != 'dense' and not (isinstance(fp, str) and _HEX_DIGEST.fullmatch(fp)):
+    raise _Invalid(f'frozen_fingerprint must be a sha256 hex digest, got {_short(fp)}')
+  if header.get('input_shape') is not None:
+    _check_input_shape(header['input_shape'], 'input_shape')
+  _check_config(header['config'])
+  _check_entries(header['entries'], payload_len)
+
+
+@functools.cache
+def _key_words(impl: str) -> int:
+  """How many uint32 words a key of ``impl`` holds (2 for threefry2x32, 4 for rbg)."""
+  return int(jax.random.key_data(jax.random.key(0, impl=impl)).shape[0])
+
+
+def _check_input_shape(value: Any, field: str) -> tuple[int, int, int]:
+  if not isinstance(value, list) or len(value) != 3:
+    raise _Invalid(f'{field} must be [height, width, channels], got {_short(value)}')
+  h = _int(value[0], f'{field}[0]', 1, MAX_IMAGE_SIDE)
+  w = _int(value[1], f'{field}[1]', 1, MAX_IMAGE_SIDE)
+  c = _int(value[2], f'{field}[2]', 1, MAX_CHANNELS)
+  if h * w * c > MAX_INPUT_VALUES:
+    raise _Invalid(f'{field} {value} has more than {MAX_INPUT_VALUES:,} values')
+  return h, w, c
+
+
+def _check_config(config: Any) -> None:
+  _obj(config, 'config')
+  _check_tree(config, 'config', 1)
+  defaults = common.base_config()
+  for section in ('model', 'strategy', 'data', 'train'):
+    if section in config:
+      _obj(config[section], f'config.{section}')
+  for section in ('model', 'strategy'):  # they define the network: no field this code ignores
+    unknown = sorted(set(config.get(section, {})) - set(defaults[section]))
+    if unknown:
+      raise _Invalid(f'config.{section}.{unknown[0]} is not a field this pemn-jax knows')
+  if 'seed' in config:
+    _int(config['seed'], 'config.seed', -_INT64, _INT64 - 1)
+  name = config.get('data', {}).get('name', defaults.data.name)
+  if not isinstance(name, str) or not _DATASET_NAME.fullmatch(name) or '..' in name:
+    raise _Invalid(f'config.data.name must be a dataset name, got {_short(name)}')
+  bs = config.get('train', {}).get('eval_batch_size', defaults.train.eval_batch_size)
+  _int(bs, 'config.train.eval_batch_size', 1, MAX_EVAL_BATCH)
+
+
+def _check_entries(entries: Any, payload_len: int) -> None:
+  _list(entries, 'entries', MAX_ENTRIES)
+  offset, seen = 0, set()
+  for i, e in enumerate(entries):
+    where = f'entries[{i}]'
+    _obj(e, where)
+    kind = e.get('kind')
+    if not isinstance(kind, str) or kind not in _ENTRY_FIELDS:
+      raise _Invalid(f'{where}.kind must be one of {tuple(_ENTRY_FIELDS)}, got {_short(kind)}')
+    if set(e) != _ENTRY_FIELDS[kind]:
+      raise _Invalid(f'{where} ({kind}) must have the fields {sorted(_ENTRY_FIELDS[kind])}')
+    path = _list(e['path'], f'{where}.path', 16)
+    if not path or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in path):
+      raise _Invalid(f'{where}.path must be 1 to 16 non-empty names, got {_short(path)}')
+    full = ('params', *path) if kind == 'mask' else tuple(path)
+    if full in seen:
+      raise _Invalid(f'{where}.path {"/".join(path)} is stored twice')
+    seen.add(full)
+    shape = _list(e['shape'], f'{where}.shape', 8)
+    for j, d in enumerate(shape):
+      _int(d, f'{where}.shape[{j}]', 0, MAX_PARAMETERS)
+    n = math.prod(shape)
+    if n > MAX_PARAMETERS:
+      raise _Invalid(f'{where}.shape {shape} has more than {MAX_PARAMETERS:,} entries')
+    if _int(e['offset'], f'{where}.offset', 0, payload_len) != offset:
+      raise _Invalid(f'{where}.offset is {e["offset"]}, but the items before it end at {offset}')
+    length = _int(e['length'], f'{where}.length', 0, payload_len - offset)
+    offset += length
+    if kind in ('mask', 'sparse'):
+      _int(e['ones'], f'{where}.ones', 0, n)
+    if kind == 'mask' and (not isinstance(e['codec'], str) or e['codec'] not in _CODECS):
+      raise _Invalid(f'{where}.codec must be one of {tuple(_CODECS)}, got {_short(e["codec"])}')
+    if kind == 'sparse':
+      _int(e['positions_length'], f'{where}.positions_length', 0, length)
+    if kind in ('sparse', 'array'):
+      _str(e['dtype'], f'{where}.dtype', 32)
+  if offset != payload_len:
+    raise _Invalid(f'the entries end at byte {offset} of a {payload_len}-byte payload')
+
+
+@dataclasses.dataclass(frozen=True)
+class _Verified:
+  """A file that passed every check short of decoding: what ``load`` builds from."""
+
+  header: dict
+  payload: bytes
+  file_bytes: int
+  config: ml_collections.ConfigDict
+  model: nn.Module
+  input_shape: tuple[int, int, int]
+  has_frozen: bool
+  # (entry, the model variable it is: its abstract value, and for masks the kept count, for
+  # sparse kernels the most positions it may keep)
+  plan: tuple[tuple[dict, jax.ShapeDtypeStruct, int | None], ...]
+
+
+def _verify(path: str) -> _Verified:
+  """Every check of the module docstring's steps 1-7; nothing is decoded."""
+  path = os.fspath(path)
+  return _verify_blob(path, _read_file(path))
+
+
+def _verify_blob(path: str, blob: bytes) -> _Verified:
+  """Steps 2-7 on a file's bytes (``path`` names it in messages)."""
+  version = _check_digest(path, blob)
+  header, payload = _parse_header(path, blob)
+  file_bytes = len(blob)
+  del blob
+  try:
+    _check_schema(header, version, len(payload))
+  except _Invalid as e:
+    raise ArtifactError(f'{path}: invalid header: {e}') from None
+  try:
+    config, model, shape = _build(header)
+    abstract = _abstract_variables(model, shape, header['entries'])
+    has_frozen, plan = _plan(header, config, abstract, payload)
+  except _Invalid as e:
+    raise ArtifactError(f'{path}: {e}') from None
+  return _Verified(header, payload, file_bytes, config, model, shape, has_frozen, plan)
+
+
+def _build(header: dict) -> tuple[ml_collections.ConfigDict, nn.Module, tuple[int, int, int]]:
+  """The config and model the header describes, within the reader's limits (no arrays)."""
+  config = common.complete(ml_collections.ConfigDict(copy.deepcopy(header['config'])))
+  m, s = config.model, config.strategy
+  # Types first, so that build.validate_config compares only what it expects.
+  for field in ('name', 'dtype', 'conv_impl', 'native_kernels', 'remat_blocks'):
+    _str(m[field], f'config.model.{field}')
+  if m.sparsity_method is not None:
+    _str(m.sparsity_method, 'config.model.sparsity_method')
+  _str(s.name, 'config.strategy.name')
+  for section, field in (('model', 'masked'), ('strategy', 'score_abs')):
+    if not isinstance(config[section][field], bool):
+      raise _Invalid(
+        f'config.{section}.{field} must be true or false, got {_short(config[section][field])}'
+      )
+  for field in ('dim', 'depth', 'kernel_size', 'patch_size', 'num_classes', 'num_heads', 'width'):
+    if m[field] is not None:
+      _int(m[field], f'config.model.{field}', 1, MAX_DEPTH if field == 'depth' else MAX_WIDTH)
+  hidden = list(m.hidden_dims) if isinstance(m.hidden_dims, tuple) else m.hidden_dims
+  for i, d in enumerate(_list(hidden, 'config.model.hidden_dims', MAX_DEPTH)):
+    _int(d, f'config.model.hidden_dims[{i}]', 1, MAX_WIDTH)
+  if not 0 < _real(m.mlp_ratio, 'config.model.mlp_ratio') <= 64:
+    raise _Invalid(f'config.model.mlp_ratio must be in (0, 64], got {m.mlp_ratio!r}')
+  if m.sparsity is not None:
+    _real(m.sparsity, 'config.model.sparsity')
+  if s.rp_ratio is not None:
+    _real(s.rp_ratio, 'config.strategy.rp_ratio')
+  _real(s.keep_fraction, 'config.strategy.keep_fraction')
+  if m.name not in REGISTRY:
+    raise _Invalid(f'config.model.name must be one of {tuple(REGISTRY)}, got {_short(m.name)}')
+  fields = REGISTRY[m.name].fields
+  recorded = header.get('input_shape')
+  if m.input_shape is not None:
+    given = list(m.input_shape) if isinstance(m.input_shape, tuple) else m.input_shape
+    configured = _check_input_shape(given, 'config.model.input_shape')
+    if recorded is not None and tuple(recorded) != configured:
+      raise _Invalid(
+        f'input_shape {recorded} differs from config.model.input_shape {list(configured)}'
+      )
+    recorded = recorded or list(configured)
+  if recorded is None:
+    from pemn_jax.data import sources  # the table of known shapes only; opens nothing
+
+    known = sources.IMAGE_SHAPES.get(config.data.name)
+    if known is None:
+      raise _Invalid(
+        'the header records no input_shape and config.data.name '
+        f'{config.data.name!r} is not a dataset whose image shape this pemn-jax knows'
+      )
+    recorded = list(known)
+  shape = tuple(recorded)
+  p = (m.patch_size if 'patch_size' in fields else None) or 1
+  widths = [m[f] for f in ('dim', 'width') if f in fields and m[f]]
+  widest = max(1, shape[0] // p) * max(1, shape[1] // p) * max(widths, default=shape[2])
+  if widest > MAX_ACTIVATION_VALUES:
+    raise _Invalid(
+      f'the model has an activation of {widest:,} values per example (input {list(shape)}), '
+      f'more than the limit of {MAX_ACTIVATION_VALUES:,}'
+    )
+  try:
+    model = build.build_model(config)
+  except (ValueError, TypeError) as e:  # validate_config names the field
+    raise _Invalid(f'the header config describes no model pemn-jax can build: {e}') from None
+  return config, model, shape
+
+
+class _Unstored(Exception):
+  """The traced model grew a layer the header's entries do not store."""
+
+
+def _abstract_variables(model: nn.Module, shape: tuple[int, ...], entries: list) -> dict:
+  """``model.init``'s variables as shapes (``jax.eval_shape``: no arrays are made).
+
+  Every stored item names the module that owns it, so the trace calls nothing but those
+  modules and their parents (and few parameterless ones); a header whose config claims a far
+  bigger model than its entries (``model.depth=1000000``) is stopped after a few calls instead
+  of being traced for minutes.
+  """
+  owners = set()
+  for e in entries:
+    module = tuple(e['path'][:-1] if e['kind'] == 'mask' else e['path'][1:-1])
+    owners.update(module[:i] for i in range(len(module) + 1))
+  budget = len(entries) + 64  # no model here calls any module it stores nothing of
+  calls = {'all': 0, 'unstored': 0, 'first': None}
+
+  def guard(next_fun, args, kwargs, context):
+    path = tuple(context.module.path)
+    calls['all'] += 1
+    if path not in owners:
+      calls['unstored'] += 1
+      calls['first'] = calls['first'] or '/'.join(path)
+    if calls['unstored'] > budget or calls['all'] > 16 * budget:
+      raise _Unstored(calls['first'] or 'the model')
+    return next_fun(*args, **kwargs)
+
+  def init(x):
+    with nn.intercept_methods(guard):
+      return model.init({'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)}, x)
+
+  try:
+    return jax.eval_shape(init, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  except _Unstored as e:
+    raise _Invalid(
+      f'the header config describes a model with layers its {len(entries)} entries do not '
+      f'store (the first: {e}): the config and the entries disagree'
+    ) from None
+  except (ValueError, TypeError) as e:
+    raise _Invalid(f'the header config describes no model pemn-jax can build: {e}') from None
+
+
+def _plan(header: dict, config, abstract: dict, payload: bytes):
+  """Step 7: pairs each entry with the model variable it must be; checks they agree."""
+  m, s = config.model, config.strategy
+  total = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract))
+  if total > MAX_PARAMETERS:
+    raise _Invalid(
+      f'the header config describes a model of {total:,} values, more than the '
+      f'{MAX_PARAMETERS:,} this reader accepts'
+    )
+  expected = {}  # (collection, *path) -> (kind, abstract leaf, kept count or bound)
+  for collection in ('params', 'batch_stats'):
+    for p, leaf in strategies.tree_items(abstract.get(collection, {})):
+      n = math.prod(leaf.shape)
+      if collection == 'params' and m.masked and p[-1] == 'scores':
+        expected[(collection, *p)] = ('mask', leaf, masking.num_kept(n, s.keep_fraction))
+      elif collection == 'params' and m.sparsity_method and p[-1] == 'kernel':
+        expected[(collection, *p)] = ('sparse', leaf, masking.num_kept(n, 1.0 - m.sparsity))
+      else:
+        expected[(collection, *p)] = ('array', leaf, None)
+  plan = []
+  for e in header['entries']:
+    full = ('params', *e['path']) if e['kind'] == 'mask' else tuple(e['path'])
+    name = '/'.join(e['path'])
+    if full not in expected:
+      raise _Invalid(
+        f'the file stores {e["kind"]} {name}, which is no variable of the model its config '
+        'describes'
+      )
+    kind, leaf, count = expected.pop(full)
+    if e['kind'] != kind:
+      raise _Invalid(f'{name} is stored as a {e["kind"]} but the model needs a {kind}')
+    shape = tuple(leaf.shape)
+    if tuple(e['shape']) != shape:
+      raise _Invalid(f"{kind} {name} has shape {tuple(e['shape'])}, the model's is {shape}")
+    data = payload[e['offset'] : e['offset'] + e['length']]
+    n = math.prod(shape)
+    if kind == 'mask':
+      _check_mask_data(name, e, data, n, count, s.keep_fraction)
+    elif kind == 'sparse':
+      if e['ones'] > count:
+        raise _Invalid(
+          f'sparse kernel {name} keeps {e["ones"]} of {n} weights, more than the {count} '
+          f'that model.sparsity={m.sparsity} allows'
+        )
+      if e['dtype'] != 'float32' or leaf.dtype != jnp.float32:
+        raise _Invalid(f'sparse kernel {name} has dtype {e["dtype"]}, not float32')
+      if e['length'] != e['positions_length'] + 4 * e['ones']:
+        raise _Invalid(
+          f'sparse kernel {name} is {e["length"]} bytes; {e["ones"]} float32 values after '
+          f'{e["positions_length"]} bytes of positions need {e["positions_length"] + 4 * e["ones"]}'
+        )
+      _check_mask_data(name, e, data[: e['positions_length']], n, None, None)
+    else:
+      dtype = np.dtype(leaf.dtype)
+      if e['dtype'] != dtype.name:
+        raise _Invalid(f"array {name} has dtype {e['dtype']}, the model's is {dtype.name}")
+      if e['length'] != n * dtype.itemsize:
+        raise _Invalid(
+          f'array {name} is {e["length"]} bytes; shape {shape} of {dtype.name} needs '
+          f'{n * dtype.itemsize}'
+        )
+    plan.append((e, leaf, count))
+  if expected:
+    missing = '/'.join(next(iter(expected)))
+    raise _Invalid(f"the model's variable {missing} is not stored in the file")
+  has_frozen = bool(jax.tree.leaves(abstract.get(layers.FROZEN, {})))
+  key, fp = header['key'], header.get('frozen_fingerprint')
+  if has_frozen and key is None:
+    raise _Invalid(
+      'key is null, but the model has frozen random weights (masked or random sparse) that '
+      'are regenerated from it'
+    )
+  if not has_frozen and key is not None:
+    raise _Invalid('the file records a key, but its model has no frozen random weights')
+  if has_frozen and not (isinstance(fp, str) and _HEX_DIGEST.fullmatch(fp)):
+    raise _Invalid(
+      'frozen_fingerprint is missing: a file with a key must record the fingerprint of its '
+      'frozen weights (else a changed key would give other weights silently)'
+    )
+  return has_frozen, tuple(plan)
+
+
+def _check_mask_data(name, e, data, n, kept, keep_fraction) -> None:
+  """A mask's codec header against its entry and the model (nothing decoded)."""
+  try:
+    head = codec.peek(data)
+  except ValueError as err:
+    raise _Invalid(f'{name}: {err}') from None
+  if head.n != n:
+    raise _Invalid(f'{name}: the coded mask holds {head.n} entries, the layer has {n}')
+  if e['kind'] == 'mask' and head.method != _CODECS[e['codec']]:
+    raise _Invalid(f'{name}: the entry says codec {e["codec"]}, the data is coded otherwise')
+  if head.method == codec.METHOD_PACKBITS and head.payload_length != (n + 7) // 8:
+    raise _Invalid(
+      f'{name}: {head.payload_length} bytes of packed bits for {n} entries, not {(n + 7) // 8}'
+    )
+  if head.ones is not None and head.ones != e['ones']:
+    raise _Invalid(f'{name}: the coded mask keeps {head.ones}, the entry says {e["ones"]}')
+  if kept is not None and e['ones'] != kept:
+    raise _Invalid(
+      f'mask {name} keeps {e["ones"]} of {n} entries, but strategy.keep_fraction='
+      f'{keep_fraction} keeps {kept}: the header and its masks disagree'
+    )
+
+
+def read(path: str) -> tuple[dict, bytes]:
+  """(header, payload) of a verified artifact: every check but decoding (module docstring).
+
+  Raises:
+    ArtifactError: not an artifact, truncated, corrupted, a newer format, a malformed header,
+      or a header whose entries are not the model its config describes.
+  """
+  v = _verify(path)
+  return v.header, v.payload
 
 
 def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
@@ -249,49 +891,75 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
     network's logits.
 
   Raises:
-    ArtifactError: invalid file, or regenerated weights that do not match the recorded
-      fingerprint (a different JAX random stream).
+    ArtifactError: invalid file (see ``read``), an item that does not decode to what its entry
+      says, or regenerated weights that do not match the recorded fingerprint.
   """
-  header, payload = read(path)
-  config = ml_collections.ConfigDict(header['config'])
-  config = common.complete(config)
-  model = build.build_model(config)
-  shape = header.get('input_shape')  # files written before it was recorded: from the config
+  path = os.fspath(path)
+  v = _verify(path)
   flat: dict[tuple[str, ...], Any] = {}  # (collection, *path) -> array
-  for e in header['entries']:
-    data = payload[e['offset'] : e['offset'] + e['length']]
+  sparse_positions = {}
+  for e, leaf, _ in v.plan:
+    data = v.payload[e['offset'] : e['offset'] + e['length']]
+    name = '/'.join(e['path'])
+    shape = tuple(leaf.shape)
     if e['kind'] == 'mask':
-      mask = codec.decode_mask(data, tuple(e['shape']))
+      mask = _decode(path, name, data, shape, e['ones'])
       flat[('params', *e['path'])] = jnp.asarray(mask, jnp.float32)
     elif e['kind'] == 'sparse':
-      nz = codec.decode_mask(data[: e['positions_length']], tuple(e['shape']))
-      vals = np.frombuffer(data[e['positions_length'] :], dtype='<f4')
-      if vals.size != int(nz.sum()):
-        raise ArtifactError(
-          f'{path}: sparse entry {"/".join(e["path"])} has {vals.size} '
-          f'values for {int(nz.sum())} positions'
-        )
-      w = np.zeros(e['shape'], np.float32)
-      w[nz] = vals
+      nz = _decode(path, name, data[: e['positions_length']], shape, e['ones'])
+      w = np.zeros(shape, np.float32)
+      w[nz] = np.frombuffer(data[e['positions_length'] :], dtype='<f4')
       flat[tuple(e['path'])] = jnp.asarray(w)
+      sparse_positions[tuple(e['path'][1:])] = nz
     else:
-      a = np.frombuffer(data, dtype=np.dtype(e['dtype']).newbyteorder('<')).reshape(e['shape'])
-      flat[tuple(e['path'])] = jnp.asarray(a.astype(e['dtype']))
+      dtype = np.dtype(leaf.dtype)
+      a = np.frombuffer(data, dtype=dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
+      flat[tuple(e['path'])] = jnp.asarray(a.reshape(shape).astype(dtype))
   variables = {'params': {}, **traverse_util.unflatten_dict(flat)}
-  if header['key'] is not None:
+  header = v.header
+  if v.has_frozen:
     key = jax.random.wrap_key_data(
       np.asarray(header['key']['data'], np.uint32), impl=header['key']['impl']
     )
-    fresh = build.init_variables(model, config, shape, frozen_key=key)
+    try:
+      fresh = build.init_variables(v.model, v.config, v.input_shape, frozen_key=key)
+    except ValueError as e:  # the model's own checks of its input and size, naming the field
+      raise ArtifactError(f'{path}: the header config describes no usable model: {e}') from None
     frozen = fresh[layers.FROZEN]
-    fingerprint = header.get('frozen_fingerprint')
-    if fingerprint:
-      try:
-        build.check_fingerprint(fingerprint, build.frozen_fingerprint(frozen), path)
-      except ValueError as e:
-        raise ArtifactError(str(e)) from None
+    got, recorded = build.frozen_fingerprint(frozen), header['frozen_fingerprint']
+    if got != recorded:
+      s = v.config.strategy
+      raise ArtifactError(
+        f'{path}: the frozen random weights regenerated from the recorded key '
+        f'({header["key"]["impl"]} {header["key"]["data"]}, strategy {s.name}) do not match the '
+        f'fingerprint recorded at export ({recorded[:12]}... vs {got[:12]}...). The model, its '
+        'masks and arrays were checked against the header and agree, so the weights differ: '
+        'the key, seed or strategy were changed after export, or this JAX '
+        f'({jax.__version__}) draws other random values than the one that wrote the file '
+        f'({header["versions"]["jax"]}); refusing to use it'
+      )
+    for p, nz in sparse_positions.items():  # random sparse baselines: kept within the mask
+      mask = np.asarray(strategies.get_path(frozen, p[:-1] + ('mask',))).astype(bool)
+      if (nz & ~mask).any():
+        raise ArtifactError(
+          f'{path}: sparse kernel {"/".join(p)} stores weights outside the random mask its key '
+          'regenerates, which the layer would drop'
+        )
     variables[layers.FROZEN] = frozen
-  return config, model, variables, header
+  return v.config, v.model, variables, header
+
+
+def _decode(path: str, name: str, data: bytes, shape: tuple[int, ...], ones: int) -> np.ndarray:
+  try:
+    mask = codec.decode_mask(data, shape)
+  except ValueError as e:
+    raise ArtifactError(f'{path}: {name}: {e}') from None
+  if int(np.count_nonzero(mask)) != ones:
+    raise ArtifactError(
+      f'{path}: {name} decodes to {int(np.count_nonzero(mask))} kept entries, the header says '
+      f'{ones}'
+    )
+  return mask
 
 
 def evaluate(
@@ -301,16 +969,29 @@ def evaluate(
 
   Args:
     path: the ``.pemn`` file.
-    config_override: if given, its ``data`` section replaces the recorded one (e.g. another
-      ``data_dir``).
+    config_override: the caller's config (``pemn evaluate --config``); its ``data`` section
+      says where the data is read and prepared (``data_dir``, ``source_dir``, ``source_path``).
+      The file gives only the dataset's name: a received file never chooses where pemn
+      writes. Default: the data defaults.
     native_kernels: which native CPU kernels the step may use (``model.native_kernels``).
   """
   from pemn_jax import steps
-  from pemn_jax.data import pipeline  # evaluating needs the data; reading the file does not
+  from pemn_jax.data import pipeline, sources  # evaluating needs the data; reading does not
 
   config, model, variables, header = load(path)
+  given = None
   if config_override is not None and 'data' in config_override:
-    config.data = config_override.data
+    given = config_override.data
+  data = sources.complete(given)
+  data.name = config.data.name  # the recorded NAME, nothing else of the recorded data section
+  config.data = data
+  info = sources.get_dataset_info(config.data)
+  shape = tuple(header.get('input_shape') or build.input_shape(config))
+  if tuple(info.image_shape) != shape or config.model.num_classes != info.num_classes:
+    raise ArtifactError(
+      f'{path}: the model takes {list(shape)} images and {config.model.num_classes} classes, '
+      f'but data.name={data.name!r} has {list(info.image_shape)} and {info.num_classes}'
+    )
   n = jax.device_count()
   eval_bs = config.train.eval_batch_size
   eval_bs = eval_bs - eval_bs % n or n  # the largest multiple of the device count below it
@@ -371,10 +1052,17 @@ def materialize_dense(
 
 
 def inspect(path: str) -> dict:
-  """What is inside an artifact, and its size against the dense model and the paper's rule."""
-  header, payload = read(path)
-  cfg = header['config']
-  file_bytes = os.path.getsize(path)
+  """What is inside an artifact, and its size against the dense model and the paper's rule.
+
+  Raises:
+    ArtifactError: as ``read`` (the file is verified against its model first).
+  """
+  return _summary(_verify(path), path)
+
+
+def _summary(v: _Verified, path: str) -> dict:
+  header, file_bytes = v.header, v.file_bytes
+  cfg = v.config.to_dict()  # completed: fields the file lacks read as their defaults
   masks = [e for e in header['entries'] if e['kind'] == 'mask']
   arrays = [e for e in header['entries'] if e['kind'] == 'array']
   masked_weights = sum(int(np.prod(e['shape'])) for e in masks)

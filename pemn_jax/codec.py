@@ -46,7 +46,10 @@ decoding uses ``bisect`` on the cumulative table.
 Decoding validates everything it can: method id, varints, n against the shape, m <= n, the
 payload lengths, that the rANS decoder ends in its initial state having consumed every word,
 that the padding bits are zero and that the number of decoded ones equals m. Any violation
-raises ``ValueError``; a wrong-length mask is never returned. These checks are not a checksum:
+raises ``ValueError``; a wrong-length mask is never returned. ``peek`` reads the header alone
+(method, n, m: at most 21 bytes), so a caller can check the counts against what it expects
+before ``decode_mask`` allocates n entries; an rANS body with more words than symbols is
+refused before its words are read. These checks are not a checksum:
 packbits payloads have no redundancy at all, and in a fuzz run 8 of 20,000 random single-byte
 corruptions of rANS streams (n = 200..20,000) still decoded, to a different mask of the right
 length and count. Integrity is the outer file format's checksum's job.
@@ -76,16 +79,19 @@ import math
 from bisect import bisect_right
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
 __all__ = [
   'METHOD_PACKBITS',
   'METHOD_RANS',
+  'MaskHeader',
   'decode_mask',
   'encode_mask',
   'entropy_bits',
   'packed_bits',
+  'peek',
 ]
 
 METHOD_PACKBITS = 0
@@ -235,11 +241,17 @@ def _rans_decode(payload: bytes, slen: int, n: int, ones: int) -> np.ndarray:
       f'mask codec: rANS body of {len(body)} bytes is not a whole number of 32-bit words '
       '(truncated or corrupted data)'
     )
+  nsym = (n + _SYM_BITS - 1) // _SYM_BITS
+  if len(body) // 4 > nsym:
+    # The decoder pulls at most one word per symbol: more words than symbols is never a valid
+    # stream, and refusing it here bounds the word list by the symbol count.
+    raise ValueError(
+      f'mask codec: rANS body holds {len(body) // 4} words for {nsym} symbols (corrupted data)'
+    )
   words = np.frombuffer(body, dtype='<u4').tolist()
   nwords = len(words)
 
   _, _, freq, cum = _table(n, ones)
-  nsym = (n + _SYM_BITS - 1) // _SYM_BITS
   out = [0] * nsym
   x = int.from_bytes(state, 'little')
   pos = 0
@@ -302,6 +314,46 @@ def encode_mask(mask: np.ndarray, method: int | None = None) -> bytes:
   return min(candidates, key=len)  # min() keeps the first (packbits) on ties
 
 
+class MaskHeader(NamedTuple):
+  """What an encoded mask says about itself, read without decoding it (``peek``).
+
+  Attributes:
+    method: ``METHOD_PACKBITS`` or ``METHOD_RANS``.
+    n: number of entries.
+    ones: number of ones (rANS only; None for packbits, which does not record it).
+    payload_length: bytes after the header (packbits: exactly ``ceil(n / 8)`` when valid).
+  """
+
+  method: int
+  n: int
+  ones: int | None
+  payload_length: int
+
+
+def peek(data: bytes) -> MaskHeader:
+  """The header of an encoded mask (method, entry count, count of ones), nothing decoded.
+
+  Reads at most the first 21 bytes whatever the mask's size, so a reader can check the counts
+  against what it expects (a model's layer shape and kept count) before ``decode_mask``
+  allocates ``n`` entries. Raises ``ValueError`` for an unknown method or a malformed header.
+  """
+  if not data:
+    raise ValueError('mask codec: empty data')
+  method, slen = data[0] & 0x0F, data[0] >> 4
+  n, pos = _get_varint(data, 1, 'entry count')
+  ones = None
+  if method == METHOD_PACKBITS:
+    if slen:
+      raise ValueError(f'mask codec: invalid packbits method byte {data[0]:#04x}')
+  elif method == METHOD_RANS:
+    ones, pos = _get_varint(data, pos, 'count of ones')
+    if ones > n:
+      raise ValueError(f'mask codec: count of ones {ones} exceeds entry count {n}')
+  else:
+    raise ValueError(f'mask codec: unknown method id {method} (corrupted data?)')
+  return MaskHeader(method, n, ones, len(data) - pos)
+
+
 def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
   """Decode bytes from :func:``encode_mask`` into a boolean array of ``shape``.
 
@@ -312,17 +364,13 @@ def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
   if any(s < 0 for s in shape):
     raise ValueError(f'invalid shape {shape}')
   n_expected = math.prod(shape)
-  if not data:
-    raise ValueError('mask codec: empty data')
-  method, slen = data[0] & 0x0F, data[0] >> 4
-  n, pos = _get_varint(data, 1, 'entry count')
+  head = peek(data)
+  n, ones = head.n, head.ones
   if n != n_expected:
     raise ValueError(f'mask codec: data holds {n} entries but shape {shape} needs {n_expected}')
+  payload = data[len(data) - head.payload_length :]
 
-  if method == METHOD_PACKBITS:
-    if slen:
-      raise ValueError(f'mask codec: invalid packbits method byte {data[0]:#04x}')
-    payload = data[pos:]
+  if head.method == METHOD_PACKBITS:
     need = (n + 7) // 8
     if len(payload) != need:
       raise ValueError(
@@ -333,11 +381,8 @@ def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
     if bits[n:].any():
       raise ValueError('mask codec: nonzero padding bits in packbits payload')
     flat = bits[:n].astype(bool)
-  elif method == METHOD_RANS:
-    ones, pos = _get_varint(data, pos, 'count of ones')
-    if ones > n:
-      raise ValueError(f'mask codec: count of ones {ones} exceeds entry count {n}')
-    payload = data[pos:]
+  else:  # METHOD_RANS (peek refused every other method)
+    slen = data[0] >> 4
     if ones == 0 or ones == n:
       if payload or slen:
         raise ValueError('mask codec: unexpected payload after a constant-mask header')
@@ -347,8 +392,6 @@ def decode_mask(data: bytes, shape: int | Sequence[int]) -> np.ndarray:
       got = int(np.count_nonzero(flat))
       if got != ones:
         raise ValueError(f'mask codec: decoded {got} ones but header says {ones} (corrupted data)')
-  else:
-    raise ValueError(f'mask codec: unknown method id {method} (corrupted data?)')
 
   if flat.size != n_expected:  # defensive: never hand back a wrong-length mask
     raise ValueError(f'mask codec: decoded {flat.size} entries, expected {n_expected}')
