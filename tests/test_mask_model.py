@@ -269,3 +269,56 @@ def test_a_trained_mask_model_network_learns_well_above_chance(data_dir):
   )
   assert result['num_examples'] == 2000
   assert result['accuracy'] > 0.4, result  # chance is 0.1; 0.57 measured here
+
+
+SHARDED = """
+import json, sys
+import jax, jax.numpy as jnp, numpy as np, optax
+sys.path.insert(0, 'tests')
+import pemn_jax as pemn
+from pemn_jax import steps
+from test_mask_model import CNN, RNGS
+
+model = pemn.mask_model(CNN(), keep_fraction=0.5, strategy='random_vector_padding', rp_ratio=0.1)
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((16, 16, 16, 3)), jnp.float32)
+batch = {'image': x, 'label': jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+variables = model.init(RNGS, x[:1])
+tx = optax.adamw(1e-2)
+shardings = steps.mesh_and_shardings()
+state = steps.create_train_state(variables, tx, shardings.replicated)
+frozen = jax.device_put(variables['frozen'], shardings.replicated)
+step = steps.jit_train_step(model, tx, shardings)
+state, metrics = step(state, frozen, steps.to_global(batch, shardings.batch))
+print(json.dumps({'devices': jax.device_count(), 'loss': float(metrics['loss']),
+                  'scores': np.asarray(state.params['a_pw']['scores']).ravel()[:64].tolist()}))
+"""
+
+
+@pytest.mark.slow
+def test_one_sharded_step_on_eight_devices_equals_one_device():
+  import json
+  import os
+  import subprocess
+  import sys
+
+  def run(devices):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    flags = [f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f]
+    env['XLA_FLAGS'] = ' '.join([*flags, f'--xla_force_host_platform_device_count={devices}'])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(
+      [sys.executable, '-c', SHARDED],
+      env=env,
+      cwd=root,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+  one, eight = run(1), run(8)
+  assert (one['devices'], eight['devices']) == (1, 8)
+  np.testing.assert_allclose(eight['loss'], one['loss'], rtol=1e-5)
+  np.testing.assert_allclose(eight['scores'], one['scores'], rtol=1e-4, atol=1e-6)
