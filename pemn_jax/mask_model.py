@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import sys
 import zlib
 from collections.abc import Mapping, Sequence
 
@@ -93,6 +94,7 @@ def mask_model(
   rp_ratio: float | None = None,
   order: Sequence[str] | None = None,
   bias: str = 'train',
+  **nnx_kwargs,
 ) -> nn.Module:
   """A PEMN version of ``module``: matched layers compute with frozen random kernels x masks.
 
@@ -113,8 +115,20 @@ def mask_model(
       ``'freeze'`` (kept at their initial value in the ``frozen`` collection).
 
   Returns:
-    A module of ``module``'s class with the same fields and call signature.
+    A module of ``module``'s class with the same fields and call signature. An NNX model is
+    handed to ``pemn_jax.nnx.mask_model`` (with its ``rngs=``), which changes it in place.
   """
+  # flax.nnx absent from sys.modules: the argument cannot be an NNX module, and Linen users do not
+  # pay for importing it.
+  if 'flax.nnx' in sys.modules and isinstance(module, sys.modules['flax.nnx'].Module):
+    from pemn_jax import nnx as pnnx
+
+    options = dict(keep_fraction=keep_fraction, score_abs=score_abs, bias=bias)
+    return pnnx._from_linen_mask_model(
+      module, rules, strategy=strategy, rp_ratio=rp_ratio, order=order, **options, **nnx_kwargs
+    )
+  if nnx_kwargs:
+    raise TypeError(f'mask_model got {sorted(nnx_kwargs)}, options of NNX models only')
   strategies.validate(strategy, rp_ratio)
   if bias not in BIAS_CHOICES:
     raise ValueError(f'bias must be one of {BIAS_CHOICES}, got {bias!r}')

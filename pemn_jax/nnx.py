@@ -35,6 +35,13 @@ object, no counter and no stamp, so it stays a tree and two builds of one archit
 same graphdef). ``apply_strategy`` requires that order unless it cannot matter (strategy
 ``'mask'``, or a single masked layer).
 
+An existing model. ``mask_model(model, rules, keep_fraction=..., rngs=...)`` takes an NNX model
+written without pemn-jax and replaces, in place, its matched ``nnx.Linear`` / 2-D ``nnx.Conv``
+layers by ``MaskedLinear`` / ``MaskedConv`` (same features, strides, padding, groups, bias
+values), with the Linen ``pemn_jax.mask_model``'s rules; what the masked layers cannot compute
+as the original did (``nnx.LinearGeneral``, ``nnx.Einsum``, dilation, 1-D / 3-D convs, custom
+``dot_general`` or precision, ...) is refused with a one-line error naming the layer.
+
 Tree mode. Nothing here references a module or variable from two places, so every function works
 under ``nnx.set_graph_mode(False)`` too. There ``nnx.grad`` is ``jax.grad`` of the whole module
 pytree: its output does hold a ``Frozen`` entry, of exact zeros (the kernel is behind
@@ -75,6 +82,8 @@ NNX recipe (``tests/test_nnx.py`` runs this block verbatim)::
 from __future__ import annotations
 
 import contextvars
+import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,8 +91,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from flax.nnx import graphlib
+from flax.nnx.nn.linear import canonicalize_padding
 from jax.ad_checkpoint import checkpoint_name
 
+import pemn_jax
 from pemn_jax import layers, masking, ops, strategies
 
 Path = strategies.Path
@@ -158,7 +170,10 @@ class _MaskedLayer(nnx.Module):
 
   def _finish(self, y, dtype):
     if self.bias is not None:
-      y = y + self.bias[...].astype(dtype)
+      b = self.bias[...]
+      if isinstance(self.bias, Frozen):  # a frozen bias (mask_model's bias='freeze') takes no
+        b = jax.lax.stop_gradient(b)  # gradient, as a frozen kernel, in tree mode too
+      y = y + b.astype(dtype)
     # The Linen layers' checkpoint name, so the same remat policies apply to NNX models.
     return checkpoint_name(y, layers.CHECKPOINT_NAME)
 
@@ -410,3 +425,261 @@ def apply_strategy(
   new = strategies.apply_strategy(frozen, order, name, rp_ratio)
   for path in order:
     by_path[path].kernel.set_value(strategies.get_path(new, path))
+
+
+# -- mask_model: an existing NNX model becomes a PEMN network --------------------------------------
+
+SUPPORTED = (nnx.Linear, nnx.Conv)
+# The defaults of the options a masked layer has no counterpart for: a layer that changed one of
+# them computes something the masked layer would not, so it is refused rather than approximated.
+_LINEAR_DEFAULTS = nnx.Linear.__init__.__kwdefaults__
+_CONV_DEFAULTS = nnx.Conv.__init__.__kwdefaults__
+_SHARED_OPTIONS = ('precision', 'preferred_element_type', 'promote_dtype')
+
+
+def _all_ones(value) -> bool:
+  """``None``, ``1`` or a sequence of ones: no dilation."""
+  if value is None:
+    return True
+  if isinstance(value, int | np.integer):
+    return int(value) == 1
+  return all(int(v) == 1 for v in value)
+
+
+def _conv_padding(padding) -> Any:
+  """An ``nnx.Conv`` padding as ``MaskedConv`` takes it, or None where it cannot express it."""
+  if isinstance(padding, str):
+    return padding.upper() if padding.upper() in ('SAME', 'VALID') else None
+  try:
+    pads = canonicalize_padding(padding, 2)
+  except (TypeError, ValueError):
+    return None
+  return tuple((int(lo), int(hi)) for lo, hi in pads)
+
+
+def _unsupported(layer: nnx.Module) -> str | None:
+  """Why ``layer`` cannot become a masked layer computing what it computed; None if it can."""
+  if not isinstance(layer, SUPPORTED):
+    return (
+      'mask_model handles nnx.Linear and 2-D nnx.Conv (not nnx.LinearGeneral, nnx.Einsum, '
+      'nnx.ConvTranspose, ...)'
+    )
+  base = nnx.Linear if isinstance(layer, nnx.Linear) else nnx.Conv
+  if type(layer).__call__ is not base.__call__:
+    return f'its class overrides {base.__name__}.__call__, which the masked layer would not run'
+  defaults = _LINEAR_DEFAULTS if base is nnx.Linear else _CONV_DEFAULTS
+  custom = 'dot_general' if base is nnx.Linear else 'conv_general_dilated'
+  for option in (*_SHARED_OPTIONS, custom):
+    if getattr(layer, option) is not defaults[option]:
+      return (
+        f'it sets {option}={getattr(layer, option)!r}, which the masked layer has no option for'
+      )
+  shape = layer.kernel[...].shape
+  if base is nnx.Linear:
+    expected = (layer.in_features, layer.out_features)
+    return None if shape == expected else f'its kernel is {shape}, its features say {expected}'
+  if len(layer.kernel_size) != 2:
+    return f'it is a {len(layer.kernel_size)}-D conv; MaskedConv is 2-D (NHWC)'
+  for option in ('kernel_dilation', 'input_dilation'):
+    if not _all_ones(getattr(layer, option)):
+      return f'it sets {option}={getattr(layer, option)!r}; MaskedConv has no dilation'
+  if layer.mask is not None:
+    return 'it has a fixed kernel mask (mask=...), which the masked layer would drop'
+  if _conv_padding(layer.padding) is None:
+    return (
+      f"its padding {layer.padding!r} is not 'SAME', 'VALID' or explicit pads, all MaskedConv takes"
+    )
+  strides = 1 if layer.strides is None else layer.strides
+  if not isinstance(strides, int | np.integer) and len(tuple(strides)) != 2:
+    return f'its strides {layer.strides!r} are not an int or a pair'
+  g = layer.feature_group_count
+  expected = (*layer.kernel_size, layer.in_features // g, layer.out_features)
+  if layer.in_features % g or layer.out_features % g or shape != expected:
+    return f'its kernel is {shape}, its features and groups say {expected}'
+  return None
+
+
+def _masked_twin(layer, keep, score_abs: bool, bias: str, rngs) -> _MaskedLayer:
+  """The masked layer standing in for ``layer``: its features, options and bias."""
+  use_bias = layer.bias is not None
+  common = dict(
+    keep_fraction=keep, score_abs=score_abs, use_bias=use_bias, dtype=layer.dtype, rngs=rngs
+  )
+  if isinstance(layer, nnx.Linear):
+    twin = MaskedLinear(layer.in_features, layer.out_features, **common)
+  else:
+    twin = MaskedConv(
+      layer.in_features,
+      layer.out_features,
+      tuple(layer.kernel_size),
+      strides=1 if layer.strides is None else layer.strides,
+      padding=_conv_padding(layer.padding),
+      feature_group_count=layer.feature_group_count,
+      **common,
+    )
+  if use_bias:
+    variable_type = nnx.Param if bias == 'train' else Frozen
+    twin.bias = variable_type(jnp.asarray(layer.bias[...]))
+  return twin
+
+
+def _kernel_owners(model: nnx.Module) -> list[tuple[Path, nnx.Module]]:
+  """``(path, module)`` of every module below ``model`` holding a ``kernel`` variable.
+
+  The candidates rules are matched against, as the Linen ``mask_model`` matches the layers that
+  own a kernel; masked layers are no candidates (their kernel is already frozen).
+  """
+  return [
+    (tuple(path), node)
+    for path, node in nnx.iter_graph(model, graph=True)
+    if path
+    and isinstance(node, nnx.Module)
+    and not isinstance(node, _MaskedLayer)
+    and isinstance(vars(node).get('kernel'), nnx.Variable)
+  ]
+
+
+def _references(model: nnx.Module, targets: dict[int, str]) -> list[tuple[Any, Any, Any, Any]]:
+  """Every ``(container, node impl, key, layer)`` holding one of ``targets`` (ids), shared or not.
+
+  ``nnx.iter_graph`` visits a node once, under its first path; the containers are all visited,
+  so looking into each finds every reference to a layer, and replacing them all keeps a shared
+  layer shared.
+  """
+  refs = []
+  for path, node in nnx.iter_graph(model, graph=True):
+    impl = graphlib.get_node_impl(node)
+    if impl is None:  # a leaf or a Variable: holds no module
+      continue
+    for key, child in impl.node_dict(node).items():
+      if id(child) not in targets:
+        continue
+      if impl.set_key is None:
+        where = '/'.join(map(str, path)) or 'the model'
+        raise ValueError(
+          f'layer {targets[id(child)]!r} is held in a {type(node).__name__} ({where}), which '
+          'cannot be changed in place; hold it in a module attribute, an nnx.List or an nnx.Dict'
+        )
+      refs.append((node, impl, key, child))
+  return refs
+
+
+def _linen_mask_model():
+  """The Linen ``pemn_jax.mask_model`` module, whose rules ``mask_model`` shares.
+
+  Reached through the package's lazy API: loading the submodule directly first would leave the
+  package's ``mask_model`` naming the module instead of the function.
+  """
+  pemn_jax.mask_model  # noqa: B018
+  return sys.modules['pemn_jax.mask_model']
+
+
+def mask_model(
+  model: nnx.Module,
+  rules: Any = None,
+  *,
+  keep_fraction: float = 0.5,
+  score_abs: bool = True,
+  rngs: nnx.Rngs,
+  bias: str = 'train',
+) -> nnx.Module:
+  """Turns an NNX model written without pemn-jax into a PEMN network, IN PLACE, and returns it.
+
+  Every matched ``nnx.Linear`` and 2-D ``nnx.Conv`` is replaced, at every place the model holds
+  it (as ``nnx.LoRA`` users rewire a model: the module's attribute, list entry or dict entry is
+  set to the new layer), by a ``MaskedLinear`` / ``MaskedConv`` with the same features, use of a
+  bias, dtype and, for a conv, kernel size, strides, padding and ``feature_group_count``. The
+  original kernel is dropped: the new layer's frozen kernel and scores are drawn from ``rngs``
+  as the masked layers draw them (one key from ``frozen``, then one from ``params``, layer after
+  layer in the order ``nnx.iter_graph`` visits them, attribute names sorted). The original bias
+  is copied: a trainable ``nnx.Param`` with ``bias='train'``, a ``Frozen`` variable (no gradient,
+  no optimizer) with ``bias='freeze'``. Everything else (BatchNorm, LayerNorm, unmatched layers)
+  stays as it was. Nothing changes unless every check passes.
+
+  Weight strategies are then applied to the masked kernels in the order of first call::
+
+    pnnx.apply_strategy(model, name, rp_ratio, order=pnnx.call_order(model, x))
+
+  With ``dtype=None`` a masked layer computes in its input's dtype, where ``nnx.Linear`` /
+  ``nnx.Conv`` promote the input with their parameters: the same for float32 inputs. A masked
+  conv takes batched NHWC inputs only. The variables of a masked layer are float32.
+
+  Args:
+    model: the NNX model (not itself a single layer: the layers are replaced in their parents).
+    rules: ``(pattern, keep)`` pairs (or an ordered dict), tried in order against each layer's
+      path in the model (``'/'``-joined, list indices as numbers, ``re.fullmatch``): ``keep`` is
+      the fraction of that layer's weights the mask keeps, ``None`` leaves the layer as it was.
+      Default: every layer at ``keep_fraction``. Layers no rule matches are left as they were.
+      A layer is a module holding a ``kernel`` variable; one reachable by several paths is
+      matched by the first one ``nnx.iter_graph`` gives it and replaced at all of them.
+    keep_fraction: the keep fraction of the default rule.
+    score_abs: rank ``|score|`` (the reference code) or the raw score (the paper's equation).
+    rngs: ``nnx.Rngs`` with ``frozen`` and ``params`` streams (or a ``default`` one).
+    bias: biases of masked layers: ``'train'`` or ``'freeze'``.
+
+  Returns:
+    ``model`` itself, modified.
+
+  Raises:
+    ValueError: a bad rule or keep fraction, a rule matching no layer, a matched layer that is
+      not an ``nnx.Linear`` / ``nnx.Conv`` or whose options the masked layer cannot express
+      (dilation, 1-D / 3-D kernels, a custom dot_general or precision, a fixed mask, circular
+      padding...), or a layer held where it cannot be replaced (a tuple). Each names the layer.
+  """
+  linen = _linen_mask_model()
+  if bias not in linen.BIAS_CHOICES:
+    raise ValueError(f'bias must be one of {linen.BIAS_CHOICES}, got {bias!r}')
+  if not isinstance(model, nnx.Module):
+    raise ValueError(f'mask_model needs an NNX module, got {type(model).__name__}')
+  if rngs is None:
+    raise ValueError('mask_model needs rngs=nnx.Rngs(params=..., frozen=...) for the new layers')
+  if isinstance(model, SUPPORTED):
+    raise ValueError(
+      f'mask_model replaces layers inside a model; for a single {type(model).__name__} use '
+      'MaskedLinear / MaskedConv directly'
+    )
+  rules = linen._canonical_rules(rules, keep_fraction)
+  owners = _kernel_owners(model)
+  matched, used = [], set()
+  for path, layer in owners:
+    name = '/'.join(map(str, path))
+    hit = next((i for i, (p, _) in enumerate(rules) if re.fullmatch(p, name)), None)
+    if hit is None:
+      continue
+    used.add(hit)
+    keep = rules[hit][1]
+    if keep is None:
+      continue
+    reason = _unsupported(layer)
+    if reason is not None:
+      raise ValueError(
+        f'rule {rules[hit][0]!r} matches layer {name!r}, a {type(layer).__name__}: {reason} '
+        '(exclude it with a rule giving None)'
+      )
+    matched.append((name, layer, keep))
+  unused = [p for i, (p, _) in enumerate(rules) if i not in used]
+  if unused:
+    names = ', '.join('/'.join(map(str, p)) for p, _ in owners) or 'none'
+    raise ValueError(f'mask_model rule(s) {unused} match no layer; the layers are: {names}')
+  refs = _references(model, {id(layer): name for name, layer, _ in matched})
+  # Every check has passed: build all the new layers, then rewire, so an error leaves the model.
+  twins = {
+    id(layer): _masked_twin(layer, keep, score_abs, bias, rngs) for _, layer, keep in matched
+  }
+  for container, impl, key, layer in refs:
+    impl.set_key(container, key, twins[id(layer)])
+  return model
+
+
+def _from_linen_mask_model(model, rules, *, strategy, rp_ratio, order, **kwargs) -> nnx.Module:
+  """``pemn_jax.mask_model.mask_model`` given an NNX model: the Linen-only options refused."""
+  if strategy != 'mask' or rp_ratio is not None or order is not None:
+    raise ValueError(
+      'for an NNX model, apply strategies after mask_model: pemn_jax.nnx.apply_strategy(model, '
+      'name, rp_ratio, order=pemn_jax.nnx.call_order(model, x))'
+    )
+  if kwargs.get('rngs') is None:
+    raise ValueError(
+      'mask_model of an NNX model needs rngs=nnx.Rngs(params=..., frozen=...) for its new layers'
+    )
+  return mask_model(model, rules, **kwargs)
