@@ -39,7 +39,7 @@ _API = {
   'STRATEGIES': ('pemn_jax.strategies', 'STRATEGIES'),
   'apply_strategy': ('pemn_jax.strategies', 'apply_strategy'),
   'kernel_order': ('pemn_jax.build', 'kernel_order'),
-  'mask_model': ('pemn_jax.mask_model', 'mask_model'),
+  'mask_model': ('pemn_jax.convert', 'mask_model'),
   'build_model': ('pemn_jax.build', 'build_model'),
   'init_variables': ('pemn_jax.build', 'init_variables'),
   'frozen_fingerprint': ('pemn_jax.build', 'frozen_fingerprint'),

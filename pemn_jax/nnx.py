@@ -37,8 +37,8 @@ same graphdef). ``apply_strategy`` requires that order unless it cannot matter (
 
 An existing model. ``mask_model(model, rules, keep_fraction=..., rngs=...)`` takes an NNX model
 written without pemn-jax and replaces, in place, its matched ``nnx.Linear`` / 2-D ``nnx.Conv``
-layers by ``MaskedLinear`` / ``MaskedConv`` (same features, strides, padding, groups, bias
-values), with the Linen ``pemn_jax.mask_model``'s rules; what the masked layers cannot compute
+layers by ``MaskedLinear`` / ``MaskedConv`` (same features, strides, padding, groups, bias values),
+with the rules of the Linen ``pemn_jax.convert.mask_model``; what the masked layers cannot compute
 as the original did (``nnx.LinearGeneral``, ``nnx.Einsum``, dilation, 1-D / 3-D convs, custom
 ``dot_general`` or precision, ...) is refused with a one-line error naming the layer.
 
@@ -83,7 +83,6 @@ from __future__ import annotations
 
 import contextvars
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,7 +94,6 @@ from flax.nnx import graphlib
 from flax.nnx.nn.linear import canonicalize_padding
 from jax.ad_checkpoint import checkpoint_name
 
-import pemn_jax
 from pemn_jax import layers, masking, ops, strategies
 
 Path = strategies.Path
@@ -565,13 +563,11 @@ def _references(model: nnx.Module, targets: dict[int, str]) -> list[tuple[Any, A
 
 
 def _linen_mask_model():
-  """The Linen ``pemn_jax.mask_model`` module, whose rules ``mask_model`` shares.
+  """``pemn_jax.convert``, the Linen ``mask_model``'s module, whose rules ``mask_model`` shares
+  (imported on first use: it imports this module back to dispatch NNX models here)."""
+  from pemn_jax import convert
 
-  Reached through the package's lazy API: loading the submodule directly first would leave the
-  package's ``mask_model`` naming the module instead of the function.
-  """
-  pemn_jax.mask_model  # noqa: B018
-  return sys.modules['pemn_jax.mask_model']
+  return convert
 
 
 def mask_model(
@@ -672,7 +668,7 @@ def mask_model(
 
 
 def _from_linen_mask_model(model, rules, *, strategy, rp_ratio, order, **kwargs) -> nnx.Module:
-  """``pemn_jax.mask_model.mask_model`` given an NNX model: the Linen-only options refused."""
+  """``pemn_jax.convert.mask_model`` given an NNX model: the Linen-only options refused."""
   if strategy != 'mask' or rp_ratio is not None or order is not None:
     raise ValueError(
       'for an NNX model, apply strategies after mask_model: pemn_jax.nnx.apply_strategy(model, '

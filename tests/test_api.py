@@ -40,3 +40,13 @@ def test_import_and_the_model_api_pull_in_no_heavy_dependency():
   )
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
+
+
+def test_importing_a_submodule_first_leaves_every_api_name_as_it_is():
+  code = (
+    'import pemn_jax.convert, pemn_jax.nnx, pemn_jax.steps, pemn_jax.layers\n'
+    'import pemn_jax as pemn\n'
+    'assert callable(pemn.mask_model) and callable(pemn.MaskedConv), pemn.mask_model\n'
+    "assert pemn.steps.__name__ == 'pemn_jax.steps' and pemn.nnx.__name__ == 'pemn_jax.nnx'\n"
+  )
+  subprocess.run([sys.executable, '-c', code], check=True)
