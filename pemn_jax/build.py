@@ -27,27 +27,46 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Checks the model and strategy fields, naming the field and what is allowed on error."""
+  """Checks ``seed`` and every model and strategy field, naming the field and what is allowed
+  on error (types, ranges and the caps of ``configs.common``; a field the chosen family does
+  not read is checked all the same). The fields that need the image shape are checked by
+  ``check_input_shape``, the model's size by ``check_model_size``.
+
+  Raises:
+    ValueError: one line naming the field.
+  """
+  common.check_int(config.seed, 'seed', common.SEED_MIN, common.SEED_MAX)
   m = config.model
-  if m.name not in REGISTRY:
-    raise ValueError(f'model.name must be one of {tuple(REGISTRY)}, got {m.name!r}')
-  if not isinstance(m.masked, bool):
-    raise ValueError(f'model.masked must be True or False, got {m.masked!r}')
-  for field in ('dim', 'depth', 'kernel_size', 'patch_size', 'num_classes'):
-    common.check_positive_int(m[field], f'model.{field}', allow_none=True)
-  if m.remat_blocks not in remat.REMAT_CHOICES:
-    raise ValueError(
-      f'model.remat_blocks must be one of {remat.REMAT_CHOICES}, got {m.remat_blocks!r}'
-    )
+  common.check_choice(m.name, 'model.name', REGISTRY)
+  common.check_bool(m.masked, 'model.masked')
+  caps = {
+    'dim': common.MAX_DIM,
+    'depth': common.MAX_DEPTH,
+    'kernel_size': common.MAX_KERNEL_SIZE,
+    'patch_size': common.MAX_PATCH_SIZE,
+  }
+  for field, cap in caps.items():  # the family's validate says which it needs set
+    common.check_positive_int(m[field], f'model.{field}', allow_none=True, maximum=cap)
+  common.check_positive_int(m.num_classes, 'model.num_classes', maximum=common.MAX_NUM_CLASSES)
+  common.check_positive_int(m.num_heads, 'model.num_heads', allow_none=True, maximum=common.MAX_DIM)
+  common.check_real(m.mlp_ratio, 'model.mlp_ratio', 0.0, common.MAX_MLP_RATIO, low_open=True)
+  _check_hidden_dims(m.hidden_dims)
+  common.check_positive_int(m.width, 'model.width', maximum=common.MAX_RESNET_WIDTH)
+  _check_input_shape_field(m.input_shape)
+  common.check_choice(m.remat_blocks, 'model.remat_blocks', remat.REMAT_CHOICES)
   if m.remat_blocks != 'none' and m.name not in REMAT_MODELS:
     raise ValueError(
       f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
       f'(identical blocks), got {m.name!r}'
     )
-  if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype must be one of {tuple(DTYPES)}, got {m.dtype!r}')
-  if m.conv_impl not in ops.CONV_IMPLS:
-    raise ValueError(f'model.conv_impl must be one of {ops.CONV_IMPLS}, got {m.conv_impl!r}')
+  common.check_choice(m.dtype, 'model.dtype', DTYPES)
+  common.check_choice(m.conv_impl, 'model.conv_impl', ops.CONV_IMPLS)
+  if not isinstance(m.native_kernels, str):
+    raise ValueError(
+      "model.native_kernels must be 'auto', 'none' or a comma list of "
+      f'{native.FEATURES}, got {common.show(m.native_kernels)}'
+    )
+  native.parse_kernels(m.native_kernels)
   if m.conv_impl == 'native' and m.dtype != 'float32':
     raise ValueError(
       "model.conv_impl='native' needs model.dtype='float32' (the native kernels "
@@ -58,7 +77,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       "model.conv_impl='native' needs the depthwise kernel, which "
       f'model.native_kernels={m.native_kernels!r} switches off'
     )
-  native.parse_kernels(m.native_kernels)
+  common.check_choice(
+    m.sparsity_method, 'model.sparsity_method', sparse.SPARSE_METHODS, allow_none=True
+  )
+  common.check_real(m.sparsity, 'model.sparsity', 0.0, 1.0, high_open=True)
   REGISTRY[m.name].validate(m)
   if m.sparsity_method is not None and m.masked:
     raise ValueError(
@@ -66,8 +88,66 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
   sparse.validate(m.sparsity_method, m.sparsity)
   s = config.strategy
+  common.check_choice(s.name, 'strategy.name', strategies.STRATEGIES)
+  common.check_real(s.keep_fraction, 'strategy.keep_fraction', 0.0, 1.0, low_open=True)
   masking.validate_keep_fraction(s.keep_fraction, 'strategy.keep_fraction')
+  # the ratio matters for random_vector_padding only; set, it must make sense for any strategy
+  allow_none = s.name != 'random_vector_padding'
+  common.check_real(s.rp_ratio, 'strategy.rp_ratio', 0.0, 1.0, low_open=True, allow_none=allow_none)
   strategies.validate(s.name, s.rp_ratio)
+  common.check_bool(s.score_abs, 'strategy.score_abs')
+
+
+def _check_hidden_dims(dims) -> None:
+  ok = isinstance(dims, tuple | list) and len(dims) <= common.MAX_DEPTH
+  if not ok or not all(
+    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= common.MAX_WIDTH for d in dims
+  ):
+    raise ValueError(
+      f'model.hidden_dims must be a tuple of at most {common.MAX_DEPTH} integers in '
+      f'[1, {common.MAX_WIDTH:,}] (the MLP widths), got {common.show(dims)}'
+    )
+
+
+def _check_input_shape_field(shape) -> None:
+  if shape is None or (isinstance(shape, tuple | list) and not shape):
+    return  # unset: the dataset's
+  caps = (common.MAX_IMAGE_SIDE, common.MAX_IMAGE_SIDE, common.MAX_CHANNELS)
+  ok = isinstance(shape, tuple | list) and len(shape) == 3
+  if not ok or not all(
+    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= cap for d, cap in zip(shape, caps)
+  ):
+    raise ValueError(
+      f'model.input_shape must be unset or (height, width, channels), height and width in '
+      f'[1, {common.MAX_IMAGE_SIDE}] and channels in [1, {common.MAX_CHANNELS}], got '
+      f'{common.show(shape)}'
+    )
+
+
+def check_input_shape(config: ml_collections.ConfigDict, image_shape: tuple[int, ...]) -> None:
+  """Checks the fields that must fit the image (patch and kernel sizes), once its shape is known.
+
+  Raises:
+    ValueError: naming the field, the image size and what is allowed.
+  """
+  shape = tuple(int(d) for d in image_shape)
+  if len(shape) != 3 or min(shape) < 1:
+    raise ValueError(f'the input shape must be (height, width, channels), got {shape}')
+  REGISTRY[config.model.name].check_input(config.model, shape)
+
+
+def check_model_size(config: ml_collections.ConfigDict, abstract_variables) -> int:
+  """The number of parameters (every variable: scores, BatchNorm, frozen kernels) of a model's
+  abstract variables; raises ValueError above ``common.MAX_PARAMETERS``, naming the fields."""
+  n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract_variables))
+  if n > common.MAX_PARAMETERS:
+    m = config.model
+    fields = ', '.join(f'model.{f}={m[f]!r}' for f in REGISTRY[m.name].fields if f in m)
+    raise ValueError(
+      f'the model has {n:,} parameters ({fields}), more than the {common.MAX_PARAMETERS:,} '
+      'pemn-jax trains (about 20 bytes each in training, before activations); make it smaller'
+    )
+  return n
 
 
 def check_data(
@@ -76,7 +156,8 @@ def check_data(
   """The input shape of the model, after checking the config fits the dataset.
 
   Raises:
-    ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data.
+    ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data, or a
+      patch or kernel does not fit its images (``check_input_shape``).
   """
   m, image_shape = config.model, tuple(image_shape)
   if m.num_classes != num_classes:
@@ -89,6 +170,7 @@ def check_data(
       f'model.input_shape {tuple(m.input_shape)} does not match the {image_shape} images of '
       f"data.name={config.data.name!r}; leave model.input_shape unset to take the data's"
     )
+  check_input_shape(config, image_shape)
   return image_shape
 
 
@@ -138,6 +220,11 @@ def model_keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 def kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Path]:
   """Masked kernel paths by depth, read off an abstract init (no arrays are made)."""
+  return _abstract_init(model, shape)[1]
+
+
+def _abstract_init(model: nn.Module, shape: tuple[int, ...]):
+  """(abstract variables, masked kernel paths by depth) of an abstract init."""
   order: list[strategies.Path] = []
 
   def init(x):
@@ -145,8 +232,8 @@ def kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Pa
     order.extend(strategies.kernel_paths(v.get(layers.FROZEN, {})))
     return v
 
-  jax.eval_shape(init, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
-  return order
+  abstract = jax.eval_shape(init, jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+  return abstract, order
 
 
 def trainable_kernel_order(model: nn.Module, shape: tuple[int, ...]) -> list[strategies.Path]:
@@ -184,9 +271,15 @@ def init_variables(
 
   Returns:
     ``{'params': ..., 'batch_stats': ..., 'frozen': ...}`` (``frozen`` only for masked models).
+
+  Raises:
+    ValueError: the model does not fit its input (``check_input_shape``) or is larger than
+      ``common.MAX_PARAMETERS`` (``check_model_size``), before anything is allocated.
   """
   shape = tuple(shape or input_shape(config))
-  order = kernel_order(model, shape)
+  check_input_shape(config, shape)
+  abstract, order = _abstract_init(model, shape)
+  check_model_size(config, abstract)  # before a byte of it is drawn
   s = config.strategy
   params_key, seed_frozen_key = model_keys(config.seed)
   frozen_key = seed_frozen_key if frozen_key is None else frozen_key

@@ -193,7 +193,7 @@ def main(argv) -> int:
     if isinstance(e, OSError) and e.errno is not None:
       line = _os_error_line(e, argv[1])
     elif _DISK_FULL.search(str(e)):  # tensorstore's report of a full disk (an orbax save)
-      path = re.search(r'Failed writing: "([^"]+)"', str(e))
+      path = re.search(r'"(/[^"]+)"', str(e))  # the first absolute path it quotes
       line = _disk_full_line(path.group(1) if path else None, argv[1])
     elif isinstance(e, ValueError | FileNotFoundError | FileExistsError):
       line = _first_line(e)
@@ -203,6 +203,12 @@ def main(argv) -> int:
       raise
     logging.debug('error', exc_info=True)
     print(f'pemn {argv[1]}: error: {line}', file=sys.stderr)
+    if line.startswith('no space left on device'):
+      # A save that failed half-way leaves tensorstore's writer threads behind; exiting through
+      # the interpreter's shutdown then aborts in C++ (status 134). Nothing is left to write.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(1)
     return 1
 
 
@@ -258,6 +264,8 @@ def _disk_full_line(path: str | None, command: str) -> str:
   if path:
     step = re.match(r'(.*?)\.orbax-checkpoint-tmp', path)  # orbax's checkpoint in progress
     path = f'checkpoint {step.group(1)}' if step else _shown_path(path)
+  if not path and command == 'train' and FLAGS.workdir:  # a write that named no file
+    path = f'in {FLAGS.workdir}'
   line = 'no space left on device' + (f' writing {path}' if path else '')
   if command == 'train' and FLAGS.workdir:
     line += (
@@ -423,6 +431,7 @@ def _quiet_orbax_background_errors() -> None:
   def keep_asyncio(record) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or (exc is not None and bool(_DISK_FULL.search(str(exc))))  # tensorstore's
     return not (full and FLAGS['verbosity'].present == 0)
 
   logging.getLogger('absl').addFilter(keep)

@@ -386,7 +386,7 @@ def test_batch_size_errors_name_train_batch_size(embedded_dir):
   with pytest.raises(ValueError, match='train.batch_size'):
     pipeline.train_batches(cfg, global_batch_size=10, seed=0, epoch=0,
                                process_index=0, process_count=4)  # fmt: skip
-  with pytest.raises(ValueError, match='train.batch_size'):
+  with pytest.raises(ValueError, match=r'train\.eval_batch_size'):  # the eval batch's own field
     pipeline.eval_batches(cfg, global_batch_size=10, process_index=0, process_count=3)
   with pytest.raises(ValueError, match='train.batch_size'):
     pipeline.train_batches(cfg, global_batch_size=20_000, seed=0, epoch=0,

@@ -9,11 +9,16 @@ optimizer, schedule, checkpoints and logging (``pemn_jax.train``).
 
 The command line sets any field (``--config.model.dim=128``); it cannot add one, so a field that
 is not here does not exist. Validation, with errors that name the field, is in
-``build.validate_config`` (model, strategy), ``train.validate_train_config`` and the data
-package.
+``build.validate_config`` (seed, model, strategy), ``train.validate_train_config`` (train) and
+``data.sources.validate`` (data), all run before a run writes anything; the checks that need the
+dataset are ``build.check_data`` and ``train.check_train_data``, the model's size is checked by
+``build.check_model_size``. The caps (``MAX_*`` below) bound what a field can make memory, or
+the time to build a model, grow to.
 """
 
 import ast
+import math
+import numbers
 from typing import Any
 
 import ml_collections
@@ -23,7 +28,7 @@ from ml_collections import config_dict
 def base_config() -> ml_collections.ConfigDict:
   """All fields with their defaults (a masked ConvMixer-256/8, RP 1e-3, on CIFAR-10)."""
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0  # any integer in [SEED_MIN, SEED_MAX]: -2**63 .. 2**63 - 1
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'convmixer'  # a key of pemn_jax.models.REGISTRY: convmixer | resnet | vit | mlp
@@ -84,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 512  # global batch (all processes), a multiple of the device count
-  c.train.eval_batch_size = 1000  # global eval batch; the last one is padded and masked
+  # global eval batch; the last one is padded and masked. One larger than the test split needs
+  # (rounded up to the device count) is lowered to that, with a note (train.check_train_data)
+  c.train.eval_batch_size = 1000
   c.train.num_epochs = 100  # training length in epochs ...
   c.train.num_steps = config_dict.placeholder(int)  # ... or in steps, when set
   # AdamW on every trainable leaf (scores and BN; kernels too in the dense baseline)
@@ -111,8 +118,8 @@ def parse_value(raw: str) -> Any:
   ``None``) where it parses as one, else the string itself (``mask``)."""
   try:
     return ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    return raw
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return raw  # TypeError: '{[]: 1}'; the last two: absurdly nested input
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -126,13 +133,148 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
   return out
 
 
-def check_positive_int(value: Any, field: str, *, allow_none: bool = False) -> None:
-  """Raises ValueError naming ``field`` unless ``value`` is an int >= 1 (or None if allowed)."""
+def check_positive_int(
+  value: Any, field: str, *, allow_none: bool = False, maximum: int | None = None
+) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is an int >= 1 (and <= ``maximum`` when
+  given), or None if allowed."""
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  if not _is_int(value) or value < 1 or (maximum is not None and value > maximum):
     unset = ' or unset' if allow_none else ''
-    raise ValueError(f'{field} must be a positive integer{unset}, got {value!r}')
+    most = f' at most {maximum:,}' if maximum is not None else ''
+    raise ValueError(f'{field} must be a positive integer{most}{unset}, got {show(value)}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Limits. A field past one would only make memory (or the time to trace the model) grow beyond
+# anything a run here needs; each is far above the paper's largest setting.
+
+# jax.random.key takes a signed 64-bit seed (the data order reduces it mod 2**64).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Step counts, intervals and batch sizes: the train state counts steps in int32.
+INT32_MAX = 2**31 - 1
+# model.dim (ConvMixer h, ViT width): the paper's largest is 512; one 16384-wide pointwise layer
+# is already 2**28 weights.
+MAX_DIM = 16384
+# model.depth (blocks or ResNet layers): each block is traced when the model is built, so a deep
+# model costs seconds before its first step (the paper's deepest is ResNet-56; ResNet-1202 fits).
+MAX_DEPTH = 2048
+# model.hidden_dims entries (MLP widths) and model.width (ResNet base width, x4 in stage 3).
+MAX_WIDTH = 65536
+MAX_RESNET_WIDTH = 4096
+# model.kernel_size and model.patch_size, in pixels (the image itself is checked against them
+# once its shape is known: build.check_input_shape).
+MAX_KERNEL_SIZE = 255
+MAX_PATCH_SIZE = 4096
+# model.num_classes: ImageNet-21k has 21,841.
+MAX_NUM_CLASSES = 100_000
+# model.mlp_ratio: the ViT MLP is mlp_ratio x dim wide (ViTs use 4).
+MAX_MLP_RATIO = 64.0
+# model.input_shape: height and width in pixels, and channels.
+MAX_IMAGE_SIDE = 4096
+MAX_CHANNELS = 1024
+# Every variable of the model (scores, BatchNorm, frozen random kernels): training holds ~5
+# float32 values per parameter (value, gradient, two Adam moments, the frozen kernel), so 2**30
+# parameters are ~20 GiB before activations; the paper's largest model has ~17M.
+MAX_PARAMETERS = 2**30
+# data.prefetch: batches built ahead by one thread; more than a few only hold memory.
+MAX_PREFETCH = 16
+# The smallest normal float32: a positive value below it (eps, a learning rate) is 0 or a
+# denormal once on the device.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def show(value: Any, limit: int = 80) -> str:
+  """``repr(value)`` on one line, cut to ``limit`` characters (for error messages)."""
+  try:
+    text = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+  except ValueError:  # an int too long to print (Python's digit limit)
+    text = f'<an integer of {value.bit_length()} bits>'
+  if '\n' in text:
+    text = ' '.join(text.split())
+  return text if len(text) <= limit else text[: limit - 3] + '...'
+
+
+def check_int(value: Any, field: str, low: int, high: int, *, allow_none: bool = False) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is an int in [low, high] (or None if
+  allowed; bools are not ints here)."""
+  if value is None and allow_none:
+    return
+  if not _is_int(value) or not low <= value <= high:
+    unset = ' or unset' if allow_none else ''
+    raise ValueError(f'{field} must be an integer in [{low}, {high}]{unset}, got {show(value)}')
+
+
+def check_real(
+  value: Any,
+  field: str,
+  low: float,
+  high: float,
+  *,
+  low_open: bool = False,
+  high_open: bool = False,
+  allow_none: bool = False,
+) -> float:
+  """Raises ValueError naming ``field`` unless ``value`` is a finite number in the interval
+  (``low`` / ``high`` included unless open); returns it as a float.
+
+  An interval open at 0 also needs the value to stay nonzero in float32 (>= ``FLOAT32_TINY``),
+  and every value must be finite in float32 (what the device computes with).
+  """
+  if value is None and allow_none:
+    return value
+  interval = f'{"(" if low_open else "["}{low:g}, {high:g}{")" if high_open else "]"}'
+  unset = ' or unset' if allow_none else ''
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise ValueError(f'{field} must be a number in {interval}{unset}, got {show(value)}')
+  try:
+    v = float(value)
+  except OverflowError:  # an int beyond any float
+    v = math.inf
+  ok = (
+    math.isfinite(v)
+    and abs(v) <= FLOAT32_MAX
+    and (low < v if low_open else low <= v)
+    and (v < high if high_open else v <= high)
+    and not (low_open and low == 0 and v < FLOAT32_TINY)
+  )
+  if not ok:
+    raise ValueError(f'{field} must be a finite number in {interval}{unset}, got {show(value)}')
+  return v
+
+
+def check_bool(value: Any, field: str, *, allow_none: bool = False) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is True or False (or None if allowed):
+  ``1`` or ``'true'`` are not booleans here."""
+  if value is None and allow_none:
+    return
+  if not isinstance(value, bool):
+    unset = ' or None' if allow_none else ''
+    raise ValueError(f'{field} must be True or False{unset}, got {show(value)}')
+
+
+def check_choice(value: Any, field: str, choices, *, allow_none: bool = False) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is one of the strings ``choices``."""
+  if value is None and allow_none:
+    return
+  if not isinstance(value, str) or value not in tuple(choices):
+    unset = ' or None' if allow_none else ''
+    raise ValueError(f'{field} must be one of {tuple(choices)}{unset}, got {show(value)}')
+
+
+def check_path(value: Any, field: str, *, allow_none: bool = True) -> None:
+  """Raises ValueError naming ``field`` unless ``value`` is a non-empty path string (or None)."""
+  if value is None and allow_none:
+    return
+  if not isinstance(value, str) or not value or '\x00' in value:
+    unset = ' or None' if allow_none else ''
+    raise ValueError(f'{field} must be a non-empty path{unset}, got {show(value)}')
 
 
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -165,39 +307,87 @@ def with_overrides(
     overrides: ``{'model.dim': 32}``, or command-line items ``['--config.model.dim=32']``.
 
   Raises:
-    ValueError: a field that does not exist, named with the fields that do.
+    ValueError: a field that does not exist (named with the closest one and the fields that
+      do), or a value of another type than the field's.
 
   Example: ``with_overrides(smoke.get_config(), {'model.dim': 32, 'train.num_steps': 4})``.
   """
   if not isinstance(overrides, dict):
     overrides = parse_overrides(list(overrides))
   for key, value in overrides.items():
+    problem = missing_field(config, key)
+    if problem:
+      raise ValueError(problem)
     *parents, leaf = key.split('.')
     node = config
-    for i, p in enumerate(parents):
-      if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
-        raise ValueError(f'no config section {".".join(parents[: i + 1])!r} (in {key!r})')
+    for p in parents:
       node = node[p]
-    if leaf not in node:
-      raise ValueError(
-        f'no config field {key!r}; {".".join(parents) or "the config"} has '
+    try:
+      node[leaf] = value
+    except TypeError as e:  # a ConfigDict keeps each field's type
+      reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f'config field {key!r} cannot be set to {show(value)}: {reason}') from None
+  return config
+
+
+def missing_field(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """None if the dotted ``key`` is a field (or section) of ``config``, else the one-line error:
+  the first name that is not there, the closest one that is, and what its section holds."""
+  import difflib
+
+  names = key.split('.')
+  node = config
+  for i, name in enumerate(names):
+    where = '.'.join(names[:i]) or 'the config'
+    if not isinstance(node, ml_collections.ConfigDict):
+      return f'no config field {key!r}: {where} is a field, not a section'
+    if name not in node:
+      close = difflib.get_close_matches(name, list(node.keys()), n=1)
+      hint = f' (did you mean {".".join([*names[:i], close[0]])!r}?)' if close else ''
+      kind = 'section' if i < len(names) - 1 else 'field'
+      return (
+        f'no config {kind} {".".join(names[: i + 1])!r}{hint}; {where} has '
         f'{", ".join(sorted(node.keys()))}'
       )
-    node[leaf] = value
-  return config
+    node = node[name]
+  return None
+
+
+def check_config_file(path: Any, what: str = 'config file') -> None:
+  """Raises FileNotFoundError or ValueError (one line naming ``path``) unless it is a readable
+  Python file that compiles; nothing is executed."""
+  import os
+
+  if not isinstance(path, str) or not path:
+    raise ValueError(f'{what} must be the path of a Python config file, got {show(path)}')
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what} {path}: no such file')
+  if os.path.isdir(path):
+    raise ValueError(f'{what} {path} is a directory, not a config file')
+  try:
+    with open(path, 'rb') as f:
+      source = f.read()
+  except OSError as e:
+    raise ValueError(f'{what} {path} cannot be read: {e.strerror or e}') from None
+  try:
+    compile(source, path, 'exec')
+  except SyntaxError as e:
+    raise ValueError(f'{what} {path}: syntax error at line {e.lineno}: {e.msg}') from None
+  except ValueError as e:  # e.g. a NUL byte: not a text file
+    raise ValueError(f'{what} {path} is not a Python file: {e}') from None
 
 
 def load(path: str, overrides: dict[str, Any] | list[str] = ()) -> ml_collections.ConfigDict:
   """``get_config()`` of the config file at ``path``, with ``overrides`` applied.
 
   Raises:
-    ValueError: the file is missing, is not a config file, or an override names no field.
+    FileNotFoundError: the file is missing.
+    ValueError: it is not a config file (a directory, a syntax error, no ``get_config``), or an
+      override names no field.
   """
   import importlib.util
-  import os
 
-  if not os.path.isfile(path):
-    raise ValueError(f'config file {path} does not exist or is not a file')
+  check_config_file(path)
   spec = importlib.util.spec_from_file_location('pemn_config', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -33,6 +33,7 @@ import math
 
 import numpy as np
 
+from pemn_jax.configs import common
 from pemn_jax.data.image_ops import (
   NUM_MAGNITUDE_BINS,
   OPS,
@@ -81,14 +82,14 @@ class AugmentOptions:
   erase_prob: float = 0.2
 
   def __post_init__(self):
-    if not 0 <= self.randaugment_num_ops <= MAX_RANDAUGMENT_OPS:
-      raise ValueError(f'randaugment_num_ops must be in 0..{MAX_RANDAUGMENT_OPS}')
-    if not 0 <= self.randaugment_magnitude < NUM_MAGNITUDE_BINS:
-      raise ValueError(f'randaugment_magnitude must be in 0..{NUM_MAGNITUDE_BINS - 1}')
-    if not 0 <= self.color_jitter < 1:
-      raise ValueError('color_jitter must be in [0, 1)')
-    if not 0 <= self.erase_prob <= 1:
-      raise ValueError('erase_prob must be in [0, 1]')
+    f = 'data.augment_options.'  # the config fields these are
+    common.check_bool(self.flip, f + 'flip')
+    common.check_int(self.randaugment_num_ops, f + 'randaugment_num_ops', 0, MAX_RANDAUGMENT_OPS)
+    common.check_int(
+      self.randaugment_magnitude, f + 'randaugment_magnitude', 0, NUM_MAGNITUDE_BINS - 1
+    )
+    common.check_real(self.color_jitter, f + 'color_jitter', 0.0, 1.0, high_open=True)
+    common.check_real(self.erase_prob, f + 'erase_prob', 0.0, 1.0)
 
 
 def example_uniforms(seed: int, epoch: int, positions: np.ndarray) -> np.ndarray:

@@ -27,14 +27,19 @@ subset and the full official files go through one code path.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import importlib.resources
 import io
 import os
 import pathlib
+import re
+import shutil
 import struct
 import time
+import zipfile
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
@@ -92,17 +97,35 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ValueError: the header is not an unsigned-byte IDX header or the size does not match.
   """
   path = pathlib.Path(path)
-  with _open_maybe_gzip(path) as f:
-    data = f.read()
+  try:
+    with _open_maybe_gzip(path) as f:
+      data = f.read()
+  except FileNotFoundError:
+    raise
+  except (OSError, EOFError, zlib.error) as e:  # a truncated or non-gzip .gz, a directory
+    kind = 'gzipped IDX file' if path.suffix == '.gz' else 'IDX file'
+    raise ValueError(f'{path} is not a readable {kind}: {_first_line(e)}') from None
   if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != _IDX_UBYTE:
     raise ValueError(f'{path} is not an unsigned-byte IDX file (bad magic {data[:4]!r})')
   ndim = data[3]
-  shape = struct.unpack(f'>{ndim}I', data[4 : 4 + 4 * ndim])
   offset = 4 + 4 * ndim
+  if len(data) < offset:
+    raise ValueError(
+      f'{path} is truncated: its {ndim}-d header needs {offset} bytes, the file has {len(data)}'
+    )
+  shape = struct.unpack(f'>{ndim}I', data[4:offset])
   array = np.frombuffer(data, dtype=np.uint8, offset=offset)
   if array.size != int(np.prod(shape)):
-    raise ValueError(f'{path}: header says shape {shape} but holds {array.size} bytes')
+    raise ValueError(
+      f'{path} is truncated or corrupt: its header says shape {shape} '
+      f'({int(np.prod(shape)):,} bytes of data) but it holds {array.size:,}'
+    )
   return array.reshape(shape)
+
+
+def _first_line(e: BaseException) -> str:
+  text = re.sub(r' <_io\.\w+ object at 0x[0-9a-f]+>', '', str(e)).strip()  # no addresses
+  return text.splitlines()[0] if text else type(e).__name__
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -136,17 +159,32 @@ def read_idx_split(source_dir: str | os.PathLike, split: str) -> tuple[np.ndarra
 
   Raises:
     FileNotFoundError: a file is missing.
-    ValueError: images and labels disagree in count.
+    ValueError: a file is not a readable IDX file (naming it), the images are not 28x28, the
+      labels are not in 0..9, or images and labels disagree in count.
   """
   source_dir = pathlib.Path(source_dir)
   image_name, label_name = IDX_FILES[split]
   images = read_idx(source_dir / image_name)
   labels = read_idx(source_dir / label_name)
-  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+  if images.ndim != 3 or images.shape[1:] != (28, 28):
+    raise ValueError(f'{source_dir / image_name}: images of shape {images.shape}, not (N, 28, 28)')
+  if labels.ndim != 1 or len(images) != len(labels):
     raise ValueError(
-      f'{source_dir}: {split} images {images.shape} and labels {labels.shape} do not match'
+      f'{source_dir / label_name}: {split} labels {labels.shape} do not match the '
+      f'{len(images)} images of {image_name}'
     )
+  _check_labels(labels, len(FASHION_MNIST_CLASSES), source_dir / label_name)
   return images[..., None], labels
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where) -> None:
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise ValueError(
+      f'{where}: label {labels[i]} at index {i} is out of range 0..{num_classes - 1} '
+      f'({bad.size} such labels)'
+    )
 
 
 def missing_idx_files(source_dir: str | os.PathLike) -> list[str]:
@@ -257,26 +295,103 @@ class Cifar10Jpeg(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     if not self._source_path:
       raise ValueError(f'cifar10_jpeg needs the npz: set data.source_path or ${CIFAR10_NPZ_ENV}')
-    with np.load(self._source_path, allow_pickle=False) as npz:
-      missing = [k for k in CIFAR10_NPZ_KEYS if k not in npz.files]
-      if missing:
-        raise ValueError(f'{self._source_path} lacks the npz keys {missing}')
-      arrays = {k: npz[k] for k in CIFAR10_NPZ_KEYS}
+    arrays = read_cifar10_npz(self._source_path)
     return {
       split: self._generate_examples(
-        arrays[f'{split}_bytes'], arrays[f'{split}_offsets'], arrays[f'y_{split}']
+        split, arrays[f'{split}_bytes'], arrays[f'{split}_offsets'], arrays[f'y_{split}']
       )
       for split in ('train', 'test')
     }
 
-  def _generate_examples(self, blob, offsets, labels) -> Iterator[tuple[int, dict]]:
+  def _generate_examples(self, split, blob, offsets, labels) -> Iterator[tuple[int, dict]]:
     from PIL import Image
 
     for i in range(len(labels)):
-      jpeg = blob[offsets[i] : offsets[i + 1]].tobytes()
-      with Image.open(io.BytesIO(jpeg)) as im:
-        image = np.asarray(im.convert('RGB'), dtype=np.uint8)
+      a, b = int(offsets[i]), int(offsets[i + 1])
+      try:
+        with Image.open(io.BytesIO(blob[a:b].tobytes())) as im:
+          image = np.asarray(im.convert('RGB'), dtype=np.uint8)
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(
+          f'{self._source_path}: {split} image {i} ({split}_bytes[{a}:{b}]) is not a '
+          f'decodable JPEG: {_first_line(e)}'
+        ) from None
+      if image.shape != (32, 32, 3):
+        raise ValueError(
+          f'{self._source_path}: {split} image {i} is {image.shape[1]}x{image.shape[0]}, '
+          'not the 32x32 of CIFAR-10'
+        )
       yield i, {'image': image, 'label': int(labels[i])}
+
+
+# What numpy raises for a file that is not an npz (or one cut short): numpy's own message for
+# a non-zip file advises loading it as a pickle, which is never what is wanted here.
+_NPZ_ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+
+
+def _npz_error(path, e: BaseException) -> ValueError:
+  reason = _first_line(e)
+  if 'pickle' in reason:
+    reason = 'it is neither a zip archive of .npy arrays nor a .npy file'
+  return ValueError(
+    f'{path} is not a valid npz file ({reason}); data.source_path must be the CIFAR-10 JPEG '
+    f'npz (keys {", ".join(CIFAR10_NPZ_KEYS)})'
+  )
+
+
+def read_cifar10_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """The arrays of the CIFAR-10 JPEG npz, after checking they describe a dataset.
+
+  Args:
+    path: the npz (``data.source_path``).
+
+  Returns:
+    ``{key: array}`` for ``CIFAR10_NPZ_KEYS``.
+
+  Raises:
+    FileNotFoundError: ``path`` does not exist.
+    ValueError: one line naming the file and what is wrong: not an npz (random bytes, cut
+      short), a key missing, offsets that do not cut the bytes into one JPEG per label, labels
+      out of 0..9.
+  """
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise
+  except _NPZ_ERRORS as e:
+    raise _npz_error(path, e) from None
+  if not isinstance(npz, np.lib.npyio.NpzFile):
+    raise ValueError(f'{path} holds one .npy array, not the npz archive of CIFAR10_NPZ_KEYS')
+  with npz:
+    missing = [k for k in CIFAR10_NPZ_KEYS if k not in npz.files]
+    if missing:
+      raise ValueError(f'{path} lacks the npz keys {missing}')
+    try:
+      arrays = {k: npz[k] for k in CIFAR10_NPZ_KEYS}
+    except _NPZ_ERRORS as e:  # a member cut short or corrupt
+      raise _npz_error(path, e) from None
+  for split in ('train', 'test'):
+    keys = (f'{split}_bytes', f'{split}_offsets', f'y_{split}')
+    blob, offsets, labels = (arrays[k] for k in keys)
+    if blob.ndim != 1 or blob.dtype != np.uint8:
+      raise ValueError(f'{path}: {split}_bytes must be 1-d uint8, got {blob.dtype} {blob.shape}')
+    for key, a in ((f'{split}_offsets', offsets), (f'y_{split}', labels)):
+      if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f'{path}: {key} must be a 1-d integer array, got {a.dtype} {a.shape}')
+    if len(offsets) != len(labels) + 1:
+      raise ValueError(
+        f'{path}: {split}_offsets has {len(offsets)} entries, y_{split} {len(labels)} labels; '
+        f'there must be one offset more than labels (one JPEG per label)'
+      )
+    if len(offsets) and (
+      offsets[0] < 0 or offsets[-1] > len(blob) or np.any(np.diff(offsets.astype(np.int64)) < 0)
+    ):
+      raise ValueError(
+        f'{path}: {split}_offsets must rise from >= 0 to at most the {len(blob):,} bytes of '
+        f'{split}_bytes, got {offsets[0]} .. {offsets[-1]}'
+      )
+    _check_labels(labels, len(CIFAR10_CLASSES), f'{path}: y_{split}')
+  return arrays
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -346,14 +461,43 @@ def prepare_builder(make_builder, data_dir: str | os.PathLike) -> tfds.core.Data
   if is_prepared(builder):
     return builder
   lock = pathlib.Path(data_dir) / f'.{builder.name}-{builder.version}.prepare.lock'
-  with file_lock(lock):
-    builder = make_builder()
-    if not is_prepared(builder):
-      builder.download_and_prepare(
-        file_format='array_record',
-        download_config=tfds.download.DownloadConfig(
-          download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-        ),
-      )
+  try:
+    with file_lock(lock):
       builder = make_builder()
+      if not is_prepared(builder):
+        _remove_incomplete(builder)  # left by a process killed while preparing
+        try:
+          builder.download_and_prepare(
+            file_format='array_record',
+            download_config=tfds.download.DownloadConfig(
+              download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+            ),
+          )
+        except BaseException:
+          _remove_incomplete(builder)  # nothing half-written stays behind
+          raise
+        builder = make_builder()
+  except OSError as e:
+    if not _is_data_dir_error(e, data_dir):
+      raise
+    raise ValueError(
+      f'data.data_dir={data_dir}: cannot prepare {builder.name} there '
+      f'({e.strerror or _first_line(e)}{f": {e.filename}" if e.filename else ""}); set '
+      'data.data_dir to a writable directory with free space. Nothing was prepared.'
+    ) from None
   return builder
+
+
+def _remove_incomplete(builder: tfds.core.DatasetBuilder) -> None:
+  """Removes the builder's ``incomplete.*`` TFDS preparation dirs (call under the lock)."""
+  parent = pathlib.Path(os.fspath(builder.data_path)).parent
+  for tmp in parent.glob('incomplete.*'):
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_data_dir_error(e: OSError, data_dir) -> bool:
+  """Whether ``e`` is about writing into ``data_dir`` (not, say, a missing source file)."""
+  if e.filename:
+    root = os.path.abspath(os.fspath(data_dir))
+    return os.path.abspath(os.fspath(e.filename)).startswith(root)
+  return e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)

@@ -4,13 +4,16 @@ Public API
 ----------
 - ``steps_per_epoch(info, global_batch_size) -> int``: full training batches per epoch.
 - ``eval_steps(info, global_batch_size) -> int``: evaluation batches (last one padded).
+- ``fit_eval_batch_size(info, global_batch_size, multiple) -> int``: the eval batch capped at
+  the test split (rounded up to ``multiple``, the device count): a larger one is only padding.
 - ``epoch_permutation(num_examples, seed, epoch)``: the training order of one epoch.
 - `train_batches(data_config, *, global_batch_size, seed, epoch, process_index, process_count,
   start_step_in_epoch=0) -> Iterator[dict]`: one epoch of process-local training batches
   ``{'image': float32 (L, H, W, C) normalised, 'label': int32 (L,)}``, L = global / process_count.
-- `eval_batches(data_config, *, global_batch_size, process_index, process_count)
-  -> Iterator[dict]``: the test split once, ``{'image', 'label', 'mask'}`; ``mask`` float32 is 1 for
-  real examples and 0 for padding (only the last batch has padding).
+- `eval_batches(data_config, *, global_batch_size, process_index, process_count,
+  batch_size_field='train.eval_batch_size') -> Iterator[dict]``: the test split once,
+  ``{'image', 'label', 'mask'}`; ``mask`` float32 is 1 for real examples and 0 for padding (only
+  the last batch has padding); errors name ``batch_size_field``.
 
 Which dataset is read and what it is (``prepare``, ``get_dataset_info``, ``DatasetInfo``) is
 ``pemn_jax.data.sources``; the augmentation is ``pemn_jax.data.augment``.
@@ -38,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from pemn_jax.configs import common
 from pemn_jax.data import augment as augment_lib
 from pemn_jax.data import sources
 
@@ -56,10 +60,7 @@ def _augment_options(raw: Any) -> augment_lib.AugmentOptions:
     raise ValueError(
       f'data.augment_options has unknown fields {sorted(unknown)}; allowed: {sorted(allowed)}'
     )
-  try:
-    return augment_lib.AugmentOptions(**raw)
-  except ValueError as e:
-    raise ValueError(f'data.augment_options: {e}') from None
+  return augment_lib.AugmentOptions(**raw)  # its errors name the data.augment_options field
 
 
 def steps_per_epoch(info: sources.DatasetInfo, global_batch_size: int) -> int:
@@ -103,17 +104,31 @@ def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng(entropy).permutation(num_examples)
 
 
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-  if int(global_batch_size) != global_batch_size or global_batch_size <= 0:
-    raise ValueError(f'train.batch_size must be a positive integer, got {global_batch_size}')
+def _local_batch_size(
+  global_batch_size: int, process_index: int, process_count: int, field: str
+) -> int:
+  """This process's share of a global batch; errors name ``field`` (the config field the
+  global batch size came from)."""
+  common.check_positive_int(global_batch_size, field)
   if process_count <= 0 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must be in [0, {process_count})')
   if global_batch_size % process_count:
     raise ValueError(
-      f'train.batch_size={global_batch_size} must be divisible by the number of processes '
+      f'{field}={global_batch_size} must be divisible by the number of processes '
       f'({process_count}); choose a multiple of {process_count}'
     )
   return global_batch_size // process_count
+
+
+def fit_eval_batch_size(info: sources.DatasetInfo, global_batch_size: int, multiple: int) -> int:
+  """The evaluation batch actually needed: ``global_batch_size``, or the test split rounded up
+  to a multiple of ``multiple`` (the device count) when that is smaller.
+
+  The test set is padded to whole batches, so a batch larger than the split only adds padding
+  (memory, and time to evaluate zeros); the results are the same at any batch size.
+  """
+  needed = max(1, math.ceil(info.num_test / multiple)) * multiple
+  return min(int(global_batch_size), needed)
 
 
 def _read(source, indices: np.ndarray, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -197,7 +212,7 @@ def train_batches(
     ValueError: batch size not divisible by the process count or larger than the training
         split, start step out of range, bad config (see ``prepare``).
   """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
+  local = _local_batch_size(global_batch_size, process_index, process_count, 'train.batch_size')
   cfg = sources.complete(data_config)
   opened = sources.open_dataset(cfg)
   info = opened.info
@@ -233,6 +248,7 @@ def eval_batches(
   global_batch_size: int,
   process_index: int,
   process_count: int,
+  batch_size_field: str = 'train.eval_batch_size',
 ) -> Iterator[dict[str, np.ndarray]]:
   """The test split once, in order, as this process's padded batches.
 
@@ -241,6 +257,7 @@ def eval_batches(
     global_batch_size: examples per evaluation step over all processes.
     process_index: this process.
     process_count: number of processes.
+    batch_size_field: the config field ``global_batch_size`` came from (errors name it).
 
   Returns:
     Iterator over ``eval_steps(info, global_batch_size)`` dicts with 'image' float32
@@ -250,7 +267,7 @@ def eval_batches(
   Raises:
     ValueError: batch size not divisible by the process count; bad config (see ``prepare``).
   """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
+  local = _local_batch_size(global_batch_size, process_index, process_count, batch_size_field)
   cfg = sources.complete(data_config)
   opened = sources.open_dataset(cfg)
   info = opened.info

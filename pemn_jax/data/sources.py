@@ -5,6 +5,9 @@ Public API
 - ``complete(data_config) -> ConfigDict``: the data config with every field; fields it lacks (a
   partial config in a test, the recorded config of an older artifact) come from
   ``pemn_jax.configs.common.base_config().data``, the one place the defaults live.
+- ``validate(data_config) -> ConfigDict``: the completed config after checking every field (types,
+  ranges, ``data.prefetch`` at most ``common.MAX_PREFETCH``, the augmentation switches); opens
+  nothing. ``open_dataset`` and ``image_shape`` call it first.
 - ``prepare(data_config) -> DatasetInfo``: makes sure the dataset is prepared (our own builders are
   prepared on first use, under a file lock) and returns its description. Safe to call from every
   process; a trainer may call it from process 0 first and barrier, so that the others only read.
@@ -135,7 +138,7 @@ def _as_dict(cfg: Any, what: str) -> dict:
   if hasattr(cfg, 'to_dict'):
     cfg = cfg.to_dict()
   if not isinstance(cfg, Mapping):
-    raise TypeError(f'{what} must be a ConfigDict or a mapping, got {type(cfg).__name__}')
+    raise ValueError(f'{what} must be a ConfigDict or a mapping, got {common.show(cfg)}')
   # None stands for "the default" (the placeholders' value), so a None field is a missing one.
   return {k: v for k, v in cfg.items() if v is not None}
 
@@ -159,6 +162,36 @@ def complete(data_config: Any) -> ml_collections.ConfigDict:
   fields.update(given)
   fields['augment_options'].update(options)
   return ml_collections.ConfigDict(fields)
+
+
+def validate(data_config: Any) -> ml_collections.ConfigDict:
+  """The completed data config (``complete``), after checking every field; opens nothing.
+
+  Raises:
+    ValueError: one line naming the field and what is allowed.
+  """
+  from pemn_jax.data import augment  # NumPy only; no TFDS
+
+  cfg = complete(data_config)
+  if not isinstance(cfg.name, str) or not cfg.name:
+    raise ValueError(f'data.name must be a non-empty string, got {common.show(cfg.name)}')
+  for field in ('data_dir', 'source_dir', 'source_path'):
+    common.check_path(cfg[field], f'data.{field}')
+  if cfg.augment is not None and not isinstance(cfg.augment, bool | np.bool_):
+    raise ValueError(
+      f'data.augment must be True, False or None (the dataset default), got '
+      f'{common.show(cfg.augment)}'
+    )
+  common.check_int(cfg.prefetch, 'data.prefetch', 0, common.MAX_PREFETCH)
+  options = cfg.augment_options.to_dict()
+  allowed = {f.name for f in dataclasses.fields(augment.AugmentOptions)}
+  unknown = sorted(set(options) - allowed)
+  if unknown:
+    raise ValueError(
+      f'data.augment_options has unknown fields {unknown}; allowed: {sorted(allowed)}'
+    )
+  augment.AugmentOptions(**options)  # checks each field, naming it
+  return cfg
 
 
 def default_cache_dir() -> str:
@@ -349,7 +382,7 @@ def open_dataset(data_config: Any) -> OpenedDataset:
   Raises:
     ValueError, FileNotFoundError: as ``prepare``.
   """
-  cfg = complete(data_config)
+  cfg = validate(data_config)
   return _open_cached(tuple((f, cfg[f]) for f in _OPEN_FIELDS))
 
 
@@ -404,7 +437,7 @@ def image_shape(data_config: Any) -> tuple[int, int, int]:
     ``IMAGE_SHAPES[data.name]`` for the datasets we know (nothing is opened or imported);
     otherwise the opened dataset's ``image_shape`` (which prepares it if needed).
   """
-  name = complete(data_config).name
+  name = validate(data_config).name
   if name in IMAGE_SHAPES:
     return IMAGE_SHAPES[name]
   return tuple(get_dataset_info(data_config).image_shape)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from pemn_jax import layers
 from pemn_jax.models import remat
-from pemn_jax.models.registry import ModelSpec
+from pemn_jax.models.registry import ModelSpec, check_patch
 
 ModuleDef = Any
 
@@ -135,6 +135,29 @@ def _build(m, layers_):
   )
 
 
+def _validate(m):
+  for field in ('dim', 'depth', 'kernel_size', 'patch_size'):
+    if m[field] is None:
+      raise ValueError(f'model.{field} must be set for convmixer (a positive integer)')
+
+
+def _check_input(m, shape):
+  # The patchify stem floors (as the reference's stride-p conv does); the depthwise kernel is
+  # SAME-padded, so taps farther than the feature map reaches would only ever see padding.
+  h, w = check_patch(m, shape, divide=False)
+  most = 2 * min(h, w) - 1
+  if m.kernel_size > most:
+    raise ValueError(
+      f'model.kernel_size ({m.kernel_size}) must be at most {most} on the {h}x{w} feature map '
+      f'({shape[0]}x{shape[1]} images / model.patch_size {m.patch_size}): wider taps only ever '
+      'see padding'
+    )
+
+
 SPEC = ModelSpec(
-  build=_build, fields=('dim', 'depth', 'kernel_size', 'patch_size'), identical_blocks=True
+  build=_build,
+  validate=_validate,
+  check_input=_check_input,
+  fields=('dim', 'depth', 'kernel_size', 'patch_size'),
+  identical_blocks=True,
 )

@@ -42,7 +42,9 @@ def _build(m, layers_):
 
 def _validate(m):
   dims = m.hidden_dims
-  if not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims):
+  if not isinstance(dims, tuple | list) or not all(
+    isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in dims
+  ):
     raise ValueError(f'model.hidden_dims must be positive integers, got {dims!r}')
 
 

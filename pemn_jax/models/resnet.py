@@ -89,8 +89,10 @@ def _build(m, layers_):
 
 
 def _validate(m):
-  if (m.depth - 2) % 6:
-    raise ValueError(f'model.depth must be 6n+2 for resnet (20, 32, 56, ...), got {m.depth}')
+  if not isinstance(m.depth, int) or m.depth < 8 or (m.depth - 2) % 6:
+    raise ValueError(
+      f'model.depth must be 6n+2, n >= 1, for resnet (8, 20, 32, 56, ...), got {m.depth}'
+    )
   if isinstance(m.width, bool) or not isinstance(m.width, int) or m.width < 1:
     raise ValueError(f'model.width must be a positive integer, got {m.width!r}')
 

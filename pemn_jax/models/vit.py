@@ -23,7 +23,7 @@ import numpy as np
 
 from pemn_jax import layers
 from pemn_jax.models import remat
-from pemn_jax.models.registry import ModelSpec
+from pemn_jax.models.registry import ModelSpec, check_patch
 
 ModuleDef = Any
 
@@ -140,6 +140,9 @@ def _build(m, layers_):
 
 
 def _validate(m):
+  for field in ('dim', 'depth', 'patch_size'):
+    if m[field] is None:
+      raise ValueError(f'model.{field} must be set for vit (a positive integer)')
   heads = m.num_heads or max(1, m.dim // 64)
   if m.dim % heads or m.dim % 4:
     raise ValueError(
@@ -147,11 +150,20 @@ def _validate(m):
     )
   if not m.mlp_ratio > 0:
     raise ValueError(f'model.mlp_ratio must be > 0, got {m.mlp_ratio!r}')
+  if int(m.dim * m.mlp_ratio) < 1:
+    raise ValueError(
+      f'model.mlp_ratio ({m.mlp_ratio}) x model.dim ({m.dim}) must be at least 1 (the MLP width)'
+    )
+
+
+def _check_input(m, shape):
+  check_patch(m, shape, divide=True)
 
 
 SPEC = ModelSpec(
   build=_build,
   validate=_validate,
+  check_input=_check_input,
   fields=('dim', 'depth', 'patch_size', 'num_heads', 'mlp_ratio'),
   identical_blocks=True,
 )
