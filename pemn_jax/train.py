@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import ml_collections
 
-from pemn_jax import artifact, build, checkpointing, fileio, layers, monitoring, steps
+from pemn_jax import artifact, build, checkpointing, fileio, layers, monitoring, steps, workdirs
 from pemn_jax.configs import common
 from pemn_jax.data import pipeline, sources
 
@@ -118,28 +118,6 @@ def check_train_data(
     config = config.copy_and_resolve_references()
     config.train.eval_batch_size = fitted
   return config
-
-
-def check_workdir(workdir: str) -> None:
-  """Raises ValueError unless ``workdir`` is a directory this process can write in, or one it
-  can create (its nearest existing parent is a writable directory); writes nothing."""
-  if not isinstance(workdir, str | os.PathLike) or not os.fspath(workdir):
-    raise ValueError(f'--workdir must be a directory path, got {workdir!r}')
-  path = os.path.abspath(os.fspath(workdir))
-  if os.path.lexists(path) and not os.path.isdir(path):
-    what = 'a broken link' if not os.path.exists(path) else 'a file'
-    raise ValueError(f'--workdir {workdir} is {what}, not a directory')
-  probe = path
-  while not os.path.lexists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise ValueError(f'--workdir {workdir} cannot be created: {probe} is a file')
-  if not os.access(probe, os.W_OK | os.X_OK):
-    made = '' if probe == path else ', where it would be created,'
-    raise ValueError(
-      f'--workdir {workdir} cannot be written: {probe}{made} is read-only or not writable '
-      'by this user'
-    )
 
 
 def total_train_steps(config: ml_collections.ConfigDict, info: sources.DatasetInfo) -> int:
@@ -383,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   build.validate_config(config)
   validate_train_config(config)
   sources.validate(config.data)
-  check_workdir(workdir)
+  workdirs.check(workdir)
   if jax.process_index() == 0:
     sources.prepare(config.data)
   info = sources.get_dataset_info(config.data)
@@ -393,12 +371,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps_per_epoch = pipeline.steps_per_epoch(info, t.batch_size)
   total_steps = total_train_steps(config, info)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
-
-  # Model, state (the workdir's latest checkpoint if any), the jitted steps.
   shardings = steps.mesh_and_shardings()
-  s = setup_model(config, shape, shardings.replicated)
+  s = setup_model(config, shape, shardings.replicated)  # checks the model's size first
+  with workdirs.exclusive(workdir, is_main=jax.process_index() == 0):  # one run per workdir
+    return _train(config, workdir, s, shardings, steps_per_epoch, total_steps, num_epochs)
+
+
+def _train(config, workdir, s, shardings, steps_per_epoch, total_steps, num_epochs) -> dict:
+  """``train_and_evaluate`` once the config is checked and the workdir is this run's."""
+  t = config.train
+  # State (the workdir's latest checkpoint if any), the jitted steps.
   tx = steps.make_optimizer(t, total_steps)
-  os.makedirs(workdir, exist_ok=True)
   mngr = checkpointing.manager(workdir, t.max_checkpoints)
   state = steps.create_train_state(s.variables, tx, shardings.replicated)
   state, meta = restore_or_start(config, workdir, mngr, state, s, shardings.replicated)

@@ -1,10 +1,10 @@
 """A training directory before anything is written to it: its checks and its exclusive lock.
 
-``exclusive(workdir)`` is what ``train.train_and_evaluate`` holds while it runs: it creates the
-directory (or checks that the existing one is a writable directory whose ``checkpoints`` entry,
-if any, is a directory), then takes an exclusive ``fcntl.flock`` on ``workdir/.lock`` and writes
-its pid there. A second ``pemn train`` on the same directory fails at once with "workdir ... is
-in use by pid N" instead of two runs interleaving checkpoints and metric lines.
+``check(workdir)`` writes nothing: the trainer calls it with the other checks, before anything is
+written. ``exclusive(workdir)`` is what ``train.train_and_evaluate`` holds while it runs: it checks
+again, creates the directory, then takes an exclusive ``fcntl.flock`` on ``workdir/.lock`` and
+writes its pid there. A second ``pemn train`` on the same directory fails at once with "workdir ...
+is in use by pid N" instead of two runs interleaving checkpoints and metric lines.
 
 The kernel releases a flock when its process dies, however it dies, so a lock left by a killed
 run is taken over by the next one without any clean-up. Only process 0 of a multi-process run
@@ -24,17 +24,27 @@ LOCK_FILE = '.lock'
 
 
 def check(workdir: str) -> None:
-  """Creates ``workdir`` if needed; raises ValueError (one line) if it cannot hold a run."""
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise ValueError(f'--workdir {workdir} is a file, not a directory; choose another path')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ValueError(f'cannot create --workdir {workdir}: {e.strerror}') from None
-  if not os.access(workdir, os.W_OK | os.X_OK):
-    raise ValueError(f'--workdir {workdir} is not writable by this user')
-  ckpt = os.path.join(workdir, 'checkpoints')
-  if os.path.exists(ckpt) and not os.path.isdir(ckpt):
+  """Raises ValueError unless ``workdir`` is a directory this process can write in, or one it
+  can create (its nearest existing parent is a writable directory); writes nothing."""
+  if not isinstance(workdir, str | os.PathLike) or not os.fspath(workdir):
+    raise ValueError(f'--workdir must be a directory path, got {workdir!r}')
+  path = os.path.abspath(os.fspath(workdir))
+  if os.path.lexists(path) and not os.path.isdir(path):
+    what = 'a broken link' if not os.path.exists(path) else 'a file'
+    raise ValueError(f'--workdir {workdir} is {what}, not a directory')
+  probe = path
+  while not os.path.lexists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise ValueError(f'--workdir {workdir} cannot be created: {probe} is a file')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    made = '' if probe == path else ', where it would be created,'
+    raise ValueError(
+      f'--workdir {workdir} cannot be written: {probe}{made} is read-only or not writable '
+      'by this user'
+    )
+  ckpt = os.path.join(path, 'checkpoints')
+  if os.path.lexists(ckpt) and not os.path.isdir(ckpt):
     raise ValueError(
       f'{ckpt} is a file, not a checkpoint directory; move it away or use a new --workdir'
     )
@@ -48,6 +58,10 @@ def exclusive(workdir: str, *, is_main: bool = True) -> Iterator[None]:
     ValueError: the workdir is unusable (``check``) or another live process holds its lock.
   """
   check(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f'cannot create --workdir {workdir}: {e.strerror}') from None
   if not is_main:
     yield
     return

@@ -20,7 +20,7 @@ import sys
 import ml_collections
 import pytest
 
-from pemn_jax import build, train
+from pemn_jax import build, train, workdirs
 from pemn_jax.configs import common, smoke
 from pemn_jax.data import pipeline, sources
 
@@ -237,10 +237,10 @@ def test_workdir_checks(tmp_path):
   f = tmp_path / 'file'
   f.write_text('x')
   with pytest.raises(ValueError, match='is a file, not a directory'):
-    train.check_workdir(str(f))
+    workdirs.check(str(f))
   with pytest.raises(ValueError, match=f'cannot be created: {f} is a file'):
-    train.check_workdir(str(f / 'sub'))
-  train.check_workdir(str(tmp_path / 'new' / 'deeper'))  # creatable: fine, and nothing made
+    workdirs.check(str(f / 'sub'))
+  workdirs.check(str(tmp_path / 'new' / 'deeper'))  # creatable: fine, and nothing made
   assert not (tmp_path / 'new').exists()
 
 

@@ -83,5 +83,23 @@ def test_read_only_workdir(tmp_path):
 def test_uncreatable_workdir(tmp_path):
   f = tmp_path / 'file'
   f.write_text('x')
-  with pytest.raises(ValueError, match='cannot create --workdir'):
+  with pytest.raises(ValueError, match='cannot be created'):
     workdirs.check(str(f / 'sub'))
+
+
+def test_train_refuses_a_workdir_in_use_and_writes_nothing_there(tmp_path, data_dir):
+  from pemn_jax import train
+  from pemn_jax.configs import common, smoke
+
+  workdir = str(tmp_path / 'w')
+  proc = _holder(workdir)
+  try:
+    config = common.with_overrides(
+      smoke.get_config(), {'data.data_dir': data_dir, 'train.num_steps': 2}
+    )
+    with pytest.raises(ValueError, match=rf'is in use by pid {proc.pid} '):
+      train.train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(workdir)) == [workdirs.LOCK_FILE]
+  finally:
+    proc.kill()
+    proc.wait()
