@@ -21,6 +21,8 @@ import json
 import os
 import re
 import sys
+import threading
+import time
 
 import ml_collections
 from absl import app, flags, logging
@@ -40,6 +42,12 @@ flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
 flags.DEFINE_string('cpu_collectives', None, "CPU collectives for multi-process CPU runs: 'gloo'.")
+flags.DEFINE_integer(
+  'heartbeat_timeout',
+  20,
+  'Multi-host: seconds without a heartbeat after which a process counts as dead; the others '
+  'then stop within about this time with one line (JAX defaults to 100).',
+)
 
 FLAGS = flags.FLAGS
 
@@ -68,7 +76,9 @@ def maybe_initialize_distributed() -> None:
       coordinator_address=FLAGS.coordinator_address,
       num_processes=FLAGS.num_processes,
       process_id=FLAGS.process_id,
+      heartbeat_timeout_seconds=FLAGS.heartbeat_timeout,
     )
+    _watch_peers()
   elif any(
     v in os.environ
     for v in (
@@ -183,18 +193,96 @@ def main(argv) -> int:
     )
     return 2
   try:
-    return commands[argv[1]]()
+    status = _run(commands[argv[1]], argv[1])
+  except Exception as e:
+    if not _in_multi_process_run():
+      raise
+    # A peer died (or this process failed on its own): the collectives fail at once, but the
+    # interpreter's shutdown would wait for JAX's distributed runtime to give up on the peer and
+    # abort. Nothing more can be done together: say why in one line and leave now.
+    _leave(
+      f'pemn {argv[1]}: error: {type(e).__name__}: {_first_line(e)} (process '
+      f'{_process_index()} of a multi-process run; the checkpoints already written are intact: '
+      'start every process again with the same command to resume)'
+    )
+  if status and _in_multi_process_run():
+    _leave(None, status)  # its line is printed; do not wait for the peers at shutdown
+  return status
+
+
+_LEAVING = threading.Lock()
+
+
+def _leave(line: str | None, status: int = 1) -> None:
+  """Prints ``line`` (if any) and ends the process now, once: the first caller wins (the main
+  thread's error and the peer watch may both see a dead peer)."""
+  if not _LEAVING.acquire(blocking=False):
+    time.sleep(60)  # the other caller is ending the process
+  if line:
+    print(line, file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(status)
+
+
+def _watch_peers(period_s: float = 1.0) -> None:
+  """A daemon thread that leaves this process, with one line, once a peer is dead.
+
+  A process blocked in a collective or a barrier whose peer died would otherwise wait until
+  JAX's distributed runtime gives up and aborts it (many lines of C++ logs). The coordination
+  service knows which processes still send heartbeats; polling it costs one small RPC a second.
+  """
+  from jax._src import distributed
+
+  client, n = distributed.global_state.client, distributed.global_state.num_processes
+  if client is None or not n or n < 2:
+    return
+
+  def watch():
+    while True:
+      time.sleep(period_s)
+      try:
+        live = client.get_live_nodes(list(range(n)))
+      except Exception:  # noqa: BLE001 - the service itself is gone: the same situation
+        live = {}
+      if len(live) < n:
+        dead = sorted(set(range(n)) - set(live))
+        _leave(
+          f'pemn: error: process(es) {dead} of this {n}-process run stopped responding; '
+          f'process {distributed.global_state.process_id} stops too (the checkpoints already '
+          'written are intact: start every process again with the same command to resume)'
+        )
+
+  threading.Thread(target=watch, name='pemn-peer-watch', daemon=True).start()
+
+
+def _in_multi_process_run() -> bool:
+  jax = sys.modules.get('jax')
+  try:
+    return jax is not None and jax.process_count() > 1
+  except Exception:  # noqa: BLE001 - a backend that failed to start: not a multi-process run
+    return False
+
+
+def _process_index() -> int:
+  return sys.modules['jax'].process_index()
+
+
+def _run(command, name: str) -> int:
+  """``command()``, with the mistakes a user can make reported as one line (exit 1 or 2)."""
+  try:
+    return command()
   except UsageError as e:
-    print(f'pemn {argv[1]}: {e}', file=sys.stderr)
+    print(f'pemn {name}: {e}', file=sys.stderr)
     return 2
   except (ValueError, OSError) as e:
     # Configuration and input errors, and what the OS refused (a read-only or full disk): one
     # line, no traceback. Everything else (genuine bugs) keeps its trace.
     if isinstance(e, OSError) and e.errno is not None:
-      line = _os_error_line(e, argv[1])
+      line = _os_error_line(e, name)
     elif _DISK_FULL.search(str(e)):  # tensorstore's report of a full disk (an orbax save)
       path = re.search(r'"(/[^"]+)"', str(e))  # the first absolute path it quotes
-      line = _disk_full_line(path.group(1) if path else None, argv[1])
+      line = _disk_full_line(path.group(1) if path else None, name)
     elif isinstance(e, ValueError | FileNotFoundError | FileExistsError):
       line = _first_line(e)
     else:
@@ -202,7 +290,7 @@ def main(argv) -> int:
     if line is None:
       raise
     logging.debug('error', exc_info=True)
-    print(f'pemn {argv[1]}: error: {line}', file=sys.stderr)
+    print(f'pemn {name}: error: {line}', file=sys.stderr)
     if line.startswith('no space left on device'):
       # A save that failed half-way leaves tensorstore's writer threads behind; exiting through
       # the interpreter's shutdown then aborts in C++ (status 134). Nothing is left to write.
