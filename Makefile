@@ -8,11 +8,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
 
-.PHONY: help demo test lint bench bench-remat bench-native bench-codec bench-input clean-demo
+.PHONY: help demo test test-fast lint bench bench-remat bench-native bench-codec bench-input clean-demo
 
 help:
 	@echo "make demo   - set up .venv and train the demo (masked ConvMixer, RP, embedded Fashion-MNIST)"
-	@echo "make test   - set up .venv, lint with ruff, run the whole test suite"
+	@echo "make test   - set up .venv, lint with ruff, run the whole test suite (what CI runs)"
+	@echo "make test-fast - the edit-and-rerun loop: the tests not marked slow, no lint (under 2 minutes)"
+	@echo "make lint   - ruff check and ruff format --check"
 	@echo "make bench  - the train-step benchmark (experiments/bench_step.py)"
 	@echo "make bench-remat - the masked step with and without model.remat_blocks (experiments/bench_remat.py)"
 	@echo "make bench-native - the masked step in pure XLA vs with the native kernels (bench_remat.py --compare native)"
@@ -30,6 +32,14 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q tests
+
+# The edit-and-rerun loop: no lint (a formatting nit should not hold back a test run; `make test`
+# lints); `-m "not slow"` leaves out the subprocess, multi-device, fuzzing and compile-heavy tests
+# (tests/conftest.py's SLOW_TESTS and the modules' own marks); and XLA's LLVM backend at -O0, as
+# these tests are compile-bound: a third less time, the same verdicts (`make test` and CI compile
+# as users do).
+test-fast: $(STAMP)
+	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(BIN)/python -m experiments.demo --workdir $(WORKDIR)

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +10,6 @@ import pytest
 
 from pemn_jax import artifact, build, layers, strategies, train
 from pemn_jax.configs import common, smoke
-
-PEMN = [sys.executable, '-m', 'pemn_jax.main']
 
 
 def _config(**over):
@@ -24,9 +20,13 @@ def _config(**over):
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, data_dir):
   workdir = str(tmp_path_factory.mktemp('art') / 'wd')
-  config = _config()
+  # test_train.py's 4-step run (its batch sizes): the session's compilation cache then compiles
+  # the init, train and eval programs once for both modules.
+  config = _config(
+    **{'data.data_dir': data_dir, 'train.batch_size': 16, 'train.eval_batch_size': 384}
+  )
   train.train_and_evaluate(config, workdir)
   out = os.path.join(workdir, 'model.pemn')
   train.export_workdir(workdir, out)
@@ -70,20 +70,25 @@ def test_artifact_stores_no_random_values(trained):
   assert {e['codec'] for e in header['entries'] if e['kind'] == 'mask'} <= {'packbits', 'rans'}
 
 
-def test_inspect_json_keys(trained):
+def test_inspect_json_keys(trained, pemn_cli):
   _, path = trained
-  out = subprocess.run(
-    PEMN + ['inspect', f'--artifact={path}', '--json'], check=True, capture_output=True, text=True
-  ).stdout
-  info = json.loads(out)
+  proc = pemn_cli('inspect', f'--artifact={path}', '--json')
+  assert proc.returncode == 0, proc.stderr
+  info = json.loads(proc.stdout)
   for key in ('file_bytes', 'dense_fp32_bytes', 'mask_bits_per_entry', 'keep_fraction', 'strategy'):
     assert key in info
   assert info['file_bytes'] == os.path.getsize(path)
   assert info['strategy'] == 'random_vector_padding' and info['keep_fraction'] == 0.5
 
 
-@pytest.mark.parametrize('damage', ['truncate', 'flip', 'foreign', 'empty', 'missing'])
-def test_bad_files_give_one_line_errors(trained, tmp_path, damage):
+@pytest.mark.parametrize(
+  'damage',  # two subprocesses each: 'truncate' is the fast run's
+  [
+    'truncate',
+    *(pytest.param(d, marks=pytest.mark.slow) for d in ('flip', 'foreign', 'empty', 'missing')),
+  ],
+)
+def test_bad_files_give_one_line_errors(trained, tmp_path, pemn_cli, damage):
   _, path = trained
   blob = open(path, 'rb').read()
   bad = tmp_path / 'bad.pemn'
@@ -99,8 +104,9 @@ def test_bad_files_give_one_line_errors(trained, tmp_path, damage):
     bad.write_bytes(b'')
   with pytest.raises(artifact.ArtifactError):
     artifact.read(str(bad))
-  for cmd in (['inspect', f'--artifact={bad}'], ['evaluate', f'--artifact={bad}', '--json']):
-    proc = subprocess.run(PEMN + cmd, capture_output=True, text=True)
+  commands = (['inspect', f'--artifact={bad}'], ['evaluate', f'--artifact={bad}', '--json'])
+  started = [pemn_cli.start(*args) for args in commands]  # both at once
+  for proc in map(pemn_cli.finish, started):
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr
@@ -142,6 +148,7 @@ def test_materialize_dense_matches_masked_model(trained):
       assert int(jnp.sum(k != 0)) == -(-k.size // 2)
 
 
+@pytest.mark.slow  # a 64-wide model: its own init and export
 def test_entropy_coded_masks_for_small_keep_fraction(tmp_path):
   config = _config(**{'strategy.keep_fraction': 0.1, 'model.dim': 64})
   model = build.build_model(config)
@@ -171,6 +178,7 @@ def test_fingerprint_mismatch_is_refused(trained, tmp_path, monkeypatch):
     artifact.load(path)
 
 
+@pytest.mark.slow  # a dense model of its own per method
 @pytest.mark.parametrize('method', ['random', 'magnitude'])
 def test_sparse_baselines_export_exactly_and_keep_the_right_count(tmp_path, method):
   config = _config(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import pathlib
-import subprocess
 import sys
 
 import jax
@@ -18,17 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = REPO / 'pemn_jax' / 'configs'
 SMOKE = str(CONFIGS / 'smoke.py')
 SHIPPED = ('convmixer_cifar10', 'resnet_cifar10', 'vit_cifar10', 'mlp_mnist', 'smoke')
-
-
-def _pemn(*args, timeout=240):
-  """Runs `python -m pemn_jax.main ARGS` (what the `pemn` console script calls)."""
-  return subprocess.run(
-    [sys.executable, '-m', 'pemn_jax.main', *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+SLOW = pytest.mark.slow
 
 
 # ---------------------------------------------------------------------------------------------
@@ -36,8 +25,8 @@ def _pemn(*args, timeout=240):
 
 
 @pytest.mark.slow
-def test_inspect_smoke_json():
-  proc = _pemn('inspect', '--config', SMOKE, '--json')
+def test_inspect_smoke_json(pemn_cli):
+  proc = pemn_cli('inspect', '--config', SMOKE, '--json')
   assert proc.returncode == 0, proc.stderr
   summary = json.loads(proc.stdout)  # exactly one JSON object on stdout
   assert isinstance(summary, dict)
@@ -75,8 +64,8 @@ def test_inspect_smoke_json():
 
 
 @pytest.mark.slow
-def test_inspect_overrides_take_effect_text_mode():
-  proc = _pemn(
+def test_inspect_overrides_take_effect_text_mode(pemn_cli):
+  proc = pemn_cli(
     'inspect',
     '--config',
     SMOKE,
@@ -99,13 +88,14 @@ def test_inspect_overrides_take_effect_text_mode():
   'override, field',
   [
     ('--config.strategy.name=bogus', 'strategy.name'),
-    ('--config.strategy.keep_fraction=1.5', 'strategy.keep_fraction'),
-    ('--config.strategy.rp_ratio=0', 'strategy.rp_ratio'),
-    ('--config.model.name=densenet', 'model.name'),
+    # One subprocess each: the first case is the fast run's.
+    pytest.param('--config.strategy.keep_fraction=1.5', 'strategy.keep_fraction', marks=SLOW),
+    pytest.param('--config.strategy.rp_ratio=0', 'strategy.rp_ratio', marks=SLOW),
+    pytest.param('--config.model.name=densenet', 'model.name', marks=SLOW),
   ],
 )
-def test_inspect_bad_config_is_one_line_naming_the_field(override, field):
-  proc = _pemn('inspect', '--config', SMOKE, override, '--json')
+def test_inspect_bad_config_is_one_line_naming_the_field(pemn_cli, override, field):
+  proc = pemn_cli('inspect', '--config', SMOKE, override, '--json')
   assert proc.returncode != 0
   assert proc.stdout == ''
   assert 'Traceback' not in proc.stderr
@@ -114,8 +104,8 @@ def test_inspect_bad_config_is_one_line_naming_the_field(override, field):
   assert field in lines[0]
 
 
-def test_inspect_without_config_is_a_usage_error():
-  proc = _pemn('inspect')
+def test_inspect_without_config_is_a_usage_error(pemn_cli):
+  proc = pemn_cli('inspect')
   assert proc.returncode == 2
   assert '--config' in proc.stderr and 'Traceback' not in proc.stderr
 

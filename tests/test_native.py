@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import textwrap
 import threading
 
@@ -28,7 +26,6 @@ import pytest
 from pemn_jax import build, native, ops
 from tests.test_ops_perf import _inputs, _reference, assert_vjp_matches_brute_force
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = dict(rtol=2e-5, atol=2e-5)
 
 
@@ -130,52 +127,46 @@ def _pretend_unavailable(monkeypatch):
   monkeypatch.setitem(native.build._state, 'reason', 'RuntimeError: no C++ compiler')
 
 
-def _run(code: str, **env) -> str:
-  proc = subprocess.run(
-    [sys.executable, '-c', textwrap.dedent(code)],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env={**os.environ, **env},
-    timeout=600,
-  )
+def _stdout(proc) -> str:
+  """A subprocess's stdout, once it exited 0 (``pemn_cli.python``'s result)."""
   assert proc.returncode == 0, proc.stderr[-3000:]
   return proc.stdout
 
 
 @pytest.mark.slow
-def test_build_cache_and_switch(tmp_path):
+def test_build_cache_and_switch(tmp_path, pemn_cli):
   """A fresh cache dir gets one complete library (no temp files left), readable by all; the
   legacy environment switch no longer reaches the build (the config field decides)."""
   native.available() or pytest.skip(native.unavailable_reason())
-  code = """
+  code = textwrap.dedent("""
       from pemn_jax import native
       print(native.available(), native.unavailable_reason())
-  """
-  out = _run(code, PEMN_JAX_CACHE_DIR=str(tmp_path))
+  """)
+  run = lambda **env: _stdout(pemn_cli.python('-c', code, env=env, timeout=600))
+  out = run(PEMN_JAX_CACHE_DIR=str(tmp_path))
   assert out.split() == ['True', 'None']
   files = os.listdir(tmp_path)
   assert len(files) == 1 and files[0].startswith('kernels-') and files[0].endswith('.so')
   assert os.stat(tmp_path / files[0]).st_mode & 0o444 == 0o444
-  assert _run(code, PEMN_JAX_CACHE_DIR=str(tmp_path)).split() == ['True', 'None']  # cached
+  assert run(PEMN_JAX_CACHE_DIR=str(tmp_path)).split() == ['True', 'None']  # cached
   assert os.listdir(tmp_path) == files
-  assert _run(code, PEMN_JAX_CACHE_DIR=str(tmp_path), PEMN_JAX_NATIVE='0').split() == [
+  assert run(PEMN_JAX_CACHE_DIR=str(tmp_path), PEMN_JAX_NATIVE='0').split() == [
     'True',
     'None',
   ]
   # A compiler that fails: a one-line reason, the XLA path, nothing left in the cache.
   broken = tmp_path / 'broken'
-  out = _run(code, PEMN_JAX_CACHE_DIR=str(broken), CXX='false')
+  out = run(PEMN_JAX_CACHE_DIR=str(broken), CXX='false')
   assert out.startswith('False RuntimeError: false -O3') and 'failed' in out
   assert len(out.strip().splitlines()) == 1 and os.listdir(broken) == []
 
 
 @pytest.mark.slow
-def test_native_under_data_parallel_mesh():
+def test_native_under_data_parallel_mesh(pemn_cli):
   """Under the training loop's mesh (8 devices), the kernels run per batch shard: no gather of
   the batch, one kernel-gradient psum, the same values as XLA's conv."""
   native.available() or pytest.skip(native.unavailable_reason())
-  out = _run(
+  code = textwrap.dedent(
     """
       import jax, jax.numpy as jnp
       from jax.sharding import NamedSharding, PartitionSpec as P
@@ -192,9 +183,9 @@ def test_native_under_data_parallel_mesh():
       plain = jax.jit(grad, in_shardings=(batch, rep)).lower(x, k).as_text()
       print(jax.device_count(), 'all-gather' in hlo, hlo.count('custom_call_target="pemn_dw'),
             'pemn_dw' in plain, float(jnp.abs(dx - rdx).max()), float(jnp.abs(dk - rdk).max()))
-  """,
-    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  """
   )
+  out = _stdout(pemn_cli.python('-c', code, devices=8, timeout=600))
   devices, gathered, calls, plain_native, ddx, ddk = out.split()
   assert (devices, gathered, calls, plain_native) == ('8', 'False', '3', 'False')
   assert float(ddx) < 1e-4 and float(ddk) < 1e-3
@@ -495,10 +486,10 @@ def test_kernels_spec_picks_the_native_sites(spec):
 
 
 @pytest.mark.slow
-def test_fused_gelu_batch_norm_under_data_parallel_mesh():
+def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli):
   """Per-shard kernels with psum-ed statistics equal the single-device computation."""
   native.available() or pytest.skip(native.unavailable_reason())
-  out = _run(
+  code = textwrap.dedent(
     """
       import jax, jax.numpy as jnp
       import flax.linen as nn
@@ -524,9 +515,9 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh():
                 zip(jax.tree.leaves((upd, grads)), jax.tree.leaves((upd1, grads1))))
       print('all-gather' in hlo, hlo.count('custom_call_target="pemn_gelu'), err,
             abs(float(val - val1)))
-  """,
-    XLA_FLAGS='--xla_force_host_platform_device_count=8',
+  """
   )
+  out = _stdout(pemn_cli.python('-c', code, devices=8, timeout=600))
   gathered, calls, err, dval = out.split()
   assert (gathered, calls) == ('False', '4')
   assert float(err) < 1e-4 and float(dval) < 1e-3

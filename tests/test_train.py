@@ -2,11 +2,12 @@
 checkpoint-and-resume, and the ``pemn train`` / ``pemn evaluate`` CLI.
 
 Every run is the smoke config (a tiny masked ConvMixer) on the embedded Fashion-MNIST subset,
-prepared once per module into a temporary TFDS data dir, for a few steps; TFDS catalogue
-datasets run on ``tfds.testing.mock_data``. The ``slow`` tests start ``python -m pemn_jax.main``
-as subprocesses: with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` (the device count is
-fixed when JAX starts), killed with SIGKILL or stopped with SIGTERM mid-run, or as two processes
-on loopback with gloo collectives.
+prepared once per session into a temporary TFDS data dir (conftest's ``data_dir``), for a few
+steps; TFDS catalogue datasets run on ``tfds.testing.mock_data``. The ``slow`` tests start
+``python -m pemn_jax.main`` as subprocesses (conftest's ``pemn_cli``): on N host devices (the
+device count is fixed when JAX starts), killed with SIGKILL or stopped with SIGTERM mid-run, or
+as two processes on loopback with gloo collectives. The session's persistent compilation cache
+makes the repeated compiles of the same few programs cheap.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import jax
@@ -27,7 +27,6 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 
 from pemn_jax import build, checkpointing, layers, steps, train
 from pemn_jax.configs import common, smoke
@@ -38,7 +37,7 @@ SMOKE = str(REPO / 'pemn_jax' / 'configs' / 'smoke.py')
 # Float tolerance between device counts / process counts (BN statistics over the global batch).
 TOL = dict(rtol=1e-4, atol=1e-5)
 NUM_TEST = 2000  # test examples of the embedded subset
-SUBPROCESS_TIMEOUT = 300
+SUBPROCESS_TIMEOUT = 300  # seconds a test waits for a subprocess to reach a checkpoint
 
 # The fields every run here overrides. eval_batch_size 384 does not divide the 2,000 test
 # examples (the last batch is padded) and divides by 1, 2, 4 and 8 devices.
@@ -54,39 +53,6 @@ BASE = {
 # ---------------------------------------------------------------------------------------------
 # Helpers.
 
-# Every run here compiles the same few programs (init, train step, eval step) afresh, as each
-# train_and_evaluate builds new closures; JAX's persistent compilation cache, shared with the
-# subprocesses, makes the repeats cheap (a cached executable computes exactly what a fresh
-# compilation would). Module-scoped: the session's other tests keep the default.
-CACHE_FLAGS = {
-  'jax_persistent_cache_min_compile_time_secs': 0.0,
-  'jax_persistent_cache_min_entry_size_bytes': 0,
-}
-_cache_dir: list[str] = []
-
-
-@pytest.fixture(scope='module', autouse=True)
-def persistent_compilation_cache(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp('jax_cache'))
-  names = ['jax_compilation_cache_dir', *CACHE_FLAGS]
-  old = {n: getattr(jax.config, n) for n in names}
-  for n, v in {'jax_compilation_cache_dir': d, **CACHE_FLAGS}.items():
-    jax.config.update(n, v)
-  jax_cache.reset_cache()
-  _cache_dir.append(d)
-  yield d
-  _cache_dir.clear()
-  for n, v in old.items():
-    jax.config.update(n, v)
-  jax_cache.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory) -> str:
-  d = str(tmp_path_factory.mktemp('tfds'))
-  pipeline.prepare(make_config({'data.data_dir': d}).data)
-  return d
-
 
 def overrides(data_dir: str, **fields) -> dict:
   """BASE + data_dir + ``fields`` (``train__num_steps=6`` is ``train.num_steps``)."""
@@ -97,25 +63,9 @@ def make_config(ov: dict):
   return common.with_overrides(smoke.get_config(), ov)
 
 
-def env(devices: int = 1) -> dict:
-  e = dict(os.environ)
-  e.update(JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  if devices == 1:
-    e.pop('XLA_FLAGS', None)  # one device, like this process (see the one_device fixture)
-  else:
-    e['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  if _cache_dir:
-    e['JAX_COMPILATION_CACHE_DIR'] = _cache_dir[0]
-    e.update({n.upper(): str(v) for n, v in CACHE_FLAGS.items()})
-  return e
-
-
-def pemn(*args) -> list[str]:
-  return [sys.executable, '-m', 'pemn_jax.main', *map(str, args)]
-
-
-def train_cmd(workdir, ov: dict, *extra) -> list[str]:
-  return pemn(
+def train_args(workdir, ov: dict, *extra) -> list[str]:
+  """``pemn train`` on the smoke config with ``ov`` as --config overrides (pemn_cli's ARGS)."""
+  return [
     'train',
     '--config',
     SMOKE,
@@ -123,27 +73,7 @@ def train_cmd(workdir, ov: dict, *extra) -> list[str]:
     workdir,
     *[f'--config.{k}={v}' for k, v in ov.items()],
     *extra,
-  )
-
-
-def start(cmd, devices: int = 1) -> subprocess.Popen:
-  return subprocess.Popen(
-    cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(devices), cwd=REPO
-  )
-
-
-def finish(p: subprocess.Popen) -> subprocess.CompletedProcess:
-  try:
-    out, err = p.communicate(timeout=SUBPROCESS_TIMEOUT)
-  except subprocess.TimeoutExpired:
-    p.kill()
-    out, err = p.communicate()
-    pytest.fail(f'timed out: {p.args}\nstdout:\n{out}\nstderr:\n{err}')
-  return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def run(cmd, devices: int = 1) -> subprocess.CompletedProcess:
-  return finish(start(cmd, devices))
+  ]
 
 
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -234,6 +164,7 @@ def trained(data_dir, tmp_path_factory):
 def test_run_writes_config_metrics_events_summary_and_checkpoints(trained):
   workdir, ov, summary = trained
   assert sorted(os.listdir(workdir)) == [
+    '.lock',  # the workdir lock (pemn_jax.workdirs), empty once the run is over
     'checkpoints',
     'config.json',
     'metrics.jsonl',
@@ -303,22 +234,22 @@ def test_evaluate_workdir_covers_every_test_example_once(trained):
 
 
 @pytest.mark.slow
-def test_cli_evaluate_json_and_best(trained):
+def test_cli_evaluate_json_and_best(trained, pemn_cli):
   workdir, _, summary = trained
   before = snapshot(workdir)
   latest, best, text = [
-    start(pemn('evaluate', '--workdir', workdir, *flags))
+    pemn_cli.start('evaluate', '--workdir', workdir, *flags)
     for flags in (['--json'], ['--best', '--json'], [])
   ]
   in_process = train.evaluate_workdir(workdir)
   for proc, step in ((latest, 6), (best, summary['best_step'])):
-    r = ok(finish(proc))
+    r = ok(pemn_cli.finish(proc))
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert {'accuracy', 'loss', 'num_examples', 'step'} <= set(result)
     assert result['step'] == step and result['num_examples'] == NUM_TEST
     assert result['accuracy'] == pytest.approx(in_process['accuracy'], abs=0.5 / NUM_TEST)
     assert result['loss'] == pytest.approx(in_process['loss'], rel=1e-5)
-  r = ok(finish(text))
+  r = ok(pemn_cli.finish(text))
   assert f'examples {NUM_TEST}' in r.stdout and 'step 6' in r.stdout
   assert snapshot(workdir) == before  # evaluating never writes into the workdir
 
@@ -327,6 +258,7 @@ def test_cli_evaluate_json_and_best(trained):
 # 2. A TFDS catalogue dataset (mock_data): one real train step, end to end.
 
 
+@pytest.mark.slow  # compiles programs of its own (another step count)
 def test_catalogue_dataset_on_mock_data_trains_end_to_end(tmp_path):
   # 'mnist' from the TFDS catalogue, its records generated by mock_data: one real train step,
   # evaluation over the whole mock test split (400 = 384 + 16 padded to 384).
@@ -401,8 +333,13 @@ def _with_accuracies(monkeypatch, accuracies: list[float]):
 
 
 @pytest.mark.parametrize(
-  'accuracies, best', [([0.5, 0.25], 4), ([0.25, 0.25], 6)], ids=['earlier-run-best', 'tie']
+  'accuracies, best',
+  [
+    pytest.param([0.5, 0.25], 4, id='earlier-run-best'),
+    pytest.param([0.25, 0.25], 6, id='tie'),
+  ],
 )
+@pytest.mark.slow  # two runs each
 def test_best_checkpoint_is_kept_across_resume(data_dir, tmp_path, monkeypatch, accuracies, best):
   workdir = str(tmp_path)
   ov = overrides(
@@ -428,16 +365,16 @@ KILL_STEPS = 48
 
 
 @pytest.fixture(scope='module')
-def reference(data_dir, tmp_path_factory):
+def reference(data_dir, tmp_path_factory, pemn_cli):
   """An uninterrupted `pemn train` of KILL_STEPS steps, started at once, awaited on demand."""
   workdir = str(tmp_path_factory.mktemp('reference'))
   ov = overrides(data_dir, train__num_steps=KILL_STEPS)
-  proc = start(train_cmd(workdir, ov))
+  proc = pemn_cli.start(*train_args(workdir, ov))
   done = {}
 
   def wait():
     if not done:
-      ok(finish(proc))
+      ok(pemn_cli.finish(proc))
       done['state'] = restored(workdir)
     return workdir, done['state']
 
@@ -448,22 +385,22 @@ def reference(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_then_resume_is_bit_identical(reference, tmp_path):
+def test_sigkill_mid_run_then_resume_is_bit_identical(reference, tmp_path, pemn_cli):
   ov, reference_result = reference
   workdir = str(tmp_path)
-  cmd = train_cmd(workdir, ov)
-  proc = start(cmd)
+  args = train_args(workdir, ov)
+  proc = pemn_cli.start(*args)
   deadline = time.time() + SUBPROCESS_TIMEOUT
   while proc.poll() is None and not checkpoint_steps(workdir) and time.time() < deadline:
     time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
-  r = finish(proc)
+  r = pemn_cli.finish(proc)
   assert r.returncode == -signal.SIGKILL, f'not killed mid-run:\n{r.stdout}\n{r.stderr}'
   killed_at = checkpoint_steps(workdir)
   assert killed_at and killed_at[-1] < KILL_STEPS
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
 
-  r = ok(run(cmd))
+  r = ok(pemn_cli(*args))
   assert 'pemn: resuming from checkpoint step' in r.stdout
   ref_dir, (ref_state, ref_step) = reference_result()
   state, step = restored(workdir)
@@ -476,12 +413,12 @@ def test_sigkill_mid_run_then_resume_is_bit_identical(reference, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path):
+def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path, pemn_cli):
   ov, reference_result = reference
   workdir = str(tmp_path)
   # No periodic checkpoint before the end: the one written on SIGTERM is the only one.
-  cmd = train_cmd(workdir, {**ov, 'train.checkpoint_every_steps': 1000})
-  proc = start(cmd)
+  args = train_args(workdir, {**ov, 'train.checkpoint_every_steps': 1000})
+  proc = pemn_cli.start(*args)
   metrics = os.path.join(workdir, 'metrics.jsonl')
   deadline = time.time() + SUBPROCESS_TIMEOUT
   while (
@@ -491,8 +428,8 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path
   ):
     time.sleep(0.01)
   proc.send_signal(signal.SIGTERM)
-  r = finish(proc)
-  assert r.returncode == 0, r.stderr
+  r = pemn_cli.finish(proc)
+  assert r.returncode == 128 + signal.SIGTERM, r.stderr  # unfinished: not a success status
   assert 'Traceback' not in r.stderr
   (stopped,) = checkpoint_steps(workdir)
   assert 0 < stopped < KILL_STEPS, 'SIGTERM arrived after the run ended: raise KILL_STEPS'
@@ -500,7 +437,7 @@ def test_sigterm_finishes_step_checkpoints_and_exits_cleanly(reference, tmp_path
   assert 'Resume with the same command' in r.stdout
   assert not os.path.exists(os.path.join(workdir, 'summary.json'))
 
-  r = ok(run(cmd))
+  r = ok(pemn_cli(*args))
   assert f'resuming from checkpoint step {stopped}' in r.stdout
   _, (ref_state, _) = reference_result()
   state, step = restored(workdir)
@@ -559,10 +496,10 @@ def one_device(data_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_eight_devices_match_one_and_resume_on_one(one_device, tmp_path):
+def test_eight_devices_match_one_and_resume_on_one(one_device, tmp_path, pemn_cli):
   ref_dir, ov = one_device
   w8 = str(tmp_path / 'eight')
-  ok(run(train_cmd(w8, ov), devices=8))
+  ok(pemn_cli(*train_args(w8, ov), devices=8))
   state8, step = restored(w8)  # written by 8 devices, restored here on 1
   assert step == 4
   ref_state, _ = restored(ref_dir)
@@ -583,13 +520,13 @@ def test_eight_devices_match_one_and_resume_on_one(one_device, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_two_devices_match_one_process_with_four(one_device, tmp_path):
+def test_two_processes_with_two_devices_match_one_process_with_four(one_device, tmp_path, pemn_cli):
   _, ov = one_device
   w4, shared = str(tmp_path / 'four'), str(tmp_path / 'shared')
   port = free_port()
-  procs = [start(train_cmd(w4, ov), devices=4)] + [
-    start(
-      train_cmd(
+  procs = [pemn_cli.start(*train_args(w4, ov), devices=4)] + [
+    pemn_cli.start(
+      *train_args(
         shared,
         ov,
         '--cpu_collectives=gloo',
@@ -601,7 +538,7 @@ def test_two_processes_with_two_devices_match_one_process_with_four(one_device, 
     )
     for i in range(2)
   ]
-  results = [finish(p) for p in procs]
+  results = [pemn_cli.finish(p) for p in procs]
   for r in results:
     ok(r)
   assert 'epoch 1/1 step 4/4' in results[1].stdout  # process 0 reports ...
@@ -687,6 +624,7 @@ def test_workdir_of_a_different_model_is_refused_untouched(trained, fields, matc
   assert snapshot(workdir) == before
 
 
+@pytest.mark.slow  # compiles the rematerialised step
 def test_resume_with_remat_blocks_changed(trained, tmp_path):
   """model.remat_blocks picks how the step runs, not the network: resuming may switch it."""
   src, ov, _ = trained
@@ -722,8 +660,11 @@ def _garble_meta(step_dir):
 @pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 @pytest.mark.parametrize(
   'damage',
-  [_truncate_state, _garble_state_metadata, _garble_meta],
-  ids=['truncated-data', 'garbled-array-metadata', 'garbled-meta'],
+  [
+    pytest.param(_truncate_state, id='truncated-data', marks=pytest.mark.slow),  # trains again
+    pytest.param(_garble_state_metadata, id='garbled-array-metadata'),
+    pytest.param(_garble_meta, id='garbled-meta'),
+  ],
 )
 def test_corrupted_checkpoint_is_a_clear_error_and_left_untouched(trained, tmp_path, damage):
   src, ov, _ = trained
@@ -758,7 +699,7 @@ def test_corrupted_checkpoint_is_a_clear_error_and_left_untouched(trained, tmp_p
 
 
 @pytest.mark.slow
-def test_cli_bad_input_is_one_line_error(trained, tmp_path):
+def test_cli_bad_input_is_one_line_error(trained, tmp_path, pemn_cli):
   src, ov, _ = trained
   other, corrupt = str(tmp_path / 'other'), str(tmp_path / 'corrupt')
   shutil.copytree(src, other)
@@ -766,41 +707,43 @@ def test_cli_bad_input_is_one_line_error(trained, tmp_path):
   _truncate_state(os.path.join(corrupt, 'checkpoints', '6'))
   before = {w: snapshot(w) for w in (other, corrupt)}
   fresh = str(tmp_path / 'fresh')
-  cases = {  # name: (command, devices, words the error line must contain)
+  cases = {  # name: (pemn_cli's ARGS, devices, words the error line must contain)
     'unknown dataset': (
-      train_cmd(fresh, {**ov, 'data.name': 'no_such_dataset'}),
+      train_args(fresh, {**ov, 'data.name': 'no_such_dataset'}),
       1,
       ["data.name='no_such_dataset'", 'is not a dataset'],
     ),
     'missing data dir': (
-      train_cmd(fresh, {**ov, 'data.name': 'mnist', 'data.data_dir': '/nonexistent/tfds'}),
+      train_args(fresh, {**ov, 'data.name': 'mnist', 'data.data_dir': '/nonexistent/tfds'}),
       1,
       ['data.data_dir=/nonexistent/tfds', 'tfds build mnist'],
     ),
     'batch size': (
-      train_cmd(fresh, {**ov, 'train.batch_size': 12}),
+      train_args(fresh, {**ov, 'train.batch_size': 12}),
       8,
       ['train.batch_size (12)', 'number of devices (8)'],
     ),
     'other model': (
-      train_cmd(other, {**ov, 'model.dim': 8}),
+      train_args(other, {**ov, 'model.dim': 8}),
       1,
       ['different model', 'model.dim: checkpoint 16 vs config 8'],
     ),
     'corrupted': (
-      train_cmd(corrupt, {**ov, 'train.num_steps': 8}),
+      train_args(corrupt, {**ov, 'train.num_steps': 8}),
       1,
       ['cannot restore checkpoint step 6', 'corrupted'],
     ),
     'corrupted evaluate': (
-      pemn('evaluate', '--workdir', corrupt, '--json'),
+      ['evaluate', '--workdir', corrupt, '--json'],
       1,
       ['cannot restore checkpoint step 6', 'corrupted'],
     ),
   }
-  procs = {name: start(cmd, devices) for name, (cmd, devices, _) in cases.items()}
+  procs = {
+    name: pemn_cli.start(*args, devices=devices) for name, (args, devices, _) in cases.items()
+  }
   for name, proc in procs.items():
-    r = finish(proc)
+    r = pemn_cli.finish(proc)
     line = one_line_error(r, 'evaluate' if 'evaluate' in name else 'train')
     for words in cases[name][2]:
       assert words in line, (name, line)
@@ -815,6 +758,7 @@ def test_cli_bad_input_is_one_line_error(trained, tmp_path):
 # and checkpoints.
 
 
+@pytest.mark.slow  # two more runs; test_steps.py checks the trace counts in the fast run
 def test_steps_trace_once_and_frozen_weights_stay_out(data_dir, tmp_path, monkeypatch):
   traces = {'train': 0, 'eval': 0}
   grad_paths, opt_paths = [], []
