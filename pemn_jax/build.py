@@ -151,15 +151,34 @@ def check_model_size(config: ml_collections.ConfigDict, abstract_variables) -> i
 
 
 def check_data(
-  config: ml_collections.ConfigDict, image_shape: tuple[int, ...], num_classes: int
+  config: ml_collections.ConfigDict,
+  image_shape: tuple[int, ...],
+  num_classes: int,
+  model: nn.Module | None = None,
 ) -> tuple[int, ...]:
   """The input shape of the model, after checking the config fits the dataset.
+
+  ``model``: a module the caller built instead of the config's; then its logits (from an
+  abstract init and apply on one example) must have ``num_classes`` entries, and the config's
+  model section is not consulted.
 
   Raises:
     ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data, or a
       patch or kernel does not fit its images (``check_input_shape``).
   """
-  m, image_shape = config.model, tuple(image_shape)
+  image_shape = tuple(image_shape)
+  if model is not None:
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    rngs = {'params': jax.random.key(0), layers.FROZEN: jax.random.key(1)}
+    out = jax.eval_shape(lambda x: model.apply(model.init(rngs, x), x), x)
+    if getattr(out, 'shape', None) != (1, num_classes):
+      raise ValueError(
+        f'the model given to train_and_evaluate maps a {image_shape} image to '
+        f'{getattr(out, "shape", type(out).__name__)}, not to {num_classes} logits (the classes '
+        f'of data.name={config.data.name!r})'
+      )
+    return image_shape
+  m = config.model
   if m.num_classes != num_classes:
     raise ValueError(
       f'model.num_classes ({m.num_classes}) does not match the {num_classes} classes of '
@@ -315,3 +334,32 @@ def check_fingerprint(recorded: str | None, regenerated: str, where: str) -> Non
       f'recorded with it ({str(recorded)[:12]}... vs {regenerated[:12]}...): its model, seed or '
       'strategy differ from the config, or JAX changed its random stream; refusing to use it'
     )
+
+
+def init_module(model: nn.Module, config: ml_collections.ConfigDict, shape) -> dict[str, Any]:
+  """Variables of a module the caller built, drawn with the config seed's keys (``model_keys``:
+  the ``params`` and ``frozen`` streams) on one all-zeros example, under jit."""
+  params_key, frozen_key = model_keys(config.seed)
+  x = jnp.zeros((1, *shape), jnp.float32)
+  return dict(
+    jax.jit(lambda pk, fk: model.init({'params': pk, layers.FROZEN: fk}, x))(params_key, frozen_key)
+  )
+
+
+def is_config_model(model: nn.Module, config: ml_collections.ConfigDict) -> bool:
+  """Whether ``model`` is the module ``config.model`` describes (same class and fields)."""
+  try:
+    return model == build_model(config)
+  except ValueError:
+    return False
+
+
+def structure_fingerprint(variables: dict, frozen_fingerprint: str) -> str:
+  """sha256 over a variable tree's structure (collections, paths, shapes, dtypes) and the frozen
+  weights' fingerprint: what identifies a module the config does not describe."""
+  h = hashlib.sha256(frozen_fingerprint.encode())
+  for path, leaf in sorted(
+    ('/'.join(map(str, p)), x) for p, x in jax.tree_util.tree_flatten_with_path(variables)[0]
+  ):
+    h.update(f'{path}:{tuple(leaf.shape)}:{leaf.dtype}'.encode())
+  return 'module:' + h.hexdigest()

@@ -147,12 +147,25 @@ class Setup:
   input_shape: tuple[int, ...] = flax.struct.field(pytree_node=False)  # (H, W, C) of one example
 
 
-def setup_model(config: ml_collections.ConfigDict, shape: tuple[int, ...], replicated) -> Setup:
-  """Builds the model, draws its variables (strategy applied) and places them replicated."""
-  model = build.build_model(config)
-  variables = build.init_variables(model, config, shape)
+def setup_model(
+  config: ml_collections.ConfigDict, shape: tuple[int, ...], replicated, model=None
+) -> Setup:
+  """Builds the model, draws its variables (strategy applied) and places them replicated.
+
+  ``model``: a Linen module the caller built (e.g. with ``pemn.mask_model``) instead of the one
+  ``config.model`` describes; it is initialised with the config seed's keys (``params`` and
+  ``frozen`` streams) on one example, and its fingerprint covers the structure of its variables
+  too, so its checkpoints never restore into another module.
+  """
+  if model is None:
+    model = build.build_model(config)
+    variables = build.init_variables(model, config, shape)
+  else:
+    variables = build.init_module(model, config, shape)
   frozen = variables.get(layers.FROZEN)
   fingerprint = build.frozen_fingerprint(frozen) if frozen is not None else 'dense'
+  if not build.is_config_model(model, config):
+    fingerprint = build.structure_fingerprint(variables, fingerprint)
   variables = jax.device_put(variables, replicated)
   return Setup(model, variables.get(layers.FROZEN), fingerprint, variables, tuple(shape))
 
@@ -166,8 +179,9 @@ def restore_checkpoint(mngr, step: int, template, s: Setup, workdir: str, identi
   and the frozen-weight fingerprint, so no altered state and no state paired with other random
   weights is ever used.
   """
+  saved_meta = checkpointing.restore_meta(mngr, step, template)
   if identity is not None:
-    saved = checkpointing.restore_meta(mngr, step, template)['identity']
+    saved = saved_meta['identity']
     missing = [g for g in identity if g not in saved]
     if missing and os.path.exists(os.path.join(workdir, 'config.json')):
       # Checkpoints of earlier versions record no data/train settings; the config.json those
@@ -175,10 +189,12 @@ def restore_checkpoint(mngr, step: int, template, s: Setup, workdir: str, identi
       recorded = checkpointing.identity(load_config(workdir))
       saved = {**{g: recorded[g] for g in missing}, **saved}
     checkpointing.check_identity(saved, identity, workdir)
-  state, meta = checkpointing.restore(mngr, step, template)
+  # The fingerprint before the state: a checkpoint of another module (another state shape) is
+  # refused as such, not reported as a corrupted checkpoint by the restore.
   build.check_fingerprint(
-    meta['fingerprint'], s.fingerprint, f'checkpoint step {step} of {workdir}'
+    saved_meta.get('fingerprint'), s.fingerprint, f'checkpoint step {step} of {workdir}'
   )
+  state, meta = checkpointing.restore(mngr, step, template)
   return state, meta
 
 
@@ -336,11 +352,14 @@ def _finish(workdir, done, total_steps, meta, last_eval, seconds, s: Setup, inte
   return summary
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, model=None) -> dict:
   """Trains the model a config describes, resuming from ``workdir`` if it holds checkpoints.
 
   Args:
     config: a full config (see ``pemn_jax.configs.common``).
+    model: optional Linen module to train instead of the one ``config.model`` describes (e.g.
+      one made with ``pemn.mask_model``); called as ``model(x, train=...)``; its logits must
+      have the dataset's number of classes. ``config``'s data, train and seed sections apply.
     workdir: checkpoints, ``metrics.jsonl``, TensorBoard events, ``config.json`` (and, when
       resumed, ``config_history.jsonl``; see ``restore_or_start``) and ``summary.json`` are
       written here.
@@ -365,14 +384,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if jax.process_index() == 0:
     sources.prepare(config.data)
   info = sources.get_dataset_info(config.data)
-  shape = build.check_data(config, info.image_shape, info.num_classes)
+  shape = build.check_data(config, info.image_shape, info.num_classes, model)
   config = check_train_data(config, info)
   t = config.train
   steps_per_epoch = pipeline.steps_per_epoch(info, t.batch_size)
   total_steps = total_train_steps(config, info)
   num_epochs = math.ceil(total_steps / steps_per_epoch)
   shardings = steps.mesh_and_shardings()
-  s = setup_model(config, shape, shardings.replicated)  # checks the model's size first
+  s = setup_model(config, shape, shardings.replicated, model)  # checks the model's size first
   with workdirs.exclusive(workdir, is_main=jax.process_index() == 0):  # one run per workdir
     return _train(config, workdir, s, shardings, steps_per_epoch, total_steps, num_epochs)
 
@@ -482,12 +501,16 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise ValueError(f'{source} is not a readable pemn config record: {e}') from e
 
 
-def restore_workdir(workdir: str, best: bool = False):
-  """``(config, Setup, TrainState, step)`` of a workdir's latest or best checkpoint."""
+def restore_workdir(workdir: str, best: bool = False, model=None):
+  """``(config, Setup, TrainState, step)`` of a workdir's latest or best checkpoint.
+
+  ``model``: the module the run trained, when it was not the one its config describes.
+  """
   config = load_config(workdir)
   replicated = steps.mesh_and_shardings().replicated
   info = sources.get_dataset_info(config.data)
-  s = setup_model(config, build.check_data(config, info.image_shape, info.num_classes), replicated)
+  shape = build.check_data(config, info.image_shape, info.num_classes, model)
+  s = setup_model(config, shape, replicated, model)
   mngr = checkpointing.manager(workdir, read_only=True)
   step = checkpointing.best_step(mngr) if best else mngr.latest_step()
   if step is None:
@@ -500,15 +523,18 @@ def restore_workdir(workdir: str, best: bool = False):
   return config, s, state, step
 
 
-def evaluate_workdir(workdir: str, best: bool = False, native_kernels: str | None = None) -> dict:
+def evaluate_workdir(
+  workdir: str, best: bool = False, native_kernels: str | None = None, model=None
+) -> dict:
   """Evaluates a workdir's latest (or best) checkpoint on the test split.
 
-  ``native_kernels`` overrides the run's ``model.native_kernels`` (how the step runs only).
+  ``native_kernels`` overrides the run's ``model.native_kernels`` (how the step runs only);
+  ``model`` is the module the run trained, when it was not its config's.
 
   Returns:
     ``{'accuracy', 'loss', 'num_examples', 'step'}``.
   """
-  config, s, state, step = restore_workdir(workdir, best)
+  config, s, state, step = restore_workdir(workdir, best, model)
   shardings = steps.mesh_and_shardings()
   eval_step = steps.jit_eval_step(s.model, shardings, native_kernels or config.model.native_kernels)
   result = evaluate_state(eval_step, config, s, shardings, state.params, state.batch_stats)

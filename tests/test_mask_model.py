@@ -322,3 +322,40 @@ def test_one_sharded_step_on_eight_devices_equals_one_device():
   assert (one['devices'], eight['devices']) == (1, 8)
   np.testing.assert_allclose(eight['loss'], one['loss'], rtol=1e-5)
   np.testing.assert_allclose(eight['scores'], one['scores'], rtol=1e-4, atol=1e-6)
+
+
+def test_train_and_evaluate_trains_a_module_the_caller_built(data_dir, tmp_path):
+  from pemn_jax.configs import common, smoke
+
+  config = common.with_overrides(
+    smoke.get_config(),
+    {'data.data_dir': data_dir, 'train.num_steps': 6, 'train.eval_batch_size': 500},
+  )
+  model = pemn.mask_model(CNN(), keep_fraction=0.5, strategy='random_vector_padding', rp_ratio=0.1)
+  workdir = str(tmp_path / 'w')
+  summary = pemn.train_and_evaluate(config, workdir, model=model)
+  assert summary['finished'] and summary['fingerprint'].startswith('module:')
+  result = pemn.evaluate_workdir(workdir, model=model)
+  assert result['accuracy'] == summary['final_accuracy'] and result['step'] == 6
+  # The same config with another module (or none: the config's ConvMixer) is refused.
+  other = pemn.mask_model(CNN(width=8), keep_fraction=0.5)
+  for wrong in (other, None):
+    with pytest.raises(ValueError, match='fingerprint'):
+      pemn.evaluate_workdir(workdir, model=wrong)
+  # Resuming with more steps continues the same module's run.
+  more = common.with_overrides(config, {'train.num_steps': 8})
+  assert pemn.train_and_evaluate(more, workdir, model=model)['step'] == 8
+
+
+def test_train_and_evaluate_checks_the_module_logits_against_the_data(data_dir, tmp_path):
+  from pemn_jax.configs import common, smoke
+
+  class FiveWay(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+      return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+  config = common.with_overrides(smoke.get_config(), {'data.data_dir': data_dir})
+  with pytest.raises(ValueError, match=r'not to 10 logits'):
+    pemn.train_and_evaluate(config, str(tmp_path / 'w'), model=pemn.mask_model(FiveWay()))
+  assert not (tmp_path / 'w').exists()
