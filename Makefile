@@ -11,13 +11,17 @@ WORKDIR ?= workdirs/demo
 .PHONY: help demo test test-fast lint bench bench-remat bench-native bench-codec bench-input clean-demo
 
 help:
-	@echo "make demo   - set up .venv and train the demo (masked ConvMixer, RP, embedded Fashion-MNIST)"
-	@echo "make test   - set up .venv, lint with ruff, run the whole test suite (what CI runs)"
-	@echo "make test-fast - the edit-and-rerun loop: the tests not marked slow, no lint (under 2 minutes)"
-	@echo "make lint   - ruff check and ruff format --check"
-	@echo "make bench  - the train-step benchmark (experiments/bench_step.py)"
-	@echo "make bench-remat - the masked step with and without model.remat_blocks (experiments/bench_remat.py)"
-	@echo "make bench-native - the masked step in pure XLA vs with the native kernels (bench_remat.py --compare native)"
+	@echo "make demo        - set up .venv and train the demo (masked ConvMixer, RP, embedded Fashion-MNIST)"
+	@echo "make clean-demo  - delete the demo's workdir (WORKDIR, default workdirs/demo) to start over"
+	@echo "make test        - set up .venv, lint with ruff, run the whole test suite (what CI runs)"
+	@echo "make test-fast   - the edit-and-rerun loop: the tests not marked slow, no lint (under 2 minutes)"
+	@echo "make lint        - ruff check and ruff format --check"
+	@echo "make bench       - the train-step benchmark (python -m experiments.bench_step)"
+	@echo "make bench-remat - the masked step with and without model.remat_blocks (experiments.bench_remat)"
+	@echo "make bench-native - the masked step in pure XLA vs with the native kernels (bench_remat --compare native)"
+	@echo "make bench-codec - the mask codec against the entropy bound (experiments.bench_codec)"
+	@echo "make bench-input - host NumPy vs on-device JAX augmentation throughput (experiments.bench_input)"
+	@echo "make help        - this list"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
