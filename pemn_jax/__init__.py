@@ -4,7 +4,8 @@ The public API, for ``import pemn_jax as pemn``:
 
 - layers: ``MaskedConv``, ``MaskedDense`` (frozen random kernel x learned top-k mask) and their
   trainable twins ``Conv``, ``Dense``; ``FROZEN``, the collection and rng stream of the fixed
-  random weights;
+  random weights; ``DenseBase`` / ``ConvBase``, the base classes they share (a subclass defines
+  ``effective_kernel(shape)``: the seam for new kinds of masked layers);
 - masks: ``score_mask`` (the straight-through top-k a masked layer applies to its scores) and
   ``topk_mask``;
 - weight strategies: ``apply_strategy`` over a ``frozen`` collection, ``STRATEGIES``,
@@ -31,6 +32,8 @@ import importlib
 _API = {
   'FROZEN': ('pemn_jax.layers', 'FROZEN'),
   'Conv': ('pemn_jax.layers', 'Conv'),
+  'ConvBase': ('pemn_jax.layers', 'ConvBase'),
+  'DenseBase': ('pemn_jax.layers', 'DenseBase'),
   'Dense': ('pemn_jax.layers', 'Dense'),
   'MaskedConv': ('pemn_jax.layers', 'MaskedConv'),
   'MaskedDense': ('pemn_jax.layers', 'MaskedDense'),

@@ -181,7 +181,28 @@ def _masked_kernel(module: nn.Module, shape) -> jax.Array:
   return jax.lax.stop_gradient(frozen) * mask.astype(frozen.dtype)
 
 
-class _DenseBase(nn.Module):
+class DenseBase(nn.Module):
+  """A dense layer whose kernel comes from ``effective_kernel(shape)``: the extension seam.
+
+  Subclasses define ``effective_kernel(self, shape) -> jax.Array``, called inside the compact
+  ``__call__`` (so it may create variables: ``self.param``, ``self.variable``) with the Flax
+  kernel shape ``(in_features, features)``; the layer computes ``x @ kernel`` (+ bias). ``Dense``
+  (a trainable kernel), ``MaskedDense`` (frozen random kernel x top-k mask) and the sparse
+  baselines are such subclasses; a new kind of masked layer is a few lines::
+
+    class SignedConstantMaskedDense(layers.DenseBase):  # frozen weights +-std, masked
+      keep_fraction: float = 0.5
+
+      def effective_kernel(self, shape):
+        draw = lambda: jnp.sign(jax.random.normal(self.make_rng(layers.FROZEN), shape))
+        sign = self.variable(layers.FROZEN, 'kernel', draw).value
+        scores = self.param('scores', layers.uniform_fan_in, shape)
+        std = (2.0 / shape[0]) ** 0.5
+        return std * sign * masking.score_mask(scores, self.keep_fraction)
+
+  (``tests/test_layers.py`` runs this example.)
+  """
+
   features: int
   use_bias: bool = False
   dtype: Dtype | None = None
@@ -196,7 +217,14 @@ class _DenseBase(nn.Module):
     return checkpoint_name(y, CHECKPOINT_NAME)
 
 
-class _ConvBase(nn.Module):
+class ConvBase(nn.Module):
+  """A 2-D conv (NHWC, HWIO kernels) whose kernel comes from ``effective_kernel(shape)``.
+
+  The same seam as ``DenseBase``, with the kernel shape ``(*kernel_size, in / groups,
+  features)`` and the conv computed by ``pemn_jax.ops.conv`` (strides, padding, groups, the
+  CPU-fast formulations).
+  """
+
   features: int
   kernel_size: Sequence[int] = (3, 3)
   strides: Sequence[int] = (1, 1)
@@ -225,21 +253,21 @@ class _ConvBase(nn.Module):
     return checkpoint_name(y, CHECKPOINT_NAME)
 
 
-class Dense(_DenseBase):
+class Dense(DenseBase):
   """Trainable dense layer (the dense baseline), no bias by default."""
 
   def effective_kernel(self, shape):
     return _trainable_kernel(self, shape)
 
 
-class Conv(_ConvBase):
+class Conv(ConvBase):
   """Trainable 2-D conv (the dense baseline), NHWC / HWIO, no bias by default."""
 
   def effective_kernel(self, shape):
     return _trainable_kernel(self, shape)
 
 
-class MaskedDense(_DenseBase):
+class MaskedDense(DenseBase):
   """Dense layer on a frozen random kernel with a learned top-k mask."""
 
   keep_fraction: float = 0.5
@@ -249,7 +277,7 @@ class MaskedDense(_DenseBase):
     return _masked_kernel(self, shape)
 
 
-class MaskedConv(_ConvBase):
+class MaskedConv(ConvBase):
   """2-D conv on a frozen random kernel with a learned top-k mask (groups, strides, padding)."""
 
   keep_fraction: float = 0.5

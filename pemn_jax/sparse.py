@@ -62,7 +62,7 @@ def _sparse_kernel(module: nn.Module, shape) -> jax.Array:
   return kernel * jax.lax.stop_gradient(mask).astype(kernel.dtype)
 
 
-class SparseDense(layers._DenseBase):  # noqa: SLF001 - same package, shared dense machinery
+class SparseDense(layers.DenseBase):
   """Dense layer keeping a fraction ``1 - sparsity`` of its trainable weights."""
 
   method: str = 'random'
@@ -72,7 +72,7 @@ class SparseDense(layers._DenseBase):  # noqa: SLF001 - same package, shared den
     return _sparse_kernel(self, shape)
 
 
-class SparseConv(layers._ConvBase):  # noqa: SLF001
+class SparseConv(layers.ConvBase):
   """Conv layer keeping a fraction ``1 - sparsity`` of its trainable weights."""
 
   method: str = 'random'

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 
 import chex
 import flax.linen as nn
@@ -381,3 +382,22 @@ def test_compose_into_own_module():
   chex.assert_shape(logits, (2, 10))
   chex.assert_tree_all_finite(logits)
   assert variables['frozen']['MaskedConv_1']['kernel'].shape == (3, 3, 1, 32)
+
+
+def test_the_extension_seam_example_in_the_docstring_is_a_working_layer():
+  import re
+
+  from pemn_jax import layers as layers_mod
+
+  example = re.search(r'::\n\n(.*?)\n\n  \(``tests', layers_mod.DenseBase.__doc__, re.S).group(1)
+  namespace = {'layers': layers_mod, 'masking': masking, 'jax': jax, 'jnp': jnp}
+  exec(textwrap.dedent(example), namespace)  # noqa: S102
+  layer = namespace['SignedConstantMaskedDense'](features=8, keep_fraction=0.25)
+  x = jnp.ones((2, 16))
+  v = layer.init({'params': jax.random.key(0), 'frozen': jax.random.key(1)}, x)
+  assert set(v) == {'params', 'frozen'} and set(v['params']) == {'scores'}
+  assert set(np.unique(np.abs(np.asarray(v['frozen']['kernel'])))) == {1.0}
+  mask = masking.score_mask(v['params']['scores'], 0.25)
+  assert int(mask.sum()) == masking.num_kept(16 * 8, 0.25)
+  grads = jax.grad(lambda p: layer.apply({**v, 'params': p}, x).sum())(v['params'])
+  assert float(jnp.abs(grads['scores']).sum()) > 0  # trained through the straight-through mask
