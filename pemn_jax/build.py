@@ -346,14 +346,6 @@ def init_module(model: nn.Module, config: ml_collections.ConfigDict, shape) -> d
   )
 
 
-def is_config_model(model: nn.Module, config: ml_collections.ConfigDict) -> bool:
-  """Whether ``model`` is the module ``config.model`` describes (same class and fields)."""
-  try:
-    return model == build_model(config)
-  except ValueError:
-    return False
-
-
 def structure_fingerprint(variables: dict, frozen_fingerprint: str) -> str:
   """sha256 over a variable tree's structure (collections, paths, shapes, dtypes) and the frozen
   weights' fingerprint: what identifies a module the config does not describe."""

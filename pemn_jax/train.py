@@ -157,14 +157,15 @@ def setup_model(
   ``frozen`` streams) on one example, and its fingerprint covers the structure of its variables
   too, so its checkpoints never restore into another module.
   """
-  if model is None:
+  given = model is not None
+  if given:
+    variables = build.init_module(model, config, shape)
+  else:
     model = build.build_model(config)
     variables = build.init_variables(model, config, shape)
-  else:
-    variables = build.init_module(model, config, shape)
   frozen = variables.get(layers.FROZEN)
   fingerprint = build.frozen_fingerprint(frozen) if frozen is not None else 'dense'
-  if not build.is_config_model(model, config):
+  if given:
     fingerprint = build.structure_fingerprint(variables, fingerprint)
   variables = jax.device_put(variables, replicated)
   return Setup(model, variables.get(layers.FROZEN), fingerprint, variables, tuple(shape))
