@@ -15,6 +15,7 @@ elapsed=$(( $(date +%s) - start ))
   echo "- Command: \`bash experiments/record_demo.sh\` (runs \`make clean-demo && make demo\`)"
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC'); wall time ${elapsed} s (venv already built)"
   echo "- Machine: $(.venv/bin/python -m experiments.common); $(uptime | sed 's/.*load average/load average/') at the end"
+  echo "- ISA flags, versions, native kernels: \`$(.venv/bin/python -m experiments.common --json | .venv/bin/python -c 'import json, sys; m = json.load(sys.stdin); print(json.dumps({k: m[k] for k in ("isa", "jax", "jaxlib", "native_kernels")}, separators=(",", ":")))')\`"
   echo '- Dataset: the embedded Fashion-MNIST subset (pemn_jax/data_files/fashion_mnist_subset: 10,000 train / 2,000 test, first 1,000 / 200 per class of the official files)'
   echo
   echo '```'
