@@ -359,3 +359,28 @@ def test_train_and_evaluate_checks_the_module_logits_against_the_data(data_dir, 
   with pytest.raises(ValueError, match=r'not to 10 logits'):
     pemn.train_and_evaluate(config, str(tmp_path / 'w'), model=pemn.mask_model(FiveWay()))
   assert not (tmp_path / 'w').exists()
+
+
+def test_a_masked_class_under_nn_remat_has_the_same_variables_and_gradients():
+  masked_cnn = type(pemn.mask_model(CNN(), keep_fraction=0.5))  # the masked class itself
+
+  def outer(block):
+    class Outer(nn.Module):
+      @nn.compact
+      def __call__(self, x, train=False):
+        return block(width=16, name='backbone')(x, train)
+
+    return Outer()
+
+  x = cnn_input()
+  plain, remat = outer(masked_cnn), outer(nn.remat(masked_cnn, static_argnums=(2,)))
+  variables = plain.init(RNGS, x)
+  chex.assert_trees_all_equal(variables, remat.init(RNGS, x))
+
+  def grads(model):
+    loss = lambda p: model.apply(  # noqa: E731
+      {**variables, 'params': p}, x, True, mutable=['batch_stats']
+    )[0].sum()
+    return jax.grad(loss)(variables['params'])
+
+  chex.assert_trees_all_close(grads(remat), grads(plain), atol=1e-6)
