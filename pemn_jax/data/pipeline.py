@@ -45,9 +45,6 @@ from pemn_jax.configs import common
 from pemn_jax.data import augment as augment_lib
 from pemn_jax.data import sources
 
-# For the callers still reaching these through ``pipeline`` while they are moved to ``sources``.
-from pemn_jax.data.sources import DatasetInfo, clear_cache, get_dataset_info, prepare  # noqa: F401
-
 _PERMUTATION_STREAM = 0x5045524D  # separates the order's seed from other uses of (seed, epoch)
 
 
