@@ -45,6 +45,12 @@ STRATEGY_POINTS = [  # (label, overrides) of figure 3, in the paper's order
 ]
 
 # Scaled-down recipe shared by every point of a grid (see the grid's README for the why).
+_RECIPE = {  # after each grid's batch size and epochs, so the commands keep their order
+  'train.peak_lr': 0.01,
+  'train.checkpoint_every_steps': 200,
+  'train.log_every_steps': 50,
+  'train.progress': False,
+}
 CIFAR_BASE = {
   'model.dim': 128,
   'model.depth': 4,
@@ -52,10 +58,7 @@ CIFAR_BASE = {
   'model.patch_size': 4,
   'train.batch_size': 128,
   'train.num_epochs': 4,
-  'train.peak_lr': 0.01,
-  'train.checkpoint_every_steps': 200,
-  'train.log_every_steps': 50,
-  'train.progress': False,
+  **_RECIPE,
   'data.name': 'cifar10_jpeg',
 }
 FMNIST_BASE = {
@@ -65,10 +68,7 @@ FMNIST_BASE = {
   'model.patch_size': 2,
   'train.batch_size': 128,
   'train.num_epochs': 2,
-  'train.peak_lr': 0.01,
-  'train.checkpoint_every_steps': 200,
-  'train.log_every_steps': 50,
-  'train.progress': False,
+  **_RECIPE,
   'data.name': 'fashion_mnist',
   'data.augment': False,
 }
@@ -106,20 +106,15 @@ CIFAR_VIT_BASE = {
   'model.mlp_ratio': 2.0,
   'train.batch_size': 128,
   'train.num_epochs': 4,
+  **_RECIPE,
   'train.peak_lr': 1e-3,
-  'train.checkpoint_every_steps': 200,
-  'train.log_every_steps': 50,
-  'train.progress': False,
   'data.name': 'cifar10_jpeg',
 }
 CIFAR_RESNET_BASE = {
   'model.depth': 20,
   'train.batch_size': 128,
   'train.num_epochs': 2,
-  'train.peak_lr': 0.01,
-  'train.checkpoint_every_steps': 200,
-  'train.log_every_steps': 50,
-  'train.progress': False,
+  **_RECIPE,
   'data.name': 'cifar10_jpeg',
 }
 
@@ -332,24 +327,42 @@ def load_records(grid, results=RESULTS):
   return out
 
 
+SOURCE_PATH_FLAG = '--config.data.source_path='
+
+
+def shown_command(command: str) -> str:
+  """A recorded command as a report shows it: an npz path outside the repository (which a
+  clone does not have) becomes ``PATH/<file name>``; the run's JSON record keeps it verbatim."""
+  args = shlex.split(command)
+  for i, a in enumerate(args):
+    if a.startswith(SOURCE_PATH_FLAG) and a[len(SOURCE_PATH_FLAG) :].startswith('../'):
+      args[i] = f'{SOURCE_PATH_FLAG}PATH/{os.path.basename(a[len(SOURCE_PATH_FLAG) :])}'
+  return shlex.join(args)
+
+
 def source_path_note(records) -> list[str]:
   """Lines saying where the commands' CIFAR-10 npz lay, if they pass one (else none)."""
-  flag = '--config.data.source_path='
   paths = sorted(
-    {a[len(flag) :] for r in records for a in shlex.split(r['command']) if a.startswith(flag)}
+    {
+      a[len(SOURCE_PATH_FLAG) :]
+      for r in records
+      for a in shlex.split(r['command'])
+      if a.startswith(SOURCE_PATH_FLAG)
+    }
   )
   if not paths:
     return []
-  where = (
-    'outside the repository, in a folder beside it'
-    if all(p.startswith('../') for p in paths)
-    else 'at that path from the repository root'
-  )
-  passed = ' or '.join(f'`{flag}{p}`' for p in paths)
+  if all(p.startswith('../') for p in paths):
+    where = (
+      'outside the repository, in a folder beside it: the commands show it as `PATH/` (each '
+      "run's JSON record under `runs/` keeps the exact command)"
+    )
+  else:
+    where = 'at the path the commands give, from the repository root'
   return [
-    f'The commands below pass {passed}: when they ran, the npz lay {where}. It is built as '
-    '[docs/data.md](../../../docs/data.md#cifar-10-jpeg-q75-mirror) describes; pass its path on '
-    'your machine instead.',
+    f'The commands below pass the CIFAR-10 npz with `{SOURCE_PATH_FLAG}`; when they ran, it lay '
+    f'{where}. It is built as [docs/data.md](../../../docs/data.md#cifar-10-jpeg-q75-mirror) '
+    'describes; pass its path on your machine.',
     '',
   ]
 
@@ -404,7 +417,9 @@ def do_report(args) -> int:
     *source_path_note(records),
   ]
   for r in records:
-    md.append(f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{r["command"]}`')
+    md.append(
+      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
+    )
   md.append('')
   md.append(
     f'Regenerate this file and the plot: `python -m experiments.grid report --grid {args.grid}`'
