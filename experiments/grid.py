@@ -99,6 +99,31 @@ KEEP_POINTS = [
   )
   for k in (0.5, 0.3, 0.1, 0.05)
 ]
+# The equal-bytes comparison (accuracy against measured .pemn bytes) on the
+# cifar_convmixer recipe: PEMN Mask and RP 1e-2 at three keep fractions, the dense network, the
+# magnitude-pruned sparse baseline, and dense networks with learned 1-bit weights.
+PARETO_PEMN_POINTS = [
+  (
+    f'{name} k={k:g}',
+    {'strategy.name': strategy, **extra, 'strategy.keep_fraction': k},
+  )
+  for name, strategy, extra in (
+    ('Mask', 'mask', {}),
+    ('RP 1e-2', 'random_vector_padding', {'strategy.rp_ratio': 1e-2}),
+  )
+  for k in (0.5, 0.3, 0.1)
+]
+PARETO_BASELINE_POINTS = [
+  ('Dense', {'model.masked': False}),
+  *[
+    (
+      f'Magnitude {s:.0%}',
+      {'model.masked': False, 'model.sparsity_method': 'magnitude', 'model.sparsity': s},
+    )
+    for s in (0.90, 0.96)
+  ],
+]
+BINARY_POINTS = [('1-bit', {'model.masked': False, 'model.binary_weights': True})]
 CIFAR_VIT_BASE = {
   'model.dim': 128,
   'model.depth': 4,
@@ -154,6 +179,12 @@ GRIDS = {
   ),
   'cifar_resnet56': lambda: _grid(
     {**CIFAR_RESNET_BASE, 'model.depth': 56}, 'resnet_cifar10.py', (0,), RESNET_DEPTH_POINTS
+  ),
+  # Equal bytes: seed 0 of everything first, then the second seed of the PEMN and 1-bit points.
+  'cifar_pareto': lambda: (
+    _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0,), PARETO_PEMN_POINTS + PARETO_BASELINE_POINTS)
+    + _grid(CIFAR_BASE, 'convmixer_cifar10.py', (1,), PARETO_PEMN_POINTS)
+    + _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1), BINARY_POINTS)
   ),
   'fmnist_keep': lambda: _grid(FMNIST_BASE, 'convmixer_cifar10.py', (0,), KEEP_POINTS),
   # Keep fraction against accuracy and .pemn file size on a small model: the demo's model and data.
