@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pemn_jax import layers, masking, native, ops, sparse, strategies
+from pemn_jax import binary, layers, masking, native, ops, sparse, strategies
 from pemn_jax.configs import common
 from pemn_jax.models import REGISTRY, remat
 
@@ -87,6 +87,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       'model.sparsity_method is for the dense sparse baselines: set model.masked=False with it'
     )
   sparse.validate(m.sparsity_method, m.sparsity)
+  common.check_bool(m.binary_weights, 'model.binary_weights')
+  if m.binary_weights and m.masked:
+    raise ValueError(
+      'model.binary_weights is for the dense 1-bit-weight baseline: set model.masked=False with it'
+    )
+  if m.binary_weights and m.sparsity_method is not None:
+    raise ValueError(
+      'model.binary_weights and model.sparsity_method are two different dense baselines: set '
+      f'one of them (model.sparsity_method={m.sparsity_method!r})'
+    )
   s = config.strategy
   common.check_choice(s.name, 'strategy.name', strategies.STRATEGIES)
   common.check_real(s.keep_fraction, 'strategy.keep_fraction', 0.0, 1.0, low_open=True)
@@ -208,7 +218,8 @@ def input_shape(config: ml_collections.ConfigDict) -> tuple[int, int, int]:
 
 def layer_classes(config: ml_collections.ConfigDict) -> dict:
   """The ``conv`` / ``dense`` classes, ``dtype`` and ``num_classes`` every family takes: masked
-  (PEMN), sparse baseline or dense, as ``model.masked`` and ``model.sparsity_method`` say."""
+  (PEMN), sparse baseline, 1-bit weights or dense, as ``model.masked``, ``model.sparsity_method``
+  and ``model.binary_weights`` say."""
   m, s = config.model, config.strategy
   impl = m.conv_impl
   if m.masked:
@@ -219,6 +230,9 @@ def layer_classes(config: ml_collections.ConfigDict) -> dict:
     sparse_ = dict(method=m.sparsity_method, sparsity=m.sparsity)
     conv = functools.partial(sparse.SparseConv, conv_impl=impl, **sparse_)
     dense = functools.partial(sparse.SparseDense, **sparse_)
+  elif m.binary_weights:
+    conv = functools.partial(binary.BinaryConv, conv_impl=impl)
+    dense = binary.BinaryDense
   else:
     conv = functools.partial(layers.Conv, conv_impl=impl)
     dense = layers.Dense

@@ -15,7 +15,9 @@ All sizes are in bits. For a model whose masked layers have ``d_l`` weights each
   needs: a folded affine map, 2 values per channel (BN scale and shift, LN scale and bias). The
   paper does not say whether it counts BN; both are reported.
 
-``csr_bits`` is the conventional sparse baseline: values plus CSR indices.
+``csr_bits`` is the conventional sparse baseline: values plus CSR indices; ``binary_bits`` the
+learned 1-bit-weight baseline (``pemn_jax.binary``): one bit per weight plus a float32 scale per
+output channel.
 """
 
 from __future__ import annotations
@@ -147,6 +149,16 @@ def csr_bits(
     nnz = round((1.0 - sparsity) * d)
     total += (value_bits + index_bits) * nnz + index_bits * (rows + 1)
   return total
+
+
+def binary_bits(shapes: Sequence[tuple[int, ...]], scale_bits: int = FLOAT_BITS) -> int:
+  """A network with learned 1-bit weights (``pemn_jax.binary``): per layer, one bit per weight
+  (its sign) plus a ``scale_bits`` scale per output channel (the last axis of the Flax shape).
+
+  Counts the kernels only: normalisation layers and any bias are extra, as in every other
+  convention here (``report``'s ``*_with_bn`` adds the normalisation values).
+  """
+  return sum(int(np.prod(s)) + scale_bits * int(s[-1]) for s in shapes)
 
 
 def format_table(r: StorageReport) -> str:

@@ -17,11 +17,17 @@ from pemn_jax import build, layers, storage, strategies
 
 
 def norm_values(params: dict) -> int:
-  """Values the normalisation layers need at inference: 2 per channel (scale and shift)."""
+  """Values the normalisation layers need at inference: 2 per channel (scale and shift).
+
+  A ``scale`` next to a ``kernel`` is a 1-bit layer's per-channel scale (``pemn_jax.binary``),
+  counted with its kernel (``storage.binary_bits``), not here.
+  """
+  items = strategies.tree_items(params)
+  with_kernel = {path[:-1] for path, _ in items if path[-1] == 'kernel'}
   return sum(
     2 * int(np.prod(leaf.shape))
-    for path, leaf in strategies.tree_items(params)
-    if path[-1] == 'scale'
+    for path, leaf in items
+    if path[-1] == 'scale' and path[:-1] not in with_kernel
   )
 
 
@@ -40,7 +46,9 @@ def summarize(
     A JSON-ready dict: ``layers`` (path, Flax shape, PyTorch shape, size), ``masked_weights``,
     ``unique_values`` (random values the strategy stores), ``distinct_values_present``
     (``np.unique`` over the regenerated weights; can be a few lower, as float32 normal draws
-    occasionally collide), ``norm_values``, ``trainable_params`` and ``storage``.
+    occasionally collide), ``norm_values``, ``trainable_params`` and ``storage``; for a sparse
+    baseline ``sparsity``, ``csr_bits`` and ``csr_ratio``, for 1-bit weights ``binary_bits``
+    and ``binary_ratio`` (vs dense fp32, BN excluded).
   """
   model = build.build_model(config)
   shape = build.input_shape(config)
@@ -92,6 +100,9 @@ def summarize(
       out['sparsity'] = config.model.sparsity
       out['csr_bits'] = storage.csr_bits(shapes, config.model.sparsity)
       out['csr_ratio'] = rep.dense_fp32_bits / out['csr_bits']
+    if config.model.get('binary_weights'):
+      out['binary_bits'] = storage.binary_bits(shapes)
+      out['binary_ratio'] = rep.dense_fp32_bits / out['binary_bits']
   out['storage'] = rep.as_dict()
   out['storage_table'] = storage.format_table(rep)
   return out
@@ -100,6 +111,8 @@ def summarize(
 def format_summary(summary: dict) -> str:
   """``summarize``'s report as text: one line per masked layer, the counts, the storage table."""
   kind = 'masked' if summary['masked'] else 'dense baseline'
+  if 'binary_bits' in summary:
+    kind += ', learned 1-bit weights'
   lines = [
     f'model {summary["model"]} ({kind})',
     f'  {"layer":40s} {"Flax shape":>20s} {"size":>10s}',
@@ -112,4 +125,13 @@ def format_summary(summary: dict) -> str:
     f'parameters {summary["trainable_params"]:,}'
   )
   lines.append(summary['storage_table'])
+  if 'binary_bits' in summary:  # the storage table's columns: 1 bit a weight + a scale a channel
+    st = summary['storage']
+    bits = summary['binary_bits']
+    bits_bn = bits + storage.FLOAT_BITS * st['norm_values']
+    lines.append(
+      f'  {"learned 1-bit weights + fp32 scales":42s} {bits / 8 / 2**20:9.3f} MiB '
+      f'{summary["binary_ratio"]:7.2f}x {bits_bn / 8 / 2**20:9.3f} MiB '
+      f'{st["dense_fp32_bits_with_bn"] / bits_bn:7.2f}x'
+    )
   return '\n'.join(lines)

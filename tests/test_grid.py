@@ -33,7 +33,14 @@ def test_every_run_builds_and_names_are_unique(name):
 def test_runs_of_a_grid_share_one_recipe(name):
   # Within a grid only the strategy point and the seed may differ: the comparison is fair.
   runs = grid.GRIDS[name]()
-  point_fields = ('strategy.', 'model.masked', 'model.sparsity', 'model.dtype', 'seed')
+  point_fields = (
+    'strategy.',
+    'model.masked',
+    'model.sparsity',
+    'model.binary_weights',
+    'model.dtype',
+    'seed',
+  )
   recipes = {
     tuple(sorted((k, str(v)) for k, v in r['overrides'].items() if not k.startswith(point_fields)))
     for r in runs

@@ -64,6 +64,7 @@ BAD = {
   'model.width': [*INT_BAD, common.MAX_RESNET_WIDTH + 1],
   'model.sparsity_method': ['bogus', '', 3, True],
   'model.sparsity': FRACTION_BAD,
+  'model.binary_weights': [*BOOL_BAD, True],  # True: with the smoke config's model.masked=True
   'model.dtype': ['float16', 'fp32', '', 3, None],
   'model.conv_impl': ['cudnn', '', 3, None],
   'model.native_kernels': ['bogus', 'topk,', '', 3, None, True],

@@ -46,6 +46,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ``sparsity`` of each layer's weights (pemn_jax.sparse)
   c.model.sparsity_method = config_dict.placeholder(str)
   c.model.sparsity = 0.9
+  # the learned 1-bit-weight baseline (dense only, masked=False; not with sparsity_method): every
+  # weight sign(latent) x a learned scale per output channel (pemn_jax.binary)
+  c.model.binary_weights = False
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (scores, BN, optimizer: fp32)
   c.model.conv_impl = 'auto'  # conv formulation: auto | xla | fast | native (pemn_jax.ops)
   # which native CPU kernels the steps may use (pemn_jax.native): 'auto' (all, where they
