@@ -1,32 +1,43 @@
-"""Train-step benchmark: masked vs dense, against this CPU's FLOP floor and the PyTorch reference.
+"""Train-step benchmark: masked vs dense, fp32 vs bf16, against this device's FLOP floor.
 
   python -m experiments.bench_step [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
-                                   [--steps N] [--json]
+                                   [--steps N] [--dtypes float32,bfloat16] [--quick] [--json]
 
 Default: ConvMixer-256/8 (``pemn_jax/configs/convmixer_cifar10.py``) on synthetic CIFAR-shaped
 input (32x32x3), batch 128, plus a small row (``--small-config``, default the demo config:
-ConvMixer-96/4 on 28x28x1) unless ``--config`` is given or ``--small-config ''``.
+ConvMixer-96/4 on 28x28x1) unless ``--config`` is given or ``--small-config ''``; each config in
+every dtype of ``--dtypes`` (``model.dtype``; default fp32 and bf16, printed side by side).
 
-For each config, in one process:
+For each config and dtype, in one process:
   * the masked model and the dense model of the same definition (``model.masked`` False) are
     built, initialised, and jitted with the library's own step (``steps.make_train_step`` +
     ``steps.make_optimizer``, sharded and donated as ``train.train_and_evaluate`` does);
-  * compile time (trace + lower + compile) of each step;
-  * XLA cost-analysis FLOPs of the compiled steps (with ``--config.model.remat_blocks=...``,
-    those of the same step without remat: XLA counts a loop body once, and recomputation is
-    not useful work; when the step calls native kernels, which XLA counts as zero, those of
-    the same step in pure XLA, every native kernel off);
+  * compile time (trace + lower + compile) of each step, and the native kernels its HLO calls;
+  * FLOPs per step two ways: XLA's cost analysis of the compiled step (with
+    ``--config.model.remat_blocks=...``, that of the same step without remat: XLA counts a loop
+    body once, and recomputation is not useful work; when the step calls native kernels, which
+    XLA counts as zero, that of the same step in pure XLA), and the matrix-product FLOPs alone
+    (``2 M N K`` of every dot and conv in the step's jaxpr, backward included: ``dot_flops``);
   * median step time over ``--steps`` steps after two warm-up steps, masked and dense ALTERNATED
-    step by step so that load from other processes on this shared machine hits both alike;
-  * peak RSS of a separate process that trains ONLY the masked model (``--_rss-child``).
-Then the fp32 matmul peak of this device (best of a few large ``jnp.dot``), timed in the same
-run, and ``floor_ratio = masked_step_s / (flops_per_step / matmul_peak_flops)``.
+    step by step so that load from other processes on this shared machine hits both alike (the
+    dtypes run one after the other: their temp buffers differ in size, and alternating such
+    variants biases the ratio, PERFORMANCE.md attempt 29);
+  * peak RSS of a separate process per variant (``--_rss-child``: masked or dense, this dtype).
+Then the matmul peaks of this device, fp32 and bf16 (``experiments.peak``: sizes 1024..4096,
+best of N after warm-up, XLA's full thread pool as the step uses, checked against the bound
+cores x FLOP/cycle x clock), timed before and after the steps (best taken), and
+``floor_ratio = step_s / (flops_per_step / matmul_peak)``, each row against the peak of its
+dtype (fp32 rows also as before: ``floor_ratio`` of the main row).
 
 With ``--json``, one JSON object; keys (stable): ``device``, ``masked_step_s``, ``dense_step_s``,
 ``masked_compile_s``, ``dense_compile_s``, ``flops_per_step``, ``dense_flops_per_step``,
-``matmul_peak_flops``, ``floor_ratio``, ``masked_peak_rss_mb``, ``masked_images_per_s``,
-``dense_images_per_s``, ``masked_over_dense``, ``reference_*``, ``rows`` (every config
-measured, the first being the main one), ``machine`` and ``machine_info`` (``experiments.common``).
+``matmul_peak_flops`` (fp32), ``matmul_peak_bf16_flops``, ``peak`` (``experiments.peak``:
+per size, the bound and its check), ``floor_ratio``, ``masked_peak_rss_mb``,
+``masked_images_per_s``, ``dense_images_per_s``, ``masked_over_dense`` (all of the first
+config's fp32 row), ``bf16`` (the same for its bf16 row, and ``bf16_over_fp32``),
+``reference_*``, ``rows`` (every config x dtype measured, the first being the main one),
+``machine`` and ``machine_info`` (``experiments.common``: CPU model, ISA flags, cores, jax and
+jaxlib, native kernels).
 """
 
 from __future__ import annotations
@@ -46,16 +57,36 @@ from experiments.common import load_config
 REPO = common.ROOT
 DEFAULT_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'convmixer_cifar10.py')
 SMALL_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'demo.py')
-# The authors' PyTorch code, dense ConvMixer-256/8, batch 128, fp32, on this machine kind
-# (2 vCPU AMD EPYC, AVX2), torch 2.13 CPU: measured in another run, not by this script.
-REFERENCE = {
-  'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
-  'step_s': 6.7,
-  'peak_rss_mb': 2.0 * 1024,
-  'dim': 256,
-  'depth': 8,
-  'batch': 128,
+# The authors' PyTorch code, dense ConvMixer-256/8, batch 128, measured in other runs (not by
+# this script), per machine kind (a substring of the CPU model name): on 2-vCPU AMD EPYC (AVX2),
+# torch 2.13 CPU, fp32; on 2-core Intel Xeon (AVX-512, AMX), torch 2.14 CPU, fp32 and under
+# torch.autocast('cpu', torch.bfloat16) (issue 17, idle machine, 2 threads).
+REFERENCES = {
+  'AMD EPYC': {
+    'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
+    'step_s': 6.7,
+    'peak_rss_mb': 2.0 * 1024,
+  },
+  'Intel(R) Xeon(R)': {
+    'name': 'authors PyTorch (torch 2.14 CPU, oneDNN, 2 threads), dense ConvMixer-256/8, '
+    'batch 128 (issue 17)',
+    'step_s': 3.84,
+    'masked_step_s': 3.42,
+    'bf16_step_s': 1.69,
+    'peak_rss_mb': 2.38 * 1024,
+  },
 }
+REFERENCE = {**REFERENCES['AMD EPYC'], 'dim': 256, 'depth': 8, 'batch': 128}
+
+
+def reference_for(cpu_model: str) -> dict | None:
+  """The PyTorch reference measured on this machine kind, if any."""
+  for kind, ref in REFERENCES.items():
+    if kind in cpu_model:
+      return {**ref, 'dim': 256, 'depth': 8, 'batch': 128}
+  return None
+
+
 WARMUP = 2
 
 
@@ -150,8 +181,10 @@ def build_step(
     donate_argnums=(0,),
   )
   t0 = time.perf_counter()
-  compiled = step.lower(state, frozen, batch).compile(compiler_options or None)
+  traced = step.trace(state, frozen, batch)
+  compiled = traced.lower().compile(compiler_options or None)
   compile_s = time.perf_counter() - t0
+  compiled.dot_flops = dot_flops(traced.jaxpr)  # read by bench_config
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else {}
@@ -170,6 +203,39 @@ def build_step(
   return compiled, state, frozen, batch, compile_s, flops
 
 
+def native_calls(compiled) -> list[str]:
+  """The ``pemn_*`` native kernels (FFI custom calls) a compiled step calls."""
+  import re
+
+  return sorted(set(re.findall(r'custom_call_target="(pemn_[a-z_]+)"', compiled.as_text())))
+
+
+def dot_flops(jaxpr) -> float:
+  """``2 M N K`` summed over every ``dot_general`` and ``conv_general_dilated`` of ``jaxpr``
+  (a ``ClosedJaxpr`` or ``Jaxpr``), sub-jaxprs included, a scan's body times its length."""
+  import math
+
+  jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
+  total = 0.0
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    out = eqn.outvars[0].aval if eqn.outvars else None
+    if name == 'dot_general':
+      (lc, _), _ = eqn.params['dimension_numbers']
+      lhs = eqn.invars[0].aval
+      total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[i] for i in lc)
+    elif name == 'conv_general_dilated':
+      rhs = eqn.invars[1].aval
+      spec = eqn.params['dimension_numbers'].rhs_spec  # (out features, in features, *spatial)
+      total += 2.0 * math.prod(out.shape) * math.prod(rhs.shape[i] for i in spec[1:])
+    times = eqn.params.get('length', 1) if name == 'scan' else 1
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        if hasattr(sub, 'eqns') or hasattr(getattr(sub, 'jaxpr', None), 'eqns'):
+          total += times * dot_flops(sub)
+  return total
+
+
 def run_steps(variants: dict, steps: int) -> dict:
   """Median seconds per step of each variant, the variants alternated step by step."""
   import jax
@@ -184,25 +250,6 @@ def run_steps(variants: dict, steps: int) -> dict:
         times[name].append(time.perf_counter() - t0)
       v['loss'] = float(metrics['loss'])
   return times
-
-
-def matmul_peak(n: int = 2048, reps: int = 7) -> tuple[float, float]:
-  """(best, median) fp32 FLOP/s of an ``n x n @ n x n`` ``jnp.dot`` on the default device."""
-  import jax
-  import jax.numpy as jnp
-
-  ka, kb = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(ka, (n, n), jnp.float32)
-  b = jax.random.normal(kb, (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, precision='highest'))
-  jax.block_until_ready(f(a, b))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(a, b))
-    ts.append(time.perf_counter() - t0)
-  flops = 2.0 * n**3
-  return flops / min(ts), flops / statistics.median(ts)
 
 
 def peak_rss_mb() -> float:
@@ -229,13 +276,15 @@ def rss_child(
   steps: int,
   remat: str = 'none',
   compiler_options: dict | None = None,
+  masked: bool = True,
 ) -> dict:
-  """Peak RSS (MB) of a fresh process that builds and trains only the masked model."""
+  """Peak RSS (MB) of a fresh process that builds and trains only this variant (the masked
+  model, or the dense one), with ``overrides`` (the dtype among them)."""
   cmd = [
     sys.executable,
     '-m',
     'experiments.bench_step',
-    '--_rss-child',
+    '--_rss-child' if masked else '--_rss-child-dense',
     '--config',
     config_path,
     '--batch-size',
@@ -257,7 +306,7 @@ def rss_child(
 
 
 # ----------------------------------------------------------------------------------------------
-# One row: one config, masked and dense.
+# One row: one config in one dtype, masked and dense.
 
 
 def bench_config(
@@ -268,6 +317,7 @@ def bench_config(
   rss_steps: int,
   remat: str = 'none',
   compiler_options: dict | None = None,
+  rss_variants: tuple[str, ...] = ('masked', 'dense'),
 ) -> dict:
   config = load_config(config_path, overrides)
   masked = build_step(config, batch_size, True, remat, compiler_options)
@@ -278,12 +328,18 @@ def bench_config(
   }
   times = run_steps(variants, steps)
   del variants
-  rss = rss_child(config_path, overrides, batch_size, rss_steps, remat, compiler_options)
+  rss = {
+    v: rss_child(
+      config_path, overrides, batch_size, rss_steps, remat, compiler_options, v == 'masked'
+    )
+    for v in rss_variants
+  }
   ms, ds = statistics.median(times['masked']), statistics.median(times['dense'])
   return {
     'config': os.path.relpath(config_path, REPO),
     'overrides': overrides,
     'model': describe(config),
+    'dtype': config.model.get('dtype', 'float32'),
     'batch_size': batch_size,
     'steps': steps,
     'remat': remat,
@@ -295,14 +351,35 @@ def bench_config(
     'dense_compile_s': dense[4],
     'masked_temp_mb': masked[0].memory_analysis().temp_size_in_bytes / 2**20,
     'dense_temp_mb': dense[0].memory_analysis().temp_size_in_bytes / 2**20,
+    'masked_native_calls': native_calls(masked[0]),
+    'dense_native_calls': native_calls(dense[0]),
     'flops_per_step': masked[5],
     'dense_flops_per_step': dense[5],
+    'dot_flops_per_step': masked[0].dot_flops,
+    'dense_dot_flops_per_step': dense[0].dot_flops,
     'masked_images_per_s': batch_size / ms,
     'dense_images_per_s': batch_size / ds,
     'masked_over_dense': ms / ds,
-    'masked_peak_rss_mb': rss.get('peak_rss_mb'),
-    'rss_child': rss,
+    'masked_peak_rss_mb': rss.get('masked', {}).get('peak_rss_mb'),
+    'dense_peak_rss_mb': rss.get('dense', {}).get('peak_rss_mb'),
+    'rss_child': rss.get('masked', {}),
+    'rss_children': rss,
   }
+
+
+def add_floors(row: dict, peaks: dict) -> None:
+  """Each variant's floor ratio against the matmul peak of the row's dtype (bf16 rows against
+  the bf16 peak; ``*_floor_ratio_fp32_peak`` against the fp32 one), from XLA's FLOPs and from
+  the matrix-product FLOPs alone (``*_dot_floor_ratio``)."""
+  key = 'bfloat16' if row['dtype'] == 'bfloat16' else 'float32'
+  peak = peaks[key]['best_flops']
+  row['peak_dtype'], row['peak_flops'] = key, peak
+  for v, pre in (('masked', ''), ('dense', 'dense_')):
+    step = row[f'{v}_step_s']
+    row[f'{v}_floor_ratio'] = step / (row[f'{pre}flops_per_step'] / peak)
+    row[f'{v}_dot_floor_ratio'] = step / (row[f'{pre}dot_flops_per_step'] / peak)
+    fp32 = peaks['float32']['best_flops']
+    row[f'{v}_floor_ratio_fp32_peak'] = step / (row[f'{pre}flops_per_step'] / fp32)
 
 
 def machine_fields() -> dict:
@@ -327,6 +404,111 @@ def machine_fields() -> dict:
 
 
 def format_table(result: dict) -> str:
+  """The human report of a record: records made before the fp32/bf16 rows (no ``peak``) keep
+  their old layout (``format_table_v1``), so bench_step.md's tables regenerate unchanged."""
+  if 'peak' not in result:
+    return format_table_v1(result)
+  from experiments import peak as peak_mod
+
+  m = result['machine_info']
+  isa = ' '.join(f for f, on in m['isa'].items() if on) or 'none of ' + ', '.join(m['isa'])
+  lines = [
+    f'{result["machine"]}; ISA {isa}; jax {m["jax"]}, jaxlib {m["jaxlib"]}; {result["date"]}',
+    f'native kernels: {common.native_line(m)}',
+    peak_mod.summary(result['peak']),
+    f'load average at the end {tuple(round(x, 1) for x in result["load_average"])} on '
+    f'{result["nproc"]} cores; XLA_FLAGS={result["xla_flags"]!r} '
+    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} compiler options '
+    f'{result["compiler_options"] or "none"}, remat {result["remat"]}',
+  ]
+  if result['rows'][0].get('overrides'):
+    lines.append(f'overrides of the first config: {" ".join(result["rows"][0]["overrides"])}')
+  lines.append('')
+  hdr = (
+    '| config | batch | variant | compile s | step s (median) | images/s | GFLOP/step (XLA) '
+    '| of it matmul | step/floor | step/floor (matmul FLOPs) | XLA temp MB | peak RSS MB |'
+  )
+  lines += [hdr, '|' + '---|' * 12]
+  for r in result['rows']:
+    for v, pre in (('masked', ''), ('dense', 'dense_')):
+      rss = r.get(f'{v}_peak_rss_mb')
+      lines.append(
+        f'| {r["model"]} | {r["batch_size"]} | {v} | {r[f"{v}_compile_s"]:.1f} | '
+        f'{r[f"{v}_step_s"]:.3f} | {r[f"{v}_images_per_s"]:.0f} | '
+        f'{r[f"{pre}flops_per_step"] / 1e9:.1f} | {r[f"{pre}dot_flops_per_step"] / 1e9:.1f} | '
+        f'{r[f"{v}_floor_ratio"]:.2f} | {r[f"{v}_dot_floor_ratio"]:.2f} | '
+        f'{r[f"{v}_temp_mb"]:.0f} | {f"{rss:.0f}" if rss else "-"} |'
+      )
+  lines += [
+    '',
+    "step/floor: against the matmul peak of the row's dtype (bf16 rows: the bf16 peak).",
+    '',
+    '| config | variant | fp32 step s | bf16 step s | bf16 / fp32 | fp32 RSS MB | bf16 RSS MB '
+    '| native kernels called (fp32 / bf16) |',
+    '|' + '---|' * 8,
+  ]
+  for pair in side_by_side(result['rows']):
+    f32, b16 = pair
+    for v in ('masked', 'dense'):
+      rs = [x.get(f'{v}_peak_rss_mb') if x else None for x in pair]
+      calls = [short_calls(x[f'{v}_native_calls']) if x else '-' for x in pair]
+      lines.append(
+        f'| {(f32 or b16)["model"].rsplit(" ", 1)[0]} | {v} | '
+        + ' | '.join(f'{x[f"{v}_step_s"]:.3f}' if x else '-' for x in pair)
+        + ' | '
+        + (f'{b16[f"{v}_step_s"] / f32[f"{v}_step_s"]:.2f}' if f32 and b16 else '-')
+        + ' | '
+        + ' | '.join(f'{x:.0f}' if x else '-' for x in rs)
+        + f' | {calls[0]} / {calls[1]} |'
+      )
+  lines.append('')
+  for r in result['rows']:
+    lines.append(
+      f'{r["model"]} batch {r["batch_size"]}: masked/dense = '
+      f'{r["masked_over_dense"]:.3f} (median of {r["steps"]} alternated steps)'
+    )
+  lines.append(
+    'fp32 and bf16 rows ran one after the other in one process (not alternated): on a loaded '
+    'machine compare them only within one run.'
+  )
+  if result.get('reference_step_s'):
+    lines.append(
+      f'reference: {result["reference"]}: {result["reference_step_s"]} s/step fp32'
+      + (
+        f', {result["bf16"]["reference_step_s"]} s/step bf16 autocast'
+        if result.get('bf16', {}).get('reference_step_s')
+        else ''
+      )
+      + f', measured in another run on this machine kind; ours masked '
+      f'{result["masked_step_s"]:.3f} s/step fp32 -> '
+      f'{result["speedup_vs_reference_masked"]:.2f}x its fp32 throughput'
+      + (
+        f', {result["bf16"]["masked_step_s"]:.3f} s/step bf16 -> '
+        f'{result["bf16"]["speedup_vs_reference_bf16"]:.2f}x its bf16 throughput'
+        if result.get('bf16', {}).get('reference_step_s')
+        else ''
+      )
+    )
+  return '\n'.join(lines)
+
+
+def short_calls(calls: list[str]) -> str:
+  """The native kernels called, by ``pemn_jax.native.FEATURES`` name."""
+  names = {'dw': 'depthwise', 'topk': 'topk', 'gelu': 'gelu_bn'}
+  got = {names.get(c.split('_')[1], c) for c in calls}
+  return ','.join(sorted(got)) or 'none'
+
+
+def side_by_side(rows: list[dict]) -> list[tuple[dict | None, dict | None]]:
+  """(fp32 row, bf16 row) per config, in the order the configs were measured."""
+  pairs: dict = {}
+  for r in rows:
+    key = (r['config'], tuple(o for o in r['overrides'] if not o.startswith(DTYPE_FIELD)))
+    pairs.setdefault(key, [None, None])[r['dtype'] == 'bfloat16'] = r
+  return [tuple(p) for p in pairs.values()]
+
+
+def format_table_v1(result: dict) -> str:
   lines = [
     f'device {result["device"]} ({result["cpu_model"]}, nproc {result["nproc"]}), '
     f'jax {result["jax"]}, {result["date"]}',
@@ -382,6 +564,23 @@ def format_table(result: dict) -> str:
   return '\n'.join(lines)
 
 
+MAIN_KEYS = (
+  'masked_step_s',
+  'dense_step_s',
+  'masked_compile_s',
+  'dense_compile_s',
+  'flops_per_step',
+  'dense_flops_per_step',
+  'dot_flops_per_step',
+  'masked_peak_rss_mb',
+  'dense_peak_rss_mb',
+  'masked_images_per_s',
+  'dense_images_per_s',
+  'masked_over_dense',
+)
+DTYPE_FIELD = '--config.model.dtype='
+
+
 def main() -> int:
   p = argparse.ArgumentParser(
     prog='python -m experiments.bench_step', description=__doc__.split('\n')[0]
@@ -394,7 +593,29 @@ def main() -> int:
   )
   p.add_argument('--batch-size', type=int, default=128)
   p.add_argument('--steps', type=int, default=10, help='timed steps per variant (after warm-up)')
-  p.add_argument('--rss-steps', type=int, default=3, help='steps the RSS child process trains')
+  p.add_argument('--rss-steps', type=int, default=3, help='steps each RSS child process trains')
+  p.add_argument(
+    '--dtypes',
+    default='float32,bfloat16',
+    help='model.dtype of the rows, comma-separated (default both, side by side); a '
+    '--config.model.dtype override instead gives that dtype alone',
+  )
+  p.add_argument(
+    '--rss',
+    default='masked,dense',
+    help="variants whose peak RSS is measured, one child process each ('' for none)",
+  )
+  p.add_argument(
+    '--peak-sizes',
+    default=','.join(map(str, peak_sizes())),
+    help='matrix sizes n of the n^3 matmul peak (default 1024..4096)',
+  )
+  p.add_argument('--peak-reps', type=int, default=5)
+  p.add_argument(
+    '--quick',
+    action='store_true',
+    help='a smoke run: 2 steps, 1 RSS step, peak sizes 512,1024 and 3 reps',
+  )
   p.add_argument('--json', action='store_true', help='print one JSON object')
   p.add_argument(
     '--remat',
@@ -414,8 +635,12 @@ def main() -> int:
     'own (steps.compiler_options); "none" for XLA\'s defaults',
   )
   p.add_argument('--_rss-child', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--_rss-child-dense', action='store_true', help=argparse.SUPPRESS)
   args, rest = common.parse_args(p)
   config_path = os.path.abspath(args.config or DEFAULT_CONFIG)
+  if args.quick:
+    args.steps, args.rss_steps, args.peak_reps = 2, 1, 3
+    args.peak_sizes = ','.join(map(str, peak_sizes(quick=True)))
   # Default: the options the library's trainer compiles its step with (what users run).
   if args.compiler_option:
     copts = dict(kv.split('=', 1) for kv in args.compiler_option if kv != 'none')
@@ -424,12 +649,12 @@ def main() -> int:
 
     copts = steps.compiler_options() or {}
 
-  if args._rss_child:
+  if args._rss_child or args._rss_child_dense:
     import jax
 
     config = load_config(config_path, rest)
     step, state, frozen, batch, _, _ = build_step(
-      config, args.batch_size, True, args.remat, copts, count_flops=False
+      config, args.batch_size, args._rss_child, args.remat, copts, count_flops=False
     )
     for _ in range(args.steps):
       state, metrics = step(state, frozen, batch)
@@ -437,51 +662,69 @@ def main() -> int:
     print(json.dumps({'peak_rss_mb': peak_rss_mb(), 'steps': args.steps}))
     return 0
 
-  import jax
+  from experiments import peak as peak_mod
 
-  peak_before = matmul_peak()
-  rows = [
-    bench_config(config_path, rest, args.batch_size, args.steps, args.rss_steps, args.remat, copts)
-  ]
+  sizes = tuple(int(n) for n in args.peak_sizes.split(','))
+  peak_before = peak_mod.measure(sizes, args.peak_reps)
+  if any(o.startswith(DTYPE_FIELD) for o in rest):
+    dtype_sets = [[]]  # the override decides
+  else:
+    dtype_sets = [[f'{DTYPE_FIELD}{d.strip()}'] for d in args.dtypes.split(',') if d.strip()]
+  rss_variants = tuple(v.strip() for v in args.rss.split(',') if v.strip())
   small = (
     args.small_config if args.small_config is not None else ('' if args.config else SMALL_CONFIG)
   )
-  if small:
-    rows.append(
-      bench_config(
-        os.path.abspath(small), [], args.batch_size, args.steps, args.rss_steps, args.remat, copts
-      )
+  configs = [(config_path, rest)] + ([(os.path.abspath(small), [])] if small else [])
+  rows = [
+    bench_config(
+      path,
+      [*ov, *dt],
+      args.batch_size,
+      args.steps,
+      args.rss_steps,
+      args.remat,
+      copts,
+      rss_variants,
     )
-  peak_after = matmul_peak()
-  # This machine is shared: the matmul is timed before and after the steps, best taken.
-  best, median = max(peak_before[0], peak_after[0]), max(peak_before[1], peak_after[1])
+    for path, ov in configs
+    for dt in dtype_sets
+  ]
+  peak_after = peak_mod.measure(sizes, args.peak_reps)
+  # This machine is shared: the peaks are timed before and after the steps, the best taken.
+  peaks = {k: peak_before[k] for k in peak_before}
+  for dtype in peak_mod.DTYPES:
+    if peak_after[dtype]['best_flops'] > peak_before[dtype]['best_flops']:
+      peaks[dtype] = peak_after[dtype]
+  peaks['before_after_flops'] = {
+    d: [peak_before[d]['best_flops'], peak_after[d]['best_flops']] for d in peak_mod.DTYPES
+  }
+  peaks['check'] = peak_mod.check(peaks)
+  for r in rows:
+    add_floors(r, peaks)
   main_row = rows[0]
   result = {
     **machine_fields(),
     'command': common.command_line('experiments.bench_step'),
-    'matmul_peak_flops': best,
-    'matmul_median_flops': median,
-    'matmul_peak_before_after_flops': [peak_before[0], peak_after[0]],
+    'matmul_peak_flops': peaks['float32']['best_flops'],
+    'matmul_peak_bf16_flops': peaks['bfloat16']['best_flops'],
+    'matmul_median_flops': max(r['median_flops'] for r in peaks['float32']['sizes']),
+    'peak': peaks,
     'compiler_options': copts,
     'remat': args.remat,
     'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
     'load_average': os.getloadavg(),
   }
-  for k in (
-    'masked_step_s',
-    'dense_step_s',
-    'masked_compile_s',
-    'dense_compile_s',
-    'flops_per_step',
-    'dense_flops_per_step',
-    'masked_peak_rss_mb',
-    'masked_images_per_s',
-    'dense_images_per_s',
-    'masked_over_dense',
-  ):
+  for k in MAIN_KEYS:
     result[k] = main_row[k]
-  result['floor_ratio'] = main_row['masked_step_s'] / (main_row['flops_per_step'] / best)
-  result['dense_floor_ratio'] = main_row['dense_step_s'] / (main_row['dense_flops_per_step'] / best)
+  result['floor_ratio'] = main_row['masked_floor_ratio']
+  result['dense_floor_ratio'] = main_row['dense_floor_ratio']
+  f32, b16 = side_by_side(rows)[0]
+  if f32 and b16:
+    result['bf16'] = {k: b16[k] for k in MAIN_KEYS}
+    result['bf16']['floor_ratio'] = b16['masked_floor_ratio']
+    result['bf16']['bf16_over_fp32'] = b16['masked_step_s'] / f32['masked_step_s']
+    if f32['masked_peak_rss_mb'] and b16['masked_peak_rss_mb']:
+      result['bf16']['rss_over_fp32'] = b16['masked_peak_rss_mb'] / f32['masked_peak_rss_mb']
   cfg = load_config(config_path, rest)
   same_as_ref = (
     cfg.model.name == 'convmixer'
@@ -489,19 +732,28 @@ def main() -> int:
     and cfg.model.depth == REFERENCE['depth']
     and args.batch_size == REFERENCE['batch']
   )
-  if same_as_ref:
-    result['reference'] = REFERENCE['name']
-    result['reference_step_s'] = REFERENCE['step_s']
-    result['reference_peak_rss_mb'] = REFERENCE['peak_rss_mb']
-    result['speedup_vs_reference_masked'] = REFERENCE['step_s'] / main_row['masked_step_s']
-    result['speedup_vs_reference_dense'] = REFERENCE['step_s'] / main_row['dense_step_s']
+  ref = reference_for(result['cpu_model'])
+  if same_as_ref and ref:
+    result['reference'] = ref['name']
+    result['reference_step_s'] = ref['step_s']
+    result['reference_peak_rss_mb'] = ref['peak_rss_mb']
+    result['speedup_vs_reference_masked'] = ref['step_s'] / main_row['masked_step_s']
+    result['speedup_vs_reference_dense'] = ref['step_s'] / main_row['dense_step_s']
+    if 'bf16' in result and 'bf16_step_s' in ref:
+      result['bf16']['reference_step_s'] = ref['bf16_step_s']
+      result['bf16']['speedup_vs_reference_bf16'] = ref['bf16_step_s'] / b16['masked_step_s']
   result['rows'] = rows
-  del jax
   if args.json:
     print(json.dumps(result, indent=2))
   else:
     print(format_table(result))
   return 0
+
+
+def peak_sizes(quick: bool = False) -> tuple[int, ...]:
+  from experiments import peak as peak_mod
+
+  return peak_mod.QUICK_SIZES if quick else peak_mod.SIZES
 
 
 if __name__ == '__main__':
