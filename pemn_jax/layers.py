@@ -126,7 +126,8 @@ class FusedGeluBatchNorm(nn.Module):
 
   Same variables as ``nn.BatchNorm`` (params ``scale``, ``bias``; batch_stats ``mean``,
   ``var``), same statistics (biased batch variance, ``E[z^2] - E[z]^2``), same running-average
-  update and the same gradients; only float32, only in training (``gelu_batch_norm`` decides).
+  update and the same gradients; float32, or bfloat16 computed in float32 (statistics and
+  parameters float32, output bfloat16), only in training (``gelu_batch_norm`` decides).
   """
 
   momentum: float = BN_MOMENTUM
@@ -149,14 +150,17 @@ class FusedGeluBatchNorm(nn.Module):
 
 def gelu_batch_norm(train: bool, dtype: Dtype | None = None):
   """``gelu_bn(name=...)(x) = batch_norm(train, dtype)(name=...)(gelu(x))``, the "GELU, BN" of
-  a ConvMixer: in training, in float32, where ``native.usable``, as ``FusedGeluBatchNorm``
-  (4 streaming passes instead of XLA's ~10 fusions and residuals); otherwise literally that.
-  Both register the same variables under ``name``.
+  a ConvMixer: in training, in float32 or bfloat16, where ``native.usable``, as
+  ``FusedGeluBatchNorm`` (4 streaming passes instead of XLA's ~10 fusions and residuals);
+  otherwise literally that. Both register the same variables under ``name``.
   """
 
   def make(name: str):
     def apply(x):
-      if train and dtype in (None, jnp.float32) and native.usable(x, feature='gelu_bn'):
+      # The fused kernels return x's dtype: what Flax returns for dtype=x.dtype, or for None
+      # with a float32 x (bfloat16 is computed in float32 inside them, native.DTYPES).
+      same = x.dtype == (jnp.float32 if dtype is None else jnp.dtype(dtype))
+      if train and same and native.usable(x, feature='gelu_bn'):
         return FusedGeluBatchNorm(name=name)(x)
       return batch_norm(train, dtype)(name=name)(gelu(x))
 
@@ -211,7 +215,7 @@ class DenseBase(nn.Module):
   def __call__(self, x):
     kernel = self.effective_kernel((x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
-    y = jnp.dot(x.astype(dtype), kernel.astype(dtype))
+    y = ops.matmul(x.astype(dtype), kernel.astype(dtype))
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(dtype)
     return checkpoint_name(y, CHECKPOINT_NAME)

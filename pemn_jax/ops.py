@@ -211,10 +211,85 @@ def depthwise_shift_add(
   return _shift_add(xp, kernel, (out_h, out_w), strides)
 
 
+# ---- Matrix products in bfloat16 on the CPU ------------------------------------------------
+
+
+@functools.cache
+def cpu_has_bf16_gemm() -> bool:
+  """The CPU multiplies bfloat16 in hardware (AMX-BF16 or AVX512-BF16, /proc/cpuinfo)."""
+  try:
+    with open('/proc/cpuinfo') as f:
+      for ln in f:
+        if ln.startswith('flags'):
+          flags = set(ln.split(':', 1)[1].split())
+          return bool(flags & {'amx_bf16', 'avx512_bf16'})
+  except OSError:
+    pass
+  return False
+
+
+_F32 = jnp.float32
+
+
+def _dot_f32acc(a, b, contract):
+  return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=_F32)
+
+
+@jax.custom_vjp
+def dot_bf16(x, w):
+  """``x @ w`` for 2-D bfloat16 ``x`` and ``w``: bfloat16 products accumulated in float32,
+  rounded to bfloat16 once, in the forward and both backward products.
+
+  XLA:CPU runs a bfloat16 dot with a float32 result on its fast bfloat16 kernels (AMX or
+  AVX512-BF16 where the CPU has them: 2-4x its float32 dot), but a bfloat16-out dot, which is
+  what ``jnp.dot`` of two bfloat16 arrays and its autodiff emit, ~1.5x slower than float32
+  (experiments/results/PERFORMANCE.md, attempt 36). This VJP keeps the forward and the input
+  gradient in the fast form.
+  """
+  return _dot_f32acc(x, w, ((1,), (0,))).astype(x.dtype)
+
+
+def _dot_bf16_fwd(x, w):
+  return dot_bf16(x, w), (x, w)
+
+
+def _dot_bf16_bwd(res, g):
+  x, w = res
+  g = g.astype(x.dtype)
+  dx = _dot_f32acc(g, w, ((1,), (1,))).astype(x.dtype)
+  # The weight gradient contracts the long batch axis, where XLA:CPU's bfloat16 kernels are
+  # slower than its float32 ones (attempt 36); bfloat16 products are exact in float32, so the
+  # float32 product of the same inputs is the same sum.
+  dw = _dot_f32acc(x.astype(_F32), g.astype(_F32), ((0,), (0,))).astype(w.dtype)
+  return dx, dw
+
+
+dot_bf16.defvjp(_dot_bf16_fwd, _dot_bf16_bwd)
+
+
+def matmul(x, kernel):
+  """``x @ kernel`` over ``x``'s last axis (``kernel`` 2-D), the layers' matrix product.
+
+  On the CPU backend with both bfloat16: ``dot_bf16`` where the CPU has bfloat16 GEMM
+  hardware (``cpu_has_bf16_gemm``), else the product in float32, rounded to bfloat16 (without
+  that hardware XLA's bfloat16 dot is slower than its float32 one). Elsewhere ``jnp.dot``.
+  """
+  bf16 = x.dtype == jnp.bfloat16 and kernel.dtype == jnp.bfloat16
+  if not bf16 or jax.default_backend() != 'cpu':
+    return jnp.dot(x, kernel)
+  lead = x.shape[:-1]
+  x2 = x.reshape(-1, x.shape[-1])
+  if cpu_has_bf16_gemm():
+    y = dot_bf16(x2, kernel)
+  else:
+    y = jnp.dot(x2.astype(_F32), kernel.astype(_F32)).astype(x.dtype)
+  return y.reshape(*lead, kernel.shape[-1])
+
+
 def pointwise_dot(x, kernel):
-  """1x1 stride-1 conv as one ``(N*H*W, C) @ (C, O)`` matrix product."""
+  """1x1 stride-1 conv as one ``(N*H*W, C) @ (C, O)`` matrix product (``matmul``)."""
   n, h, w, c = x.shape
-  y = jnp.dot(x.reshape(n * h * w, c), kernel.reshape(c, kernel.shape[-1]))
+  y = matmul(x.reshape(n * h * w, c), kernel.reshape(c, kernel.shape[-1]))
   return y.reshape(n, h, w, kernel.shape[-1])
 
 
@@ -225,7 +300,7 @@ def patchify_dot(x, kernel):
   hp, wp = h // ph, w // pw
   x = x[:, : hp * ph, : wp * pw, :]
   x = x.reshape(n, hp, ph, wp, pw, c).transpose(0, 1, 3, 2, 4, 5)
-  y = jnp.dot(x.reshape(n * hp * wp, ph * pw * c), kernel.reshape(ph * pw * c, o))
+  y = matmul(x.reshape(n * hp * wp, ph * pw * c), kernel.reshape(ph * pw * c, o))
   return y.reshape(n, hp, wp, o)
 
 

@@ -86,10 +86,13 @@ def test_conv_auto_uses_native_and_matches_xla():
   g = jax.jit(jax.grad(loss('auto'), argnums=(0, 1)))(x, kernel)
   g_ref = jax.grad(loss('xla'), argnums=(0, 1))(x, kernel)
   chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-4)
-  # 'fast' stays pure XLA; other dtypes too.
+  # 'fast' stays pure XLA; bfloat16 takes the kernels too (computed in float32 inside), float16
+  # does not.
   assert 'pemn_dw' not in jax.jit(loss('fast')).lower(x, kernel).as_text()
   xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
-  assert 'pemn_dw' not in jax.jit(loss('auto')).lower(xb, kb).as_text()
+  assert 'pemn_dw_kgrad' in jax.jit(jax.grad(loss('auto'), (0, 1))).lower(xb, kb).as_text()
+  xh, kh = x.astype(jnp.float16), kernel.astype(jnp.float16)
+  assert 'pemn_dw' not in jax.jit(loss('auto')).lower(xh, kh).as_text()
 
 
 def test_native_impl_errors_name_the_field(monkeypatch):
@@ -281,7 +284,8 @@ def test_fused_gelu_batch_norm_matches_flax(shape):
 
 
 def test_gelu_batch_norm_factory_paths():
-  """Training float32 takes the fused kernels; eval, bfloat16 and init-free paths stay Flax."""
+  """Training float32 and bfloat16 take the fused kernels; eval, a dtype other than x's and
+  float16 stay Flax."""
   native.available() or pytest.skip(native.unavailable_reason())
   import flax.linen as nn
 
@@ -300,7 +304,9 @@ def test_gelu_batch_norm_factory_paths():
   hlo = lambda m, x: jax.jit(lambda x: m.apply(v, x, mutable=['batch_stats'])).lower(x).as_text()
   assert 'pemn_gelu_bn_fwd' in hlo(M(True), x)
   assert 'pemn_gelu' not in jax.jit(lambda x: M(False).apply(v, x)).lower(x).as_text()
-  assert 'pemn_gelu' not in hlo(M(True, jnp.bfloat16), x)
+  assert 'pemn_gelu' not in hlo(M(True, jnp.bfloat16), x)  # x float32: Flax converts
+  assert 'pemn_gelu_bn_fwd' in hlo(M(True, jnp.bfloat16), x.astype(jnp.bfloat16))
+  assert 'pemn_gelu' not in hlo(M(True, jnp.float16), x.astype(jnp.float16))
 
 
 def test_native_off_switch_and_require(monkeypatch):

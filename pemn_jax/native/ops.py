@@ -158,11 +158,18 @@ def _data_mesh(batch: int):
   return mesh if size > 1 and batch % size == 0 else None
 
 
+# The dtypes the conv and GELU+BN kernels take: bfloat16 is computed in float32 inside the call
+# (converted at the kernel boundary, results rounded back), still several times faster than
+# XLA's bfloat16 formulations (experiments/results/PERFORMANCE.md, attempt 36).
+DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
+
+
 def usable(x, *others, feature: str = 'depthwise') -> bool:
   """Whether a native call on batch-major ``x`` is valid and efficient here: ``feature``
-  enabled, float32 (``x`` and ``others``) on the CPU backend, and either one device or a mesh
-  that splits this batch over ``'data'`` (see the module docstring)."""
-  if any(a.dtype != np.float32 for a in (x, *others)):
+  enabled, ``x`` and ``others`` all float32 or all bfloat16 (``DTYPES``) on the CPU backend,
+  and either one device or a mesh that splits this batch over ``'data'`` (see the module
+  docstring)."""
+  if x.dtype not in DTYPES or any(a.dtype != x.dtype for a in others):
     return False
   if jax.default_backend() != 'cpu' or not enabled(feature):
     return False
@@ -196,8 +203,10 @@ def _require() -> None:
 
 
 def _call(target, shape, *args, **attrs):
-  """One float32 result of shape ``shape`` from FFI target ``target`` (int attributes)."""
+  """One float32 result of shape ``shape`` from FFI target ``target`` (int attributes); the
+  arguments go in as float32 (bfloat16 ones converted: the kernels compute in float32)."""
   _require()
+  args = [a.astype(np.float32) if a.dtype != np.float32 else a for a in args]
   return jax.ffi.ffi_call(
     target, jax.ShapeDtypeStruct(shape, np.float32), vmap_method='sequential'
   )(*args, **{k: np.int64(v) for k, v in attrs.items()})
@@ -236,15 +245,17 @@ def _ffi_kgrad(x, g, pad_lo, kh, kw):
 def depthwise(x, kernel, pad_lo, out_hw):
   """``y[n, p, q, c] = sum_ij x[n, p + i - pad_lo[0], q + j - pad_lo[1], c] * kernel[i, j, 0, c]``
   with ``x`` read as zero outside its bounds; ``out_hw`` sets the output size (so trailing pads
-  are implied, and negative pads crop). Float32, NHWC, kernel ``(kh, kw, 1, C)``."""
-  return _per_shard(lambda x, k: _ffi_fwd(x, k, pad_lo, out_hw), x, kernel)
+  are implied, and negative pads crop). NHWC, kernel ``(kh, kw, 1, C)``; float32, or bfloat16
+  computed in float32 and returned in ``x``'s dtype."""
+  return _per_shard(lambda x, k: _ffi_fwd(x, k, pad_lo, out_hw), x, kernel).astype(x.dtype)
 
 
 def depthwise_kernel_grad(x, g, pad_lo, kh, kw):
   """``dk[i, j, 0, c] = sum_{n,p,q} x[n, p + i - pad_lo[0], q + j - pad_lo[1], c] * g[n, p, q, c]``
-  (zero outside ``x``), shape ``(kh, kw, 1, C)``: the kernel gradient of ``depthwise``."""
+  (zero outside ``x``), shape ``(kh, kw, 1, C)``: the kernel gradient of ``depthwise``, summed
+  in float32 and returned in ``x``'s dtype."""
   out = _per_shard(lambda x, g: _ffi_kgrad(x, g, pad_lo, kh, kw), x, g, batch_args=1, reduce=True)
-  return out.reshape(kh, kw, 1, x.shape[-1])
+  return out.reshape(kh, kw, 1, x.shape[-1]).astype(x.dtype)
 
 
 # ---- Top-k mask ---------------------------------------------------------------------------
@@ -273,13 +284,16 @@ def gelu_batch_stats(x):
 def gelu_batch_norm(x, scale, bias, mean, var, epsilon: float):
   """``BatchNorm(gelu(x))`` in training, given ``(mean, var) = gelu_batch_stats(x)``.
 
-  The VJP is that of a BatchNorm whose statistics are functions of ``x`` (as in Flax); ``mean``
-  and ``var`` get a zero cotangent, so pass them as computed from this ``x``.
+  Float32, or bfloat16 ``x`` computed in float32 with the result (and ``x``'s gradient) in
+  bfloat16; the residual is ``x`` in its own dtype. The VJP is that of a BatchNorm whose
+  statistics are functions of ``x`` (as in Flax); ``mean`` and ``var`` get a zero cotangent, so
+  pass them as computed from this ``x``.
   """
   rstd = jax.lax.rsqrt(var + epsilon)
   mul = scale * rstd
   coef = jnp.stack([mul, bias - mean * mul])
-  return _per_shard(lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef), x, coef)
+  y = _per_shard(lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef), x, coef)
+  return y.astype(x.dtype)
 
 
 def _gelu_bn_fwd(x, scale, bias, mean, var, epsilon):
@@ -310,7 +324,7 @@ def _gelu_bn_bwd(epsilon, res, dy):
     dy,
     jnp.stack([k, c0, c1]),
     batch_args=1,
-  )
+  ).astype(x.dtype)
   return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var)
 
 

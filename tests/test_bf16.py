@@ -1,0 +1,151 @@
+"""The bfloat16 compute path on the CPU: fast matrix products and the native kernels in bf16.
+
+``model.dtype=bfloat16`` runs (a) the layers' matrix products as ``ops.dot_bf16`` (bf16 inputs,
+fp32 accumulation, one rounding) where the CPU has bf16 GEMM hardware, else in fp32; (b) the
+native depthwise-conv and GELU+BN kernels with bf16 arrays, computed in fp32 inside the call.
+Each is checked against the XLA formulation on random inputs, values and gradients, both
+against fp32 arithmetic on the same (bf16-rounded) inputs, with a bf16 tolerance (a few units
+of bf16's 2^-8 relative rounding), and against XLA's own bf16 formulation.
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pemn_jax import native, ops
+from tests.test_ops_perf import _inputs, _reference
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+def _close(a, b, rel=2e-2):
+  """Equal to a bf16 tolerance, relative to the reference's scale."""
+  a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+  scale = float(np.max(np.abs(b))) or 1.0
+  np.testing.assert_allclose(a, b, rtol=rel, atol=rel * scale)
+
+
+@pytest.mark.parametrize('shape', [(64, 48, 40), (300, 17, 5)], ids=['even', 'odd'])
+def test_dot_bf16_matches_float32_and_xla(shape):
+  m, k, n = shape
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (m, k)).astype(BF16)
+  w = jax.random.normal(kw, (k, n)).astype(BF16)
+  cot = jax.random.normal(kg, (m, n)).astype(BF16)
+
+  def vjp(fn, x, w):
+    y, pull = jax.vjp(fn, x, w)
+    return (y, *pull(cot.astype(y.dtype)))
+
+  got = jax.jit(lambda x, w: vjp(ops.dot_bf16, x, w))(x, w)
+  assert [a.dtype for a in got] == [BF16] * 3
+  ref32 = vjp(jnp.dot, x.astype(F32), w.astype(F32))  # the same inputs, fp32 arithmetic
+  ref16 = vjp(jnp.dot, x, w)  # XLA's bf16 formulation
+  for a, b, c in zip(got, ref32, ref16, strict=True):
+    _close(a, b, rel=1e-2)  # one bf16 rounding of an fp32 sum
+    _close(a, c)
+
+
+def test_matmul_dispatch(monkeypatch):
+  """bf16 on the CPU: fp32-accumulating products where the CPU has bf16 GEMMs, fp32 products
+  without; other dtypes: jnp.dot. Leading axes are flattened and restored."""
+  x = jax.random.normal(jax.random.key(1), (3, 5, 16)).astype(BF16)
+  w = jax.random.normal(jax.random.key(2), (16, 8)).astype(BF16)
+  fwd = 'tensor<15x16xbf16>, tensor<16x8xbf16>) -> tensor<15x8xf32>'
+  dx = 'tensor<15x8xbf16>, tensor<16x8xbf16>) -> tensor<15x16xf32>'
+  hlo = lambda f: jax.jit(lambda x, w: f(x, w)).lower(x, w).as_text()  # a fresh trace each
+  grad = jax.grad(lambda x, w: ops.matmul(x, w).astype(F32).sum(), (0, 1))
+  monkeypatch.setattr(ops, 'cpu_has_bf16_gemm', lambda: True)
+  assert fwd in hlo(ops.matmul) and dx in hlo(grad)
+  y_fast = ops.matmul(x, w)
+  monkeypatch.setattr(ops, 'cpu_has_bf16_gemm', lambda: False)
+  assert fwd not in hlo(ops.matmul) and dx not in hlo(grad)
+  y_fp32 = ops.matmul(x, w)
+  assert y_fast.shape == y_fp32.shape == (3, 5, 8) and y_fast.dtype == BF16
+  _close(y_fast, jnp.dot(x.astype(F32), w.astype(F32)), rel=1e-2)
+  chex.assert_trees_all_close(y_fast.astype(F32), y_fp32.astype(F32))  # same rounding
+  xf = x.astype(F32)
+  assert ops.matmul(xf, w.astype(F32)).dtype == F32
+
+
+def test_cpu_has_bf16_gemm_reads_cpu_flags():
+  with open('/proc/cpuinfo') as f:
+    flags = next((ln for ln in f if ln.startswith('flags')), '').split()
+  assert ops.cpu_has_bf16_gemm() == bool({'amx_bf16', 'avx512_bf16'} & set(flags))
+
+
+@pytest.mark.parametrize('pads', ['SAME', ((1, 3), (0, 2))], ids=['same', 'onesided'])
+def test_native_depthwise_bf16_matches_float32(pads):
+  native.available() or pytest.skip(native.unavailable_reason())
+  x, kernel = _inputs((6, 9, 8, 19), (5, 5), seed=5)
+  xb, kb = x.astype(BF16), kernel.astype(BF16)
+  cot = jax.random.normal(jax.random.key(6), (6, 9, 8, 19))
+  if pads != 'SAME':
+    cot = jax.random.normal(jax.random.key(6), _reference(x, kernel, pads).shape)
+
+  def vjp(conv, x, k):
+    y, pull = jax.vjp(conv, x, k)
+    return (y, *pull(cot.astype(y.dtype)))
+
+  native_fn = lambda x, k: ops.conv(x, k, (1, 1), pads, x.shape[-1], 'auto')
+  fn = jax.jit(lambda x, k: vjp(native_fn, x, k))
+  assert 'pemn_dw_kgrad' in fn.lower(xb, kb).as_text()
+  got = fn(xb, kb)
+  assert [a.dtype for a in got] == [BF16] * 3
+  ref32 = vjp(lambda x, k: _reference(x, k, pads), xb.astype(F32), kb.astype(F32))
+  xla16 = jax.jit(lambda x, k: vjp(lambda x, k: ops.conv(x, k, (1, 1), pads, 19, 'fast'), x, k))
+  ref16 = xla16(xb, kb)
+  for a, b, c in zip(got, ref32, ref16, strict=True):
+    _close(a, b, rel=1e-2)
+    _close(a, c)
+
+
+def test_fused_gelu_batch_norm_bf16_matches_flax():
+  """bf16 x: the fused kernels' output, gradients and running statistics match Flax's
+  BatchNorm(gelu(x), dtype=bf16) (statistics and parameters fp32 in both)."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  import flax.linen as nn
+
+  from pemn_jax import layers
+
+  class M(nn.Module):
+    fused: bool
+
+    @nn.compact
+    def __call__(self, x):
+      if self.fused:
+        return layers.FusedGeluBatchNorm(name='bn')(x)
+      return layers.batch_norm(True, BF16)(name='bn')(layers.gelu(x))
+
+  shape = (8, 5, 5, 24)
+  x = (1.5 * jax.random.normal(jax.random.key(0), shape) + 0.3).astype(BF16)
+  cot = jax.random.normal(jax.random.key(2), shape).astype(BF16)
+  v = M(False).init(jax.random.key(1), x)
+  params = {
+    'bn': {
+      'scale': 1 + 0.1 * jnp.arange(shape[-1], dtype=F32),
+      'bias': 0.05 * jnp.arange(shape[-1], dtype=F32),
+    }
+  }
+
+  def run(fused):
+    def f(p, x):
+      y, upd = M(fused).apply(
+        {'params': p, 'batch_stats': v['batch_stats']}, x, mutable=['batch_stats']
+      )
+      return jnp.sum(y.astype(F32) * cot.astype(F32)), (y, upd)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(params, x)
+
+  (_, (y, upd)), (gp, gx) = run(True)
+  (_, (y_ref, upd_ref)), (gp_ref, gx_ref) = run(False)
+  assert y.dtype == y_ref.dtype == BF16 and gx.dtype == BF16
+  _close(y, y_ref)
+  _close(gx, gx_ref)
+  for a, b in zip(jax.tree.leaves((gp, upd)), jax.tree.leaves((gp_ref, upd_ref)), strict=True):
+    assert a.dtype == b.dtype == F32
+    _close(a, b)
