@@ -14,8 +14,12 @@ The public API, for ``import pemn_jax as pemn``:
   masks, by module-path rules);
 - models from configs: ``build_model``, ``init_variables``, ``frozen_fingerprint``;
 - training: ``train_and_evaluate``, ``evaluate_workdir``, ``export_workdir``;
-- the ``.pemn`` file: ``export``, ``load``, ``inspect_artifact``, ``materialize_dense``;
-- storage accounting: ``storage_report``;
+- the ``.pemn`` file: ``export``, ``load``, ``inspect_artifact``, ``materialize_dense`` for
+  config-described models; ``export_module``, ``load_module`` for any Linen module (masked by
+  ``mask_model`` or built from the layers): the file stores masks and trained leaves, the
+  caller brings the module;
+- storage accounting: ``storage_report`` (layer shapes), ``storage_report_tree`` (any masked
+  variable tree);
 - ``steps``: the train state and the jitted train/eval steps the trainer uses (a module);
 - ``nnx``: the NNX masked layers, their ``Frozen`` variable type and strategies (a module).
 
@@ -52,8 +56,11 @@ _API = {
   'export': ('pemn_jax.artifact', 'export'),
   'load': ('pemn_jax.artifact', 'load'),
   'inspect_artifact': ('pemn_jax.artifact', 'inspect'),
+  'export_module': ('pemn_jax.module_artifact', 'export_module'),
+  'load_module': ('pemn_jax.module_artifact', 'load_module'),
   'materialize_dense': ('pemn_jax.artifact', 'materialize_dense'),
   'storage_report': ('pemn_jax.storage', 'report'),
+  'storage_report_tree': ('pemn_jax.storage', 'report_tree'),
   'steps': ('pemn_jax.steps', None),  # a module
   'nnx': ('pemn_jax.nnx', None),  # a module: the NNX layers
 }

@@ -96,7 +96,22 @@ from pemn_jax.configs import common
 from pemn_jax.models import REGISTRY
 
 MAGIC = b'PEMNJAX\n'
-FORMAT_VERSION = 1
+# Version 2 added folded BatchNorm ('bn' entries), learned 1-bit kernels ('binary' entries) and
+# module files (``module_artifact``). A file is written with the lowest version that holds it,
+# so a file without any of these is still version 1, readable by every pemn-jax.
+FORMAT_VERSION = 2
+_V2_KINDS = ('bn', 'binary')
+# How ``export`` stores BatchNorm: 'full' (scale, bias, running mean and variance in float32:
+# bit-exact) or folded into one scale and one shift per channel at inference, in float32,
+# float16 or bfloat16 (``fold_batch_norm``).
+BN_CHOICES = ('full', 'fp32-folded', 'fp16', 'bf16')
+_BN_DTYPES = {'fp32-folded': 'float32', 'fp16': 'float16', 'bf16': 'bfloat16'}
+_BN_LEAVES = (
+  ('params', 'scale'),
+  ('params', 'bias'),
+  ('batch_stats', 'mean'),
+  ('batch_stats', 'var'),
+)
 _PREFIX = struct.Struct('<8sIQ')
 _DIGEST = 32
 
@@ -153,6 +168,7 @@ def export(
   frozen_key: jax.Array | None = None,
   fingerprint: str | None = None,
   input_shape: tuple[int, ...] | None = None,
+  bn: str = 'full',
 ) -> dict:
   """Writes a trained network to ``out_path`` atomically (a temporary file, then a rename).
 
@@ -165,6 +181,9 @@ def export(
     fingerprint: ``build.frozen_fingerprint`` of the frozen weights, checked on load.
     input_shape: (H, W, C) of one example (default ``build.input_shape(config)``); recorded, so
       the file rebuilds its model without asking the data what its images look like.
+    bn: how BatchNorm is stored (``BN_CHOICES``): ``'full'`` (default, bit-exact) or folded to
+      one scale and one shift per channel in float32 (``'fp32-folded'``: equal up to float
+      reassociation), float16 (``'fp16'``) or bfloat16 (``'bf16'``); see ``fold_batch_norm``.
 
   Returns:
     ``inspect``'s summary of the written file (its bytes verified as any reader would first).
@@ -173,12 +192,16 @@ def export(
     ArtifactError: ``out_path`` is a directory or cannot be written (nothing is left behind).
   """
   out_path = os.fspath(out_path)
+  if bn not in BN_CHOICES:
+    raise ArtifactError(f'bn must be one of {BN_CHOICES}, got {bn!r}')
   if os.path.isdir(out_path):
     raise ArtifactError(
       f'cannot write the artifact to {out_path}: it is a directory (give a file path, '
       f'e.g. {os.path.join(out_path, "model.pemn")})'
     )
   masked = config.model.get('masked', True)
+  binary = not masked and bool(config.model.get('binary_weights', False))
+  folded = {} if bn == 'full' else batch_norm_modules(variables)
   sparse_method = None if masked else config.model.get('sparsity_method')
   has_frozen = masked or sparse_method == 'random'  # random sparse masks are regenerated too
   if frozen_key is None:
@@ -210,9 +233,24 @@ def export(
         ones=int(mask.sum()),
         codec=['packbits', 'rans'][data[0] & 0x0F],
       )
+  for module_path, channels in folded.items():
+    scale, shift = fold_batch_norm(variables, module_path, layers.BN_EPSILON)
+    dtype = _BN_DTYPES[bn]
+    data = b''.join(
+      _le_bytes(np.asarray(a, np.float32).astype(_np_dtype(dtype))) for a in (scale, shift)
+    )
+    add('bn', module_path, data, shape=[channels], dtype=dtype, epsilon=layers.BN_EPSILON)
   for collection in ('params', 'batch_stats'):
     for path, leaf in strategies.tree_items(variables.get(collection, {})):
       if collection == 'params' and path[-1] == 'scores':
+        continue
+      if path[:-1] in folded and (collection, path[-1]) in _BN_LEAVES:
+        continue  # stored folded, above
+      if binary and collection == 'params' and path[-1] == 'kernel':
+        # A learned 1-bit kernel: its forward pass uses only the sign (``binary.sign_ste``, 0
+        # counting as +1), one bit per weight; the per-channel scale is an ordinary array.
+        bits = np.packbits(np.asarray(jax.device_get(leaf)).reshape(-1) >= 0)
+        add('binary', ('params', *path), bits.tobytes(), shape=list(leaf.shape))
         continue
       if sparse_method and collection == 'params' and path[-1] == 'kernel':
         # A sparse baseline's kernel is stored as what the forward pass uses: the kept values
@@ -240,7 +278,7 @@ def export(
         dtype=a.dtype.name,
       )
   header = {
-    'format_version': FORMAT_VERSION,
+    'format_version': 2 if any(e['kind'] in _V2_KINDS for e in entries) else 1,
     'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
     'config': config.to_dict(),
@@ -257,15 +295,76 @@ def export(
     'input_shape': list(input_shape or build.input_shape(config)),
     'entries': entries,
   }
-  hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
-  body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hdr)) + hdr + b''.join(chunks)
-  blob = body + hashlib.sha256(body).digest()
+  blob = frame(header, b''.join(chunks))
   verified = _verify_blob(out_path, blob)  # never write a file the reader would refuse
   try:
     fileio.atomic_write(out_path, blob)  # a failed write removes its temporary file
   except OSError as e:
     raise ArtifactError(f'cannot write the artifact {out_path}: {e.strerror or e}') from None
   return _summary(verified, out_path)
+
+
+def frame(header: dict, payload: bytes) -> bytes:
+  """A whole file: prefix (magic, ``header['format_version']``, header length), the header as
+  zlib-compressed JSON, the payload, and the sha256 of all of it."""
+  hdr = zlib.compress(json.dumps(header, sort_keys=True, separators=(',', ':')).encode(), 9)
+  body = _PREFIX.pack(MAGIC, header['format_version'], len(hdr)) + hdr + payload
+  return body + hashlib.sha256(body).digest()
+
+
+def _np_dtype(name: str) -> np.dtype:
+  return np.dtype(jnp.dtype(name))  # bfloat16 too (ml_dtypes, through jax)
+
+
+def _le_bytes(a: np.ndarray) -> bytes:
+  a = np.ascontiguousarray(a)
+  return (a.astype(a.dtype.newbyteorder('<')) if a.dtype.itemsize > 1 else a).tobytes()
+
+
+def batch_norm_modules(variables: dict) -> dict[tuple[str, ...], int]:
+  """``{module path: channels}`` of every BatchNorm in ``variables``: a module with params
+  ``scale`` and ``bias`` and batch_stats ``mean`` and ``var``, all of one shape ``(C,)``
+  (``nn.BatchNorm`` and ``layers.FusedGeluBatchNorm``; LayerNorm has no statistics)."""
+  params = traverse_util.flatten_dict(variables.get('params', {}))
+  stats = traverse_util.flatten_dict(variables.get('batch_stats', {}))
+  out = {}
+  for path, leaf in params.items():
+    if path[-1] != 'scale':
+      continue
+    m = path[:-1]
+    leaves = [params.get(m + ('bias',)), stats.get(m + ('mean',)), stats.get(m + ('var',))]
+    if all(x is not None and x.shape == leaf.shape and len(leaf.shape) == 1 for x in leaves):
+      out[m] = int(leaf.shape[0])
+  return out
+
+
+def fold_batch_norm(variables: dict, module_path, epsilon: float) -> tuple[np.ndarray, np.ndarray]:
+  """The inference-time affine map of one BatchNorm: ``y = x * scale + shift`` per channel.
+
+  ``scale = gamma / sqrt(running_var + epsilon)`` and ``shift = beta - running_mean * scale``,
+  computed in float64 (rounded once, to the stored precision, by the caller). The model computes
+  ``(x - mean) * (gamma * rsqrt(var + eps)) + beta``; the folded form differs from it by float
+  reassociation only, plus the rounding of the chosen precision.
+  """
+  p = tuple(module_path)
+  get = strategies.get_path
+  gamma = np.asarray(get(variables['params'], p + ('scale',)), np.float64)
+  beta = np.asarray(get(variables['params'], p + ('bias',)), np.float64)
+  mean = np.asarray(get(variables['batch_stats'], p + ('mean',)), np.float64)
+  var = np.asarray(get(variables['batch_stats'], p + ('var',)), np.float64)
+  scale = gamma / np.sqrt(var + epsilon)
+  return scale, beta - mean * scale
+
+
+def unit_variance(epsilon: float) -> np.float32:
+  """The float32 running variance ``v`` with ``v + epsilon`` closest to 1, so that a folded
+  BatchNorm (mean 0, variance ``v``, gamma = the folded scale) computes ``x * scale + shift``."""
+  eps = np.float32(epsilon)
+  v = np.float32(1) - eps
+  for candidate in (v, np.nextafter(v, np.float32(2)), np.nextafter(v, np.float32(0))):
+    if candidate + eps == np.float32(1):
+      return candidate
+  return v
 
 
 def _export_fingerprint(config, variables, frozen_key, fingerprint, input_shape) -> str:
@@ -318,6 +417,9 @@ _ENTRY_FIELDS = {
   'mask': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'codec'},
   'sparse': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'positions_length', 'dtype'},
   'array': {'kind', 'path', 'offset', 'length', 'shape', 'dtype'},
+  # version 2
+  'bn': {'kind', 'path', 'offset', 'length', 'shape', 'dtype', 'epsilon'},
+  'binary': {'kind', 'path', 'offset', 'length', 'shape'},
 }
 _CODECS = {'packbits': codec.METHOD_PACKBITS, 'rans': codec.METHOD_RANS}
 _MAX_NESTING = 8  # of the config's sections (the defaults nest 3 deep)
@@ -499,11 +601,18 @@ def _check_tree(value: Any, field: str, depth: int) -> None:
 
 def _check_schema(header: Any, version: int, payload_len: int) -> None:
   """Step 6: the type and range of every header field (``_Invalid`` names the first bad one)."""
+  from pemn_jax import module_artifact
+
   _obj(header, 'the header')
-  unknown = sorted(set(header) - _HEADER_FIELDS)
+  module_file = module_artifact.is_module_header(header)
+  if module_file and version < 2:
+    raise _Invalid('a module file (a module section, no config) needs format version 2')
+  fields = module_artifact.HEADER_FIELDS if module_file else _HEADER_FIELDS
+  required = fields - {'frozen_fingerprint', 'input_shape'}
+  unknown = sorted(set(header) - fields)
   if unknown:
     raise _Invalid(f'unknown field {_short(unknown[0])} (a newer format would have a new version)')
-  missing = sorted(_REQUIRED_FIELDS - set(header))
+  missing = sorted(required - set(header))
   if missing:
     raise _Invalid(f'the field {missing[0]!r} is missing')
   if _int(header['format_version'], 'format_version', 1, FORMAT_VERSION) != version:
@@ -535,8 +644,12 @@ def _check_schema(header: Any, version: int, payload_len: int) -> None:
     raise _Invalid(f'frozen_fingerprint must be a sha256 hex digest, got {_short(fp)}')
   if header.get('input_shape') is not None:
     _check_input_shape(header['input_shape'], 'input_shape')
+  if module_file:
+    _check_entries(header['entries'], payload_len, version)
+    module_artifact.check_header(header)
+    return
   _check_config(header['config'])
-  _check_entries(header['entries'], payload_len)
+  _check_entries(header['entries'], payload_len, version)
 
 
 @functools.cache
@@ -576,21 +689,24 @@ def _check_config(config: Any) -> None:
   _int(bs, 'config.train.eval_batch_size', 1, MAX_EVAL_BATCH)
 
 
-def _check_entries(entries: Any, payload_len: int) -> None:
+def _check_entries(entries: Any, payload_len: int, version: int) -> None:
   _list(entries, 'entries', MAX_ENTRIES)
   offset, seen = 0, set()
+  kinds = tuple(k for k in _ENTRY_FIELDS if version >= 2 or k not in _V2_KINDS)
   for i, e in enumerate(entries):
     where = f'entries[{i}]'
     _obj(e, where)
     kind = e.get('kind')
-    if not isinstance(kind, str) or kind not in _ENTRY_FIELDS:
-      raise _Invalid(f'{where}.kind must be one of {tuple(_ENTRY_FIELDS)}, got {_short(kind)}')
+    if not isinstance(kind, str) or kind not in kinds:
+      raise _Invalid(
+        f'{where}.kind must be one of {kinds} in format version {version}, got {_short(kind)}'
+      )
     if set(e) != _ENTRY_FIELDS[kind]:
       raise _Invalid(f'{where} ({kind}) must have the fields {sorted(_ENTRY_FIELDS[kind])}')
     path = _list(e['path'], f'{where}.path', 16)
     if not path or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in path):
       raise _Invalid(f'{where}.path must be 1 to 16 non-empty names, got {_short(path)}')
-    full = ('params', *path) if kind == 'mask' else tuple(path)
+    full = {'mask': ('params', *path), 'bn': ('bn', *path)}.get(kind, tuple(path))
     if full in seen:
       raise _Invalid(f'{where}.path {"/".join(path)} is stored twice')
     seen.add(full)
@@ -612,6 +728,20 @@ def _check_entries(entries: Any, payload_len: int) -> None:
       _int(e['positions_length'], f'{where}.positions_length', 0, length)
     if kind in ('sparse', 'array'):
       _str(e['dtype'], f'{where}.dtype', 32)
+    if kind == 'bn':
+      if len(shape) != 1 or e['dtype'] not in _BN_DTYPES.values():
+        raise _Invalid(
+          f'{where} (bn) must have a shape [channels] and a dtype of {tuple(_BN_DTYPES.values())}'
+        )
+      if not 0 < _real(e['epsilon'], f'{where}.epsilon') < 1:
+        raise _Invalid(f'{where}.epsilon must be in (0, 1), got {_short(e["epsilon"])}')
+      need = 2 * n * _np_dtype(e['dtype']).itemsize
+      if length != need:
+        raise _Invalid(
+          f'{where} (bn) is {length} bytes; {n} channels of scale and shift need {need}'
+        )
+    if kind == 'binary' and length != (n + 7) // 8:
+      raise _Invalid(f'{where} (binary) is {length} bytes; {n} packed bits need {(n + 7) // 8}')
   if offset != payload_len:
     raise _Invalid(f'the entries end at byte {offset} of a {payload_len}-byte payload')
 
@@ -648,7 +778,12 @@ def _verify_blob(path: str, blob: bytes) -> _Verified:
     _check_schema(header, version, len(payload))
   except _Invalid as e:
     raise ArtifactError(f'{path}: invalid header: {e}') from None
+  from pemn_jax import module_artifact
+
   try:
+    if module_artifact.is_module_header(header):  # checked against the caller's module on load
+      module_artifact.check_payload(header, payload)
+      return _Verified(header, payload, file_bytes, None, None, None, header['key'] is not None, ())
     config, model, shape = _build(header)
     abstract = _abstract_variables(model, shape, header['entries'])
     has_frozen, plan = _plan(header, config, abstract, payload)
@@ -667,7 +802,11 @@ def _build(header: dict) -> tuple[ml_collections.ConfigDict, nn.Module, tuple[in
   if m.sparsity_method is not None:
     _str(m.sparsity_method, 'config.model.sparsity_method')
   _str(s.name, 'config.strategy.name')
-  for section, field in (('model', 'masked'), ('strategy', 'score_abs')):
+  for section, field in (
+    ('model', 'masked'),
+    ('model', 'binary_weights'),
+    ('strategy', 'score_abs'),
+  ):
     if not isinstance(config[section][field], bool):
       raise _Invalid(
         f'config.{section}.{field} must be true or false, got {_short(config[section][field])}'
@@ -737,7 +876,7 @@ def _abstract_variables(model: nn.Module, shape: tuple[int, ...], entries: list)
   """
   owners = set()
   for e in entries:
-    module = tuple(e['path'][:-1] if e['kind'] == 'mask' else e['path'][1:-1])
+    module = tuple({'mask': e['path'][:-1], 'bn': e['path']}.get(e['kind'], e['path'][1:-1]))
     owners.update(module[:i] for i in range(len(module) + 1))
   budget = len(entries) + 64  # no model here calls any module it stores nothing of
   calls = {'all': 0, 'unstored': 0, 'first': None}
@@ -777,10 +916,30 @@ def _plan(header: dict, config, abstract: dict, payload: bytes):
       f'{MAX_PARAMETERS:,} this reader accepts'
     )
   expected = {}  # (collection, *path) -> (kind, abstract leaf, kept count or bound)
+  folded = {tuple(e['path']): e for e in header['entries'] if e['kind'] == 'bn'}
+  norms = batch_norm_modules(abstract)
+  for module_path, e in folded.items():
+    if module_path not in norms:
+      raise _Invalid(
+        f'the file stores a folded BatchNorm {"/".join(module_path)}, which is no BatchNorm of '
+        'the model its config describes'
+      )
+    if e['shape'] != [norms[module_path]]:
+      raise _Invalid(
+        f'folded BatchNorm {"/".join(module_path)} has {e["shape"][0]} channels, the '
+        f"model's has {norms[module_path]}"
+      )
+  binary = not m.masked and m.get('binary_weights', False)
   for collection in ('params', 'batch_stats'):
     for p, leaf in strategies.tree_items(abstract.get(collection, {})):
       n = math.prod(leaf.shape)
-      if collection == 'params' and m.masked and p[-1] == 'scores':
+      if p[:-1] in folded and (collection, p[-1]) in _BN_LEAVES:
+        if leaf.dtype != jnp.float32:
+          raise _Invalid(f'BatchNorm {"/".join(p)} is {leaf.dtype}, not float32')
+        continue  # one 'bn' entry stands for the four
+      if binary and collection == 'params' and p[-1] == 'kernel':
+        expected[(collection, *p)] = ('binary', leaf, None)
+      elif collection == 'params' and m.masked and p[-1] == 'scores':
         expected[(collection, *p)] = ('mask', leaf, masking.num_kept(n, s.keep_fraction))
       elif collection == 'params' and m.sparsity_method and p[-1] == 'kernel':
         expected[(collection, *p)] = ('sparse', leaf, masking.num_kept(n, 1.0 - m.sparsity))
@@ -788,6 +947,9 @@ def _plan(header: dict, config, abstract: dict, payload: bytes):
         expected[(collection, *p)] = ('array', leaf, None)
   plan = []
   for e in header['entries']:
+    if e['kind'] == 'bn':  # checked above, against the model's BatchNorm modules
+      plan.append((e, jax.ShapeDtypeStruct(tuple(e['shape']), jnp.float32), None))
+      continue
     full = ('params', *e['path']) if e['kind'] == 'mask' else tuple(e['path'])
     name = '/'.join(e['path'])
     if full not in expected:
@@ -805,6 +967,11 @@ def _plan(header: dict, config, abstract: dict, payload: bytes):
     n = math.prod(shape)
     if kind == 'mask':
       _check_mask_data(name, e, data, n, count, s.keep_fraction)
+    elif kind == 'binary':
+      if leaf.dtype != jnp.float32:
+        raise _Invalid(f'binary kernel {name} is {leaf.dtype} in the model, not float32')
+      if n % 8 and data[-1] & (0xFF >> (n % 8)):
+        raise _Invalid(f'binary kernel {name} has bits set after its {n} weights')
     elif kind == 'sparse':
       if e['ones'] > count:
         raise _Invalid(
@@ -896,6 +1063,11 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
   """
   path = os.fspath(path)
   v = _verify(path)
+  if v.config is None:
+    raise ArtifactError(
+      f'{path} holds a module not described by a pemn-jax config (exported with '
+      'export_module): load it with pemn.load_module(path, module)'
+    )
   flat: dict[tuple[str, ...], Any] = {}  # (collection, *path) -> array
   sparse_positions = {}
   for e, leaf, _ in v.plan:
@@ -905,6 +1077,21 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
     if e['kind'] == 'mask':
       mask = _decode(path, name, data, shape, e['ones'])
       flat[('params', *e['path'])] = jnp.asarray(mask, jnp.float32)
+    elif e['kind'] == 'bn':
+      # The folded map as the model's own BatchNorm: gamma = scale, beta = shift, mean 0 and
+      # the variance whose rsqrt(v + eps) is 1, so (x - 0) * scale * 1 + shift.
+      c, dtype = shape[0], _np_dtype(e['dtype'])
+      vals = np.frombuffer(data, dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
+      vals = vals.astype(np.float32)
+      p = tuple(e['path'])
+      flat[('params', *p, 'scale')] = jnp.asarray(vals[:c])
+      flat[('params', *p, 'bias')] = jnp.asarray(vals[c:])
+      flat[('batch_stats', *p, 'mean')] = jnp.zeros((c,), jnp.float32)
+      flat[('batch_stats', *p, 'var')] = jnp.full((c,), unit_variance(e['epsilon']), jnp.float32)
+    elif e['kind'] == 'binary':
+      n = math.prod(shape)
+      bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n).reshape(shape)
+      flat[tuple(e['path'])] = jnp.asarray(np.where(bits, 1.0, -1.0).astype(np.float32))
     elif e['kind'] == 'sparse':
       nz = _decode(path, name, data[: e['positions_length']], shape, e['ones'])
       w = np.zeros(shape, np.float32)
@@ -963,9 +1150,16 @@ def _decode(path: str, name: str, data: bytes, shape: tuple[int, ...], ones: int
 
 
 def evaluate(
-  path: str, config_override: ml_collections.ConfigDict | None = None, native_kernels: str = 'auto'
+  path: str,
+  config_override: ml_collections.ConfigDict | None = None,
+  native_kernels: str = 'auto',
+  reference: str | None = None,
 ) -> dict:
   """Evaluates an artifact on its dataset's test split; same keys as ``evaluate_workdir``.
+
+  With ``reference`` (another artifact of the same network, e.g. its ``bn='full'`` export when
+  ``path`` is folded), also ``reference_accuracy``, ``agreement`` (the share of test examples
+  whose top-1 class the two files agree on) and ``max_logit_difference``.
 
   Args:
     path: the ``.pemn`` file.
@@ -974,11 +1168,21 @@ def evaluate(
       The file gives only the dataset's name: a received file never chooses where pemn
       writes. Default: the data defaults.
     native_kernels: which native CPU kernels the step may use (``model.native_kernels``).
+    reference: a ``.pemn`` file to compare predictions with.
   """
   from pemn_jax import steps
   from pemn_jax.data import pipeline, sources  # evaluating needs the data; reading does not
 
   config, model, variables, header = load(path)
+  if reference is not None:
+    ref_config, ref_model, ref_variables, ref_header = load(reference)
+    shape = header.get('input_shape') or list(build.input_shape(config))
+    ref_shape = ref_header.get('input_shape') or list(build.input_shape(ref_config))
+    if ref_config.data.name != config.data.name or ref_shape != shape:
+      raise ArtifactError(
+        f'{reference} is a model of {ref_config.data.name} {ref_shape} images, {path} of '
+        f'{config.data.name} {shape}: no common test split to compare them on'
+      )
   given = None
   if config_override is not None and 'data' in config_override:
     given = config_override.data
@@ -1004,15 +1208,66 @@ def evaluate(
     process_index=jax.process_index(),
     process_count=jax.process_count(),
   )
-  result = steps.evaluate(
-    eval_step,
-    variables['params'],
-    variables.get('batch_stats', {}),
-    variables.get(layers.FROZEN),
-    batches,
-    shardings.batch,
+  if reference is None:
+    result = steps.evaluate(
+      eval_step,
+      variables['params'],
+      variables.get('batch_stats', {}),
+      variables.get(layers.FROZEN),
+      batches,
+      shardings.batch,
+    )
+    return {**result, 'step': header['step']}
+  ref_variables = jax.device_put(ref_variables, shardings.replicated)
+  compare = jax.jit(
+    steps.in_mesh(_compare_step(model, ref_model), shardings.mesh, native_kernels),
+    in_shardings=(shardings.replicated, shardings.replicated, shardings.batch),
+    out_shardings=shardings.replicated,
   )
-  return {**result, 'step': header['step']}
+  totals = {}
+  for batch in batches:
+    sums = jax.device_get(
+      compare(variables, ref_variables, steps.to_global(batch, shardings.batch))
+    )
+    for k, value in sums.items():
+      totals[k] = (
+        max(totals.get(k, 0.0), float(value))
+        if k == 'max_diff'
+        else totals.get(k, 0.0) + float(value)
+      )
+  n = max(totals['count'], 1.0)
+  return {
+    'accuracy': totals['correct'] / n,
+    'loss': totals['loss'] / n,
+    'num_examples': int(totals['count']),
+    'step': header['step'],
+    'reference_accuracy': totals['ref_correct'] / n,
+    'agreement': totals['agree'] / n,
+    'max_logit_difference': totals['max_diff'],
+  }
+
+
+def _compare_step(model: nn.Module, ref_model: nn.Module):
+  """``(variables, ref_variables, batch) -> sums`` over the real rows: both models' correct
+  counts, the loss of the first, their top-1 agreements and largest logit difference."""
+  from pemn_jax import steps
+
+  def compare(variables, ref_variables, batch):
+    logits = model.apply(variables, batch['image'], train=False)
+    ref = ref_model.apply(ref_variables, batch['image'], train=False)
+    mask, label = batch['mask'], batch['label']
+    top, ref_top = jnp.argmax(logits, -1), jnp.argmax(ref, -1)
+    diff = jnp.max(jnp.abs(logits.astype(jnp.float32) - ref.astype(jnp.float32)), -1)
+    return {
+      'correct': jnp.sum((top == label) * mask),
+      'ref_correct': jnp.sum((ref_top == label) * mask),
+      'agree': jnp.sum((top == ref_top) * mask),
+      'loss': jnp.sum(steps.cross_entropy(logits, label) * mask),
+      'count': jnp.sum(mask),
+      'max_diff': jnp.max(diff * mask),
+    }
+
+  return compare
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1060,17 +1315,113 @@ def inspect(path: str) -> dict:
   return _summary(_verify(path), path)
 
 
+def _mask_fields(masks: list) -> dict:
+  """The summary's mask counts and per-layer table, from the mask entries."""
+  masked_weights = sum(int(np.prod(e['shape'])) for e in masks)
+  mask_bytes = sum(e['length'] for e in masks)
+  return {
+    'masked_weights': masked_weights,
+    'mask_bytes': mask_bytes,
+    'mask_bits_per_entry': 8 * mask_bytes / masked_weights if masked_weights else None,
+    'mask_entropy_bits_per_entry': (
+      sum(codec.entropy_bits(int(np.prod(e['shape'])), e['ones']) for e in masks) / masked_weights
+      if masked_weights
+      else None
+    ),
+    'layers': [
+      {
+        'path': '/'.join(e['path'][:-1]),
+        'shape': e['shape'],
+        'codec': e['codec'],
+        'bytes': e['length'],
+        'keep': e['ones'] / max(1, int(np.prod(e['shape']))),
+      }
+      for e in masks
+    ],
+  }
+
+
+def _norm_fields(entries: list) -> dict:
+  """How the normalisation layers are stored: BatchNorm in full or folded, and their bytes."""
+  arrays = {tuple(e['path']): e for e in entries if e['kind'] == 'array'}
+  folded = [e for e in entries if e['kind'] == 'bn']
+  kernel_owners = {tuple(e['path'][1:-1]) for e in entries if e['kind'] in ('binary', 'sparse')}
+  kernel_owners |= {p[1:-1] for p in arrays if p[-1] == 'kernel'}
+  full_bn = [
+    p[1:-1]
+    for p in arrays
+    if p[0] == 'params'
+    and p[-1] == 'scale'
+    and all((c, *p[1:-1], leaf) in arrays for c, leaf in _BN_LEAVES)
+  ]
+  bn_bytes = sum(e['length'] for e in folded) + sum(
+    arrays[(c, *m, leaf)]['length'] for m in full_bn for c, leaf in _BN_LEAVES
+  )
+  # Values inference needs: 2 per channel (scale and shift) of every BN / LN; a binary or
+  # sparse layer's per-channel scale is part of its weights, not a normalisation.
+  norm = sum(2 * e['shape'][0] for e in folded) + sum(
+    2 * int(np.prod(e['shape']))
+    for p, e in arrays.items()
+    if p[-1] == 'scale' and p[1:-1] not in kernel_owners
+  )
+  dtypes = sorted({e['dtype'] for e in folded})
+  return {
+    'norm_values': norm,
+    'bn_storage': ('folded ' + '/'.join(dtypes)) if folded else ('full' if full_bn else None),
+    'bn_bytes': bn_bytes,
+  }
+
+
+def _module_summary(v: _Verified, path: str) -> dict:
+  """``inspect`` of a module file (``module_artifact``): what the file itself can say."""
+  header, mod = v.header, v.header['module']
+  entries = header['entries']
+  masks = [e for e in entries if e['kind'] == 'mask']
+  arrays = [e for e in entries if e['kind'] == 'array']
+  info = {
+    'path': path,
+    'file_bytes': v.file_bytes,
+    'format_version': header['format_version'],
+    'created': header['created'],
+    'versions': header['versions'],
+    'step': header['step'],
+    'module': mod['class'],
+    'inputs': mod['inputs'],
+    'masked_layers': mod['masked_layers'],
+    'masked': bool(masks),
+    'strategy': 'module',
+    'key': header['key'],
+    **_mask_fields(masks),
+    'other_bytes': sum(e['length'] for e in arrays),
+    **_norm_fields(entries),
+  }
+  unmasked = sum(
+    int(np.prod(e['shape']))
+    for e in arrays
+    if e['path'][0] == 'params' and e['path'][-1] in ('kernel', 'embedding')
+  )
+  info['dense_fp32_bytes'] = 4 * (info['masked_weights'] + unmasked)
+  info['ratio_vs_dense_fp32'] = info['dense_fp32_bytes'] / v.file_bytes
+  info['ratio_vs_dense_fp32_with_bn'] = (
+    info['dense_fp32_bytes'] + 4 * info['norm_values']
+  ) / v.file_bytes
+  return info
+
+
 def _summary(v: _Verified, path: str) -> dict:
+  if v.config is None:
+    return _module_summary(v, path)
   header, file_bytes = v.header, v.file_bytes
   cfg = v.config.to_dict()  # completed: fields the file lacks read as their defaults
   masks = [e for e in header['entries'] if e['kind'] == 'mask']
   arrays = [e for e in header['entries'] if e['kind'] == 'array']
   masked_weights = sum(int(np.prod(e['shape'])) for e in masks)
-  mask_bytes = sum(e['length'] for e in masks)
   sparse_entries = [e for e in header['entries'] if e['kind'] == 'sparse']
-  kernels = [e for e in arrays if e['path'][-1] == 'kernel'] + sparse_entries
+  binary_entries = [e for e in header['entries'] if e['kind'] == 'binary']
+  kernels = [e for e in arrays if e['path'][-1] == 'kernel'] + sparse_entries + binary_entries
   dense_weights = masked_weights or sum(int(np.prod(e['shape'])) for e in kernels)
-  norm = sum(2 * int(np.prod(e['shape'])) for e in arrays if e['path'][-1] == 'scale')
+  norms = _norm_fields(header['entries'])
+  norm = norms['norm_values']
   s = cfg['strategy']
   info = {
     'path': path,
@@ -1086,27 +1437,11 @@ def _summary(v: _Verified, path: str) -> dict:
     'keep_fraction': s['keep_fraction'] if masks else 1.0,
     'seed': cfg['seed'],
     'key': header['key'],
-    'masked_weights': masked_weights,
     'dense_fp32_bytes': dense_weights * 4,
-    'mask_bytes': mask_bytes,
-    'mask_bits_per_entry': 8 * mask_bytes / masked_weights if masked_weights else None,
-    'mask_entropy_bits_per_entry': (
-      sum(codec.entropy_bits(int(np.prod(e['shape'])), e['ones']) for e in masks) / masked_weights
-      if masked_weights
-      else None
-    ),
-    'other_bytes': sum(e['length'] for e in arrays),
-    'norm_values': norm,
-    'layers': [
-      {
-        'path': '/'.join(e['path'][:-1]),
-        'shape': e['shape'],
-        'codec': e['codec'],
-        'bytes': e['length'],
-        'keep': e['ones'] / max(1, int(np.prod(e['shape']))),
-      }
-      for e in masks
-    ],
+    **_mask_fields(masks),
+    'other_bytes': sum(e['length'] for e in arrays)
+    + sum(e['length'] for e in header['entries'] if e['kind'] == 'bn'),
+    **norms,
   }
   if sparse_entries:
     m = cfg['model']
@@ -1116,6 +1451,10 @@ def _summary(v: _Verified, path: str) -> dict:
     info['csr_bytes'] = (
       storage.csr_bits([tuple(e['shape']) for e in sparse_entries], m['sparsity']) / 8
     )
+  if binary_entries:
+    info['strategy'] = 'binary'
+    info['binary_kernel_bytes'] = sum(e['length'] for e in binary_entries)
+    info['binary_bytes'] = storage.binary_bits([tuple(e['shape']) for e in binary_entries]) / 8
   info['ratio_vs_dense_fp32'] = info['dense_fp32_bytes'] / file_bytes
   info['ratio_vs_dense_fp32_with_bn'] = (info['dense_fp32_bytes'] + 4 * norm) / file_bytes
   if masks:
@@ -1129,14 +1468,23 @@ def _summary(v: _Verified, path: str) -> dict:
 
 def format_inspect(info: dict) -> str:
   """A human-readable summary of ``inspect``'s dict."""
-  m = info['model']
-  strat = info['strategy'] + (f' r={info["rp_ratio"]:g}' if info['rp_ratio'] else '')
   lines = [
     f'{info["path"]}: pemn artifact v{info["format_version"]}, {info["file_bytes"]:,} bytes,'
     f' step {info["step"]}, created {info["created"]} (jax {info["versions"]["jax"]})',
-    f'  model {m["name"]} dim={m.get("dim")} depth={m.get("depth")}; strategy {strat}; '
-    f'keep {info["keep_fraction"]}; seed {info["seed"]}',
   ]
+  if 'module' in info:
+    shapes = ', '.join(f'{tuple(x["shape"])} {x["dtype"]}' for x in info['inputs'])
+    lines.append(
+      f'  module {info["module"]} (load it with pemn.load_module and that module); '
+      f'inputs {shapes}; {len(info["masked_layers"])} masked layers'
+    )
+  else:
+    m = info['model']
+    strat = info['strategy'] + (f' r={info["rp_ratio"]:g}' if info['rp_ratio'] else '')
+    lines.append(
+      f'  model {m["name"]} dim={m.get("dim")} depth={m.get("depth")}; strategy {strat}; '
+      f'keep {info["keep_fraction"]}; seed {info["seed"]}'
+    )
   if info['masked']:
     lines.append(
       f'  key {info["key"]["impl"]} {info["key"]["data"]} (the random values are '
@@ -1158,13 +1506,20 @@ def format_inspect(info: dict) -> str:
       f'{info["sparse_kernel_bytes"]:,} bytes as values + coded positions; '
       f'{info["csr_bytes"]:,.0f} bytes in CSR (32-bit values and indices)'
     )
+  if 'binary_bytes' in info:
+    lines.append(
+      f'  learned 1-bit kernels: {info["binary_kernel_bytes"]:,} bytes of packed signs '
+      f'(+ fp32 per-channel scales: {info["binary_bytes"]:,.0f} bytes in all)'
+    )
+  if info.get('bn_storage'):
+    lines.append(f'  BatchNorm: {info["bn_storage"]}, {info["bn_bytes"]:,} bytes')
   lines.append(f'  other arrays (BN/LN and any dense leaf): {info["other_bytes"]:,} bytes')
   lines.append(
     f'  dense fp32 weights: {info["dense_fp32_bytes"]:,} bytes -> this file is '
     f'{info["ratio_vs_dense_fp32"]:.2f}x smaller '
     f'({info["ratio_vs_dense_fp32_with_bn"]:.2f}x counting BN in the dense model)'
   )
-  if info['masked']:
+  if info['masked'] and 'paper_bytes' in info:
     lines.append(
       f"  the paper's convention (stored values + 1-bit masks): "
       f'{info["paper_bytes"]:,.0f} bytes without BN, '

@@ -186,7 +186,12 @@ def _masked_class(cls: type, plan: _Plan) -> type:
     with nn.intercept_methods(record):
       return mapped(self, *args, **kwargs)
 
-  return type(cls.__name__, (cls,), {'__call__': __call__, '__module__': cls.__module__})
+  # ``_pemn_plan``: the rules, read by ``module_artifact`` to recompute the masks on export/load.
+  return type(
+    cls.__name__,
+    (cls,),
+    {'__call__': __call__, '__module__': cls.__module__, '_pemn_plan': plan},
+  )
 
 
 def _keep_of(path: str, plan: _Plan) -> tuple[float | None, int | None]:

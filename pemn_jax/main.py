@@ -2,8 +2,9 @@
 
   pemn inspect  --config CONFIG.py [--config.FIELD=VALUE ...] [--json]
   pemn train    --config CONFIG.py [--config.FIELD=VALUE ...] --workdir DIR
-  pemn evaluate --workdir DIR [--best] [--json]    |   --artifact MODEL.pemn [--json]
-  pemn export   --workdir DIR [--best] --out MODEL.pemn
+  pemn evaluate --workdir DIR [--best] [--json]
+  pemn evaluate --artifact MODEL.pemn [--reference REF.pemn] [--json]
+  pemn export   --workdir DIR [--best] --out MODEL.pemn [--bn full|fp32-folded|fp16|bf16]
   pemn inspect  --artifact MODEL.pemn [--json]
 
 Exit status: 0 done; 1 an error (one line on stderr); 2 a usage mistake; 143 / 130 a training
@@ -38,6 +39,20 @@ flags.DEFINE_bool('json', False, 'Print one JSON object instead of a table.')
 flags.DEFINE_bool('best', False, 'Use the best checkpoint (by test accuracy), not the latest.')
 flags.DEFINE_string('artifact', None, 'A .pemn artifact file (evaluate, inspect).')
 flags.DEFINE_string('out', None, 'Output artifact path (export).')
+# artifact.BN_CHOICES (not imported here: flags are parsed before any heavy import)
+flags.DEFINE_enum(
+  'bn',
+  'full',
+  ['full', 'fp32-folded', 'fp16', 'bf16'],
+  'export: BatchNorm as stored (full: bit-exact) or folded to one scale and shift per channel '
+  'in float32, float16 or bfloat16.',
+)
+flags.DEFINE_string(
+  'reference',
+  None,
+  'evaluate --artifact: another .pemn of the same network (e.g. the full-BN export of a folded '
+  'file) to report top-1 agreement with.',
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-host).')
@@ -146,7 +161,9 @@ def cmd_evaluate() -> int:
   if FLAGS.artifact:
     from pemn_jax import artifact
 
-    result = artifact.evaluate(FLAGS.artifact, FLAGS.config, _env_native_kernels())
+    result = artifact.evaluate(
+      FLAGS.artifact, FLAGS.config, _env_native_kernels(), reference=FLAGS.reference
+    )
   else:
     from pemn_jax import train
 
@@ -161,13 +178,19 @@ def cmd_evaluate() -> int:
       f'accuracy {result["accuracy"]:.4f}  loss {result["loss"]:.4f}  '
       f'examples {result["num_examples"]}  step {result["step"]}'
     )
+    if 'agreement' in result:
+      print(
+        f'reference {FLAGS.reference}: accuracy {result["reference_accuracy"]:.4f}  '
+        f'top-1 agreement {result["agreement"]:.4%}  '
+        f'max |logit difference| {result["max_logit_difference"]:.3g}'
+      )
   return 0
 
 
 def cmd_export() -> int:
   from pemn_jax import train
 
-  info = train.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best)
+  info = train.export_workdir(_require('workdir'), _require('out'), best=FLAGS.best, bn=FLAGS.bn)
   print(
     json.dumps(info)
     if FLAGS.json

@@ -129,6 +129,73 @@ def report(
   )
 
 
+def report_tree(
+  variables,
+  keep_fraction=0.5,
+  strategy: str = 'mask',
+  rp_ratio: float | None = None,
+) -> StorageReport:
+  """Storage of any masked variable tree (a ``mask_model`` network, a model of the layers).
+
+  The masked layers are those with ``params/.../scores``, in the tree's order (``model.init``'s
+  call order; strategies count stored values by it); the normalisation values are 2 per channel
+  of every module with a ``scale`` param and no ``kernel`` or ``scores`` beside it (BatchNorm,
+  LayerNorm; a learned 1-bit layer's scale is part of its weights).
+
+  Args:
+    variables: the model's variables (or its ``params`` alone).
+    keep_fraction: one keep fraction for every masked layer, or ``{layer path: keep}`` with
+      ``'/'``-joined paths (what ``mask_model`` rules gave); the report's ``keep_fraction`` is
+      then the kept share of all masked weights.
+    strategy, rp_ratio: where the frozen values came from (``strategies.STRATEGIES``).
+  """
+  from flax import traverse_util
+
+  params = variables.get('params', variables) if isinstance(variables, dict) else variables
+  flat = traverse_util.flatten_dict(dict(params))
+  layers_ = [(p[:-1], tuple(leaf.shape)) for p, leaf in flat.items() if p[-1] == 'scores']
+  if not layers_:
+    raise ValueError('the variables have no masked layer (no params .../scores)')
+  keeps = []
+  for layer, _ in layers_:
+    name = '/'.join(layer)
+    if isinstance(keep_fraction, dict):
+      if name not in keep_fraction:
+        raise ValueError(f'keep_fraction names no keep for the masked layer {name!r}')
+      keeps.append(keep_fraction[name])
+    else:
+      keeps.append(keep_fraction)
+  for k in set(keeps):
+    masking.validate_keep_fraction(k)
+  shapes = [shape for _, shape in layers_]
+  owners = {p[:-1] for p in flat if p[-1] in ('kernel', 'scores')}
+  norm = sum(
+    2 * int(np.prod(leaf.shape))
+    for p, leaf in flat.items()
+    if p[-1] == 'scale' and p[:-1] not in owners
+  )
+  p = sum(int(np.prod(s)) for s in shapes)
+  kept = sum(masking.num_kept(int(np.prod(s)), k) for s, k in zip(shapes, keeps))
+  entropy = sum(
+    int(np.prod(s)) * binary_entropy(masking.num_kept(int(np.prod(s)), k) / int(np.prod(s)))
+    for s, k in zip(shapes, keeps)
+  )
+  stored = strategies.stored_value_count(shapes, strategy, rp_ratio)
+  header = KEY_BITS + STRATEGY_BITS
+  return StorageReport(
+    strategy=strategy,
+    rp_ratio=rp_ratio if strategy == 'random_vector_padding' else None,
+    keep_fraction=kept / p,
+    masked_weights=p,
+    stored_values=stored,
+    norm_values=norm,
+    dense_fp32_bits=FLOAT_BITS * p,
+    paper_bits=FLOAT_BITS * stored + p,
+    key_only_bits=header + p,
+    entropy_bits=header + entropy,
+  )
+
+
 def csr_bits(
   shapes: Sequence[tuple[int, ...]],
   sparsity: float,

@@ -542,12 +542,19 @@ def evaluate_workdir(
   return {**result, 'step': step}
 
 
-def export_workdir(workdir: str, out_path: str, best: bool = False) -> dict:
-  """Writes a workdir's latest (or best) checkpoint as a ``.pemn`` file; see ``artifact.export``."""
+def export_workdir(workdir: str, out_path: str, best: bool = False, bn: str = 'full') -> dict:
+  """Writes a workdir's latest (or best) checkpoint as a ``.pemn`` file; see ``artifact.export``
+  (``bn``: how BatchNorm is stored, ``artifact.BN_CHOICES``)."""
   config, s, state, step = restore_workdir(workdir, best)
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if s.frozen is not None:
     variables[layers.FROZEN] = s.frozen
   return artifact.export(
-    config, variables, out_path, step=step, fingerprint=s.fingerprint, input_shape=s.input_shape
+    config,
+    variables,
+    out_path,
+    step=step,
+    fingerprint=s.fingerprint,
+    input_shape=s.input_shape,
+    bn=bn,
   )

@@ -65,12 +65,18 @@ def pack(
   *,
   raw: bytes | None = None,
   compressed: bytes | None = None,
-  version: int = artifact.FORMAT_VERSION,
+  version: int | None = None,
   hlen: int | None = None,
 ) -> bytes:
   """An artifact's bytes with a CORRECT sha256: ``header`` as the writer serialises it, or
   ``raw`` JSON bytes, or ``compressed`` header bytes as they are; ``hlen`` overrides the
-  prefix's header length."""
+  prefix's header length; ``version`` the prefix's format version (default: the header's
+  ``format_version`` where it is an integer, else ``FORMAT_VERSION``)."""
+  if version is None:
+    recorded = header.get('format_version') if isinstance(header, dict) else None
+    version = (
+      recorded if isinstance(recorded, int) and 0 <= recorded < 2**32 else artifact.FORMAT_VERSION
+    )
   if compressed is None:
     if raw is None:
       raw = json.dumps(header, sort_keys=True, separators=(',', ':')).encode()
@@ -178,7 +184,11 @@ def test_damaged_version_says_corrupted_not_newer(parts, tmp_path):
 
 
 @pytest.mark.parametrize(
-  'version, match', [(0, 'format version 0, which no pemn-jax writes'), (2, 'upgrade pemn-jax')]
+  'version, match',
+  [
+    (0, 'format version 0, which no pemn-jax writes'),
+    (artifact.FORMAT_VERSION + 1, 'upgrade pemn-jax'),
+  ],
 )
 def test_prefix_version_out_of_range_with_a_valid_checksum(parts, tmp_path, version, match):
   _, header, payload = parts
