@@ -214,6 +214,8 @@ def command(run, workdir, extra) -> list[str]:
   return cmd
 
 
+# Grids whose records also export and evaluate the run with BatchNorm folded to float16.
+FOLDED_BN_GRIDS = ('cifar_pareto',)
 ARTIFACT_FIELDS = (
   'file_bytes',
   'dense_fp32_bytes',
@@ -223,6 +225,8 @@ ARTIFACT_FIELDS = (
   'ratio_vs_dense_fp32',
   'sparse_kernel_bytes',
   'csr_bytes',
+  'binary_kernel_bytes',
+  'bn_storage',
 )
 
 
@@ -249,6 +253,20 @@ def record(grid, run, cmd, workdir, started) -> dict:
   art_path = os.path.join(ROOT, workdir, 'model.pemn')
   train.export_workdir(os.path.join(ROOT, workdir), art_path, best=True)
   art = artifact.inspect(art_path)
+  extra = {}
+  if grid in FOLDED_BN_GRIDS:
+    # The same checkpoint with BatchNorm folded to float16, evaluated against the full file.
+    folded_path = os.path.join(ROOT, workdir, 'model_bn_fp16.pemn')
+    folded = train.export_workdir(os.path.join(ROOT, workdir), folded_path, best=True, bn='fp16')
+    check = artifact.evaluate(folded_path, config, reference=art_path)
+    extra['artifact_bn_fp16'] = {
+      **{k: folded.get(k) for k in ARTIFACT_FIELDS},
+      'bn_bytes': folded['bn_bytes'],
+      'accuracy': check['accuracy'],
+      'full_accuracy': check['reference_accuracy'],
+      'agreement': check['agreement'],
+      'max_logit_difference': check['max_logit_difference'],
+    }
   m = common.machine()
   data_name = summary_config['data']['name']
   return {
@@ -272,7 +290,10 @@ def record(grid, run, cmd, workdir, started) -> dict:
     'unique_values': info['unique_values'],
     'storage': info['storage'],
     'csr_bits': info.get('csr_bits'),
+    'csr16_bits': info.get('csr16_bits'),
+    'binary_bits': info.get('binary_bits'),
     'artifact': {k: art.get(k) for k in ARTIFACT_FIELDS},
+    **extra,
   }
 
 
@@ -323,6 +344,38 @@ def do_run(args) -> int:
   return 0
 
 
+def do_rerecord(args) -> int:
+  """Recomputes the derived fields of finished runs' records from their workdirs (after the
+  record format grew), keeping what the training run itself recorded: its command, date, wall
+  time and machine. The record says when and where it was recomputed (``rerecorded``)."""
+  runs = {r['name']: r for r in GRIDS[args.grid]()}
+  outdir = os.path.join(args.results, args.grid, 'runs')
+  kept = ('command', 'cwd', 'date', 'machine', 'native_kernels', 'machine_info', 'wall_seconds')
+  done = 0
+  for name in sorted(os.listdir(outdir)) if os.path.isdir(outdir) else []:
+    if not name.endswith('.json') or name[: -len('.json')] not in runs:
+      continue
+    path = os.path.join(outdir, name)
+    with open(path) as f:
+      old = json.load(f)
+    run = runs[old['run']]
+    workdir = os.path.relpath(os.path.join(args.workroot, args.grid, run['name']), ROOT)
+    if not os.path.exists(os.path.join(ROOT, workdir, 'summary.json')):
+      print(f'[grid] {run["name"]}: no finished workdir at {workdir}; record kept as it is')
+      continue
+    rec = record(args.grid, run, shlex.split(old['command']), workdir, time.time())
+    rec.update({k: old[k] for k in kept if k in old})
+    rec['rerecorded'] = {'date': common.utc_now(), 'machine': common.machine_line(common.machine())}
+    for k in ('best_accuracy', 'final_accuracy', 'steps'):
+      if rec[k] != old[k]:
+        raise SystemExit(f'{run["name"]}: the workdir has {k} {rec[k]}, the record {old[k]}')
+    common.write_record(path, rec)
+    done += 1
+    print(f'[grid] {run["name"]}: record recomputed', flush=True)
+  print(f'[grid] {done} records recomputed')
+  return 0
+
+
 def short_dataset(label: str) -> str:
   """A plot-title name for a dataset label (CIFAR results always carry the mirror's name)."""
   if label.startswith('CIFAR-10'):
@@ -336,6 +389,8 @@ def family(label: str) -> str:
   """'Dense', 'PEMN', or the sparse baseline's method ('Random' / 'Magnitude') of a point."""
   if label.startswith(('Random ', 'Magnitude ')):
     return label.split()[0]
+  if label == '1-bit':
+    return '1-bit'
   return 'Dense' if label == 'Dense' else 'PEMN'
 
 
@@ -542,13 +597,170 @@ def do_report(args) -> int:
   return 0
 
 
+def pareto_points(records) -> list[dict]:
+  """The equal-bytes figure's points, one per label: mean accuracy over seeds and bytes.
+
+  Bytes are those of the seed-0 run's ``.pemn`` file with BatchNorm folded to float16
+  (measured), except where no file of that kind exists: the sparse baseline with 16-bit CSR
+  values (its measured file with the sparse kernels' bytes replaced by the CSR accounting) and
+  dense float16 weights (the dense file with its float32 kernels counted at 16 bits).
+  """
+  import numpy as np
+
+  points = []
+  labels = list(dict.fromkeys(r['label'] for r in records))
+  for lbl in labels:
+    rs = sorted((r for r in records if r['label'] == lbl), key=lambda r: r['seed'])
+    acc = np.array([r['best_accuracy'] for r in rs]) * 100
+    folded_acc = np.array([r['artifact_bn_fp16']['accuracy'] for r in rs]) * 100
+    a = rs[0]['artifact_bn_fp16']
+    base = {
+      'label': lbl,
+      'seeds': len(rs),
+      'accuracy': float(acc.mean()),
+      'std': float(acc.std()) if len(rs) > 1 else 0.0,
+      'folded_accuracy': float(folded_acc.mean()),
+      'agreement': min(r['artifact_bn_fp16']['agreement'] for r in rs),
+      'full_bytes': rs[0]['artifact']['file_bytes'],
+    }
+    if lbl.startswith('Magnitude'):
+      fam = 'Magnitude'
+      csr16 = rs[0]['csr16_bits'] / 8
+      points.append(
+        {
+          **base,
+          'family': fam,
+          'bytes': a['file_bytes'],
+          'how': 'measured (fp32 values + coded positions)',
+        }
+      )
+      points.append(
+        {
+          **base,
+          'label': lbl + ' CSR16',
+          'family': 'Magnitude CSR16',
+          'bytes': a['file_bytes'] - a['sparse_kernel_bytes'] + csr16,
+          'how': 'accounted (16-bit values, 32-bit CSR indices)',
+        }
+      )
+    elif lbl == 'Dense':
+      points.append(
+        {**base, 'family': 'Dense', 'bytes': a['file_bytes'], 'how': 'measured (fp32 weights)'}
+      )
+      points.append(
+        {
+          **base,
+          'label': 'Dense fp16',
+          'family': 'Dense',
+          'bytes': a['file_bytes'] - a['dense_fp32_bytes'] / 2,
+          'how': 'accounted (weights at 16 bits; accuracy of fp32)',
+        }
+      )
+    else:
+      fam = '1-bit' if lbl == '1-bit' else lbl.split(' k=')[0]
+      points.append({**base, 'family': fam, 'bytes': a['file_bytes'], 'how': 'measured'})
+  return points
+
+
+def do_pareto_report(args) -> int:
+  """The equal-bytes report: a table and the accuracy-vs-bytes figure (``pareto_points``)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  records = load_records(args.grid, args.results)
+  if not records:
+    print(f'no records for grid {args.grid}', file=sys.stderr)
+    return 1
+  points = pareto_points(records)
+  r0 = records[0]
+  machines = sorted({r['machine'] for r in records})
+  md = [
+    f'# Grid `{args.grid}`: accuracy against bytes',
+    '',
+    f'Dataset: {r0["dataset"]}. Machine: {"; ".join(machines)}.',
+    '',
+    'The cifar_convmixer recipe (ConvMixer-128/4, kernel 5, patch 4, 4 epochs, batch 128). '
+    'Accuracy in % (best epoch, mean ± std over seeds, from training); "fp16-BN acc" is the '
+    "same checkpoint's .pemn file with BatchNorm folded to float16 (`pemn export --bn fp16`), "
+    'evaluated on the test split, and "agreement" the lowest top-1 agreement over seeds between '
+    'that file and the full one. Bytes: the seed-0 file with fp16-folded BN, measured, except '
+    'the rows marked accounted.',
+    '',
+    '| point | family | seeds | best acc | fp16-BN acc | agreement | bytes | how | full-BN file |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+  for p in points:
+    md.append(
+      f'| {p["label"]} | {p["family"]} | {p["seeds"]} | {p["accuracy"]:.2f} ± {p["std"]:.2f} | '
+      f'{p["folded_accuracy"]:.2f} | {p["agreement"]:.4f} | {p["bytes"]:,.0f} | {p["how"]} | '
+      f'{p["full_bytes"]:,} |'
+    )
+  md += ['', '![accuracy vs bytes](accuracy_vs_bytes.png)', '']
+  md += ['## Commands (one per run, exactly as executed; cwd = repository root)', '']
+  md += source_path_note(records)
+  for r in records:
+    line = (
+      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
+    )
+    if r.get('rerecorded'):
+      line += f' (record recomputed {r["rerecorded"]["date"]})'
+    md.append(line)
+  md += [
+    '',
+    'The records were (re)computed from the workdirs with '
+    f'`python -m experiments.grid rerecord --grid {args.grid}`; regenerate this file and the '
+    f'plot: `python -m experiments.grid report --grid {args.grid}`',
+  ]
+  out = os.path.join(args.results, args.grid)
+  with open(os.path.join(out, 'README.md'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+  styles = {
+    'Mask': dict(marker='*', color='#3b75af', s=90),
+    'RP 1e-2': dict(marker='P', color='#6a3d9a', s=60),
+    '1-bit': dict(marker='D', color='#d62728', s=40),
+    'Magnitude': dict(marker='^', color='#4c9a2a', s=34),
+    'Magnitude CSR16': dict(marker='v', color='#4c9a2a', s=34),
+    'Dense': dict(marker='o', color='#777777', s=40),
+  }
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  for fam in styles:
+    pts = sorted((p for p in points if p['family'] == fam), key=lambda p: p['bytes'])
+    if not pts:
+      continue
+    xs, ys = [p['bytes'] for p in pts], [p['accuracy'] for p in pts]
+    ax.errorbar(xs, ys, yerr=[p['std'] for p in pts], fmt='none', ecolor=styles[fam]['color'], lw=1)
+    ax.scatter(xs, ys, label=fam, **styles[fam])
+    if len(pts) > 1 and fam != 'Dense':
+      ax.plot(xs, ys, color=styles[fam]['color'], lw=0.8, alpha=0.6)
+    for p in pts:
+      ax.annotate(
+        p['label'].replace(fam, '').strip() or p['label'],
+        (p['bytes'], p['accuracy']),
+        fontsize=6,
+        xytext=(3, 3),
+        textcoords='offset points',
+      )
+  ax.set_xscale('log')
+  ax.set_xlabel('bytes (.pemn with fp16-folded BN; sparse CSR16 and dense fp16 accounted)')
+  ax.set_ylabel('best test accuracy (%)')
+  ax.set_title(f'{short_dataset(r0["dataset"])}: accuracy vs bytes, ConvMixer-128/4', fontsize=9)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, 'accuracy_vs_bytes.png'), dpi=120)
+  plt.close(fig)
+  print(f'wrote {out}/README.md and accuracy_vs_bytes.png')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     prog='python -m experiments.grid',
     description=__doc__,
     formatter_class=argparse.RawTextHelpFormatter,
   )
-  p.add_argument('action', choices=('run', 'report', 'list'))
+  p.add_argument('action', choices=('run', 'report', 'list', 'rerecord'))
   p.add_argument('--grid', choices=sorted(GRIDS), required=True)
   p.add_argument('--only', help='run: comma-separated run names, run in this order')
   p.add_argument(
@@ -568,6 +780,10 @@ def main(argv: list[str] | None = None) -> int:
     for r in GRIDS[args.grid]():
       print(r['name'], shlex.join(command(r, '<workdir>', {})))
     return 0
+  if args.action == 'rerecord':
+    return do_rerecord(args)
+  if args.action == 'report' and args.grid == 'cifar_pareto':
+    return do_pareto_report(args)
   return do_run(args) if args.action == 'run' else do_report(args)
 
 

@@ -99,6 +99,8 @@ def summarize(
     if config.model.sparsity_method:
       out['sparsity'] = config.model.sparsity
       out['csr_bits'] = storage.csr_bits(shapes, config.model.sparsity)
+      # CSR with 16-bit values (and 32-bit indices): what a compressed sparse file would hold
+      out['csr16_bits'] = storage.csr_bits(shapes, config.model.sparsity, value_bits=16)
       out['csr_ratio'] = rep.dense_fp32_bits / out['csr_bits']
     if config.model.get('binary_weights'):
       out['binary_bits'] = storage.binary_bits(shapes)
