@@ -207,7 +207,7 @@ def native_calls(compiled) -> list[str]:
   """The ``pemn_*`` native kernels (FFI custom calls) a compiled step calls."""
   import re
 
-  return sorted(set(re.findall(r'custom_call_target="(pemn_[a-z_]+)"', compiled.as_text())))
+  return sorted(set(re.findall(r'custom_call_target="(pemn_[a-z0-9_]+)"', compiled.as_text())))
 
 
 def dot_flops(jaxpr) -> float:
@@ -494,7 +494,7 @@ def format_table(result: dict) -> str:
 
 def short_calls(calls: list[str]) -> str:
   """The native kernels called, by ``pemn_jax.native.FEATURES`` name."""
-  names = {'dw': 'depthwise', 'topk': 'topk', 'gelu': 'gelu_bn'}
+  names = {'dw': 'depthwise', 'topk': 'topk', 'gelu': 'gelu_bn', 'gemm': 'gemm'}
   got = {names.get(c.split('_')[1], c) for c in calls}
   return ','.join(sorted(got)) or 'none'
 

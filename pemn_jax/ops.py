@@ -244,8 +244,12 @@ def dot_bf16(x, w):
   AVX512-BF16 where the CPU has them: 2-4x its float32 dot), but a bfloat16-out dot, which is
   what ``jnp.dot`` of two bfloat16 arrays and its autodiff emit, ~1.5x slower than float32
   (experiments/results/PERFORMANCE.md, attempt 36). This VJP keeps the forward and the input
-  gradient in the fast form.
+  gradient in the fast form. Where ``native.gemm_usable`` (MKL installed, ``'gemm'`` in
+  ``model.native_kernels``), all three products are MKL's bfloat16 GEMM instead (same float32
+  sums; XLA's weight-gradient product is the slow one).
   """
+  if native.gemm_usable(x):
+    return native.matmul_bf16(x, w).astype(x.dtype)
   return _dot_f32acc(x, w, ((1,), (0,))).astype(x.dtype)
 
 
@@ -256,6 +260,11 @@ def _dot_bf16_fwd(x, w):
 def _dot_bf16_bwd(res, g):
   x, w = res
   g = g.astype(x.dtype)
+  if native.gemm_usable(x):
+    return (
+      native.matmul_bf16_dx(g, w).astype(x.dtype),
+      native.matmul_bf16_dw(x, g).astype(w.dtype),
+    )
   dx = _dot_f32acc(g, w, ((1,), (1,))).astype(x.dtype)
   # The weight gradient contracts the long batch axis, where XLA:CPU's bfloat16 kernels are
   # slower than its float32 ones (attempt 36); bfloat16 products are exact in float32, so the

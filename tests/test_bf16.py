@@ -22,6 +22,10 @@ from tests.test_ops_perf import _inputs, _reference
 BF16, F32 = jnp.bfloat16, jnp.float32
 
 
+ON_CPU = jax.default_backend() == 'cpu'
+cpu_only = pytest.mark.skipif(not ON_CPU, reason='the CPU formulations (native kernels, dispatch)')
+
+
 def _close(a, b, rel=2e-2):
   """Equal to a bf16 tolerance, relative to the reference's scale."""
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
@@ -50,6 +54,7 @@ def test_dot_bf16_matches_float32_and_xla(shape):
     _close(a, c)
 
 
+@cpu_only
 def test_matmul_dispatch(monkeypatch):
   """bf16 on the CPU: fp32-accumulating products where the CPU has bf16 GEMMs, fp32 products
   without; other dtypes: jnp.dot. Leading axes are flattened and restored."""
@@ -78,6 +83,7 @@ def test_cpu_has_bf16_gemm_reads_cpu_flags():
   assert ops.cpu_has_bf16_gemm() == bool({'amx_bf16', 'avx512_bf16'} & set(flags))
 
 
+@cpu_only
 @pytest.mark.parametrize('pads', ['SAME', ((1, 3), (0, 2))], ids=['same', 'onesided'])
 def test_native_depthwise_bf16_matches_float32(pads):
   native.available() or pytest.skip(native.unavailable_reason())
@@ -104,6 +110,7 @@ def test_native_depthwise_bf16_matches_float32(pads):
     _close(a, c)
 
 
+@cpu_only
 def test_fused_gelu_batch_norm_bf16_matches_flax():
   """bf16 x: the fused kernels' output, gradients and running statistics match Flax's
   BatchNorm(gelu(x), dtype=bf16) (statistics and parameters fp32 in both)."""
@@ -149,3 +156,70 @@ def test_fused_gelu_batch_norm_bf16_matches_flax():
   for a, b in zip(jax.tree.leaves((gp, upd)), jax.tree.leaves((gp_ref, upd_ref)), strict=True):
     assert a.dtype == b.dtype == F32
     _close(a, b)
+
+
+# ---- MKL's bf16 GEMM through the FFI (native feature 'gemm'; only where MKL is installed) -----
+
+
+def _need_gemm():
+  native.available() or pytest.skip(native.unavailable_reason())
+  native.gemm_available() or pytest.skip(native.gemm_unavailable_reason())
+
+
+@cpu_only
+@pytest.mark.parametrize('trans', [(0, 0), (0, 1), (1, 0), (1, 1)])
+def test_gemm_bf16_matches_xla(trans):
+  """op(a) @ op(b) of the BLAS equals XLA's fp32-accumulated product (odd sizes: partial row
+  blocks), for each transpose."""
+  _need_gemm()
+  m, k, n = 101, 37, 19
+  ta, tb = trans
+  a = jax.random.normal(jax.random.key(0), (k, m) if ta else (m, k)).astype(BF16)
+  b = jax.random.normal(jax.random.key(1), (n, k) if tb else (k, n)).astype(BF16)
+  got = jax.jit(lambda a, b: native.gemm_bf16(a, b, bool(ta), bool(tb)))(a, b)
+  ref = jnp.dot(a.T if ta else a, b.T if tb else b, preferred_element_type=F32)
+  assert got.dtype == F32 and got.shape == (m, n)
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@cpu_only
+def test_dot_bf16_takes_the_gemm_kernel_and_matches_xla():
+  """With 'gemm' on, dot_bf16's three products are the BLAS's; values and gradients equal the
+  XLA formulation's (kernels without 'gemm') up to the last bf16 rounding."""
+  _need_gemm()
+  x = jax.random.normal(jax.random.key(0), (200, 48)).astype(BF16)
+  w = jax.random.normal(jax.random.key(1), (48, 24)).astype(BF16)
+  cot = jax.random.normal(jax.random.key(2), (200, 24)).astype(BF16)
+
+  def run(spec):
+    with native.kernels(spec):
+      fn = jax.jit(lambda x, w: (lambda y, pull: (y, *pull(cot)))(*jax.vjp(ops.dot_bf16, x, w)))
+      text = fn.lower(x, w).as_text()
+      return fn(x, w), text
+
+  got, text = run('auto')
+  ref, text_ref = run('depthwise,topk,gelu_bn')
+  assert text.count('pemn_gemm_bf16') == 3 and 'pemn_gemm' not in text_ref
+  for a, b in zip(got, ref, strict=True):
+    assert a.dtype == BF16
+    _close(a, b, rel=1e-2)
+
+
+@cpu_only
+def test_gemm_needs_mkl_and_bf16_hardware(monkeypatch):
+  """Without MKL, or on a CPU without bf16 GEMMs, the kernel is not handed a BLAS (why says
+  which); the XLA formulation is then used."""
+  from pemn_jax.native import build as nbuild
+
+  monkeypatch.setattr(nbuild, '_cpu_flags', lambda: {'avx2'})
+  with pytest.raises(RuntimeError, match='none of'):
+    nbuild._load_gemm(None)
+  monkeypatch.setattr(nbuild, '_cpu_flags', lambda: {'amx_bf16'})
+  monkeypatch.setattr(nbuild, 'mkl_candidates', lambda: [])
+  with pytest.raises(RuntimeError, match='MKL not found'):
+    nbuild._load_gemm(None)
+  monkeypatch.setitem(nbuild._state, 'gemm', None)
+  x = jnp.ones((8, 4), BF16)
+  assert not native.gemm_usable(x)
+  text = jax.jit(lambda x, w: ops.dot_bf16(x, w)).lower(x, jnp.ones((4, 2), BF16)).as_text()
+  assert 'pemn_gemm' not in text

@@ -329,7 +329,7 @@ def test_native_off_switch_and_require(monkeypatch):
 @pytest.mark.parametrize(
   'spec, want',
   [
-    ('auto', {'depthwise', 'topk', 'gelu_bn'}),
+    ('auto', {'depthwise', 'topk', 'gelu_bn', 'gemm'}),
     ('none', set()),
     ('depthwise,topk', {'depthwise', 'topk'}),
     (' gelu_bn , topk ', {'gelu_bn', 'topk'}),
@@ -416,11 +416,11 @@ def test_kernels_context_nests_and_restores(monkeypatch):
     ({'PEMN_JAX_NATIVE': 'False'}, 'none'),
     ({'PEMN_JAX_NATIVE': 'no'}, 'none'),
     ({'PEMN_JAX_NATIVE': ' OFF '}, 'none'),
-    ({'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}, 'depthwise,topk'),
-    ({'PEMN_JAX_NATIVE_OFF': 'topk, depthwise'}, 'gelu_bn'),
-    ({'PEMN_JAX_NATIVE_OFF': 'depthwise,topk,gelu_bn'}, 'none'),
+    ({'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}, 'depthwise,topk,gemm'),
+    ({'PEMN_JAX_NATIVE_OFF': 'topk, depthwise'}, 'gelu_bn,gemm'),
+    ({'PEMN_JAX_NATIVE_OFF': 'depthwise,topk,gelu_bn,gemm'}, 'none'),
     ({'PEMN_JAX_NATIVE': '0', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'none'),
-    ({'PEMN_JAX_NATIVE': '1', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'depthwise,gelu_bn'),
+    ({'PEMN_JAX_NATIVE': '1', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'depthwise,gelu_bn,gemm'),
   ],
 )
 def test_kernels_from_env(env, want):

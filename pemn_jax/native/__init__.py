@@ -12,6 +12,13 @@ What XLA:CPU does slowly or wastefully in a PEMN training step, done here in C++
   and recompute GELU, where XLA makes ~10 fusions and keeps several full-size residuals
   (ConvMixer-256/8: XLA's temp buffer 2.8 -> 1.2 GB, same step time).
 
+* bfloat16 matrix products (``model.dtype=bfloat16``; the layers' ``pemn_jax.ops.dot_bf16``:
+  forward, input and weight gradient) as MKL's ``cblas_gemm_bf16bf16f32`` (AMX / AVX512-BF16),
+  where MKL is installed (``requirements-mkl.txt``: the ``mkl`` wheel, or ``$MKLROOT``) and the
+  CPU has bf16 GEMM hardware: ``gemm_available()``. XLA's own bf16 weight-gradient product is
+  slower than its fp32 one; MKL's is 3-5x faster (PERFORMANCE.md, attempt 36). Without MKL the
+  products stay in XLA (feature ``'gemm'`` then does nothing).
+
 Depthwise conv: XLA:CPU has no good lowering for its kernel gradient (the best pure-XLA form,
 ``ops._depthwise_kernel_grad``, is a chunked reduction at ~10 GFLOP/s), and the stride-1
 shift-add forward and input gradient stream each activation once per tap. ``kernels.cc`` does
@@ -41,7 +48,12 @@ then fails with the reason when the library is unavailable.
 
 from __future__ import annotations
 
-from pemn_jax.native.build import available, unavailable_reason
+from pemn_jax.native.build import (
+  available,
+  gemm_available,
+  gemm_unavailable_reason,
+  unavailable_reason,
+)
 from pemn_jax.native.ops import (
   FEATURES,
   depthwise,
@@ -49,8 +61,13 @@ from pemn_jax.native.ops import (
   enabled,
   gelu_batch_norm,
   gelu_batch_stats,
+  gemm_bf16,
+  gemm_usable,
   kernels,
   kernels_from_env,
+  matmul_bf16,
+  matmul_bf16_dw,
+  matmul_bf16_dx,
   parse_kernels,
   topk_mask,
   topk_usable,
@@ -65,8 +82,15 @@ __all__ = [
   'enabled',
   'gelu_batch_norm',
   'gelu_batch_stats',
+  'gemm_available',
+  'gemm_bf16',
+  'gemm_unavailable_reason',
+  'gemm_usable',
   'kernels',
   'kernels_from_env',
+  'matmul_bf16',
+  'matmul_bf16_dw',
+  'matmul_bf16_dx',
   'parse_kernels',
   'topk_mask',
   'topk_usable',

@@ -8,8 +8,14 @@ version, the jaxlib FFI header and the CPU, and written atomically (``fileio.ato
 concurrent processes never load a half-written file. Each FFI target is then registered for the
 CPU platform under its ``pemn_*`` name (``TARGETS``).
 
-``CXX`` and ``PEMN_JAX_CACHE_DIR`` are the only environment variables read here: like ``CC`` for
-any build, they describe the machine (which compiler, where its output may go), not the run.
+``CXX``, ``PEMN_JAX_CACHE_DIR`` and ``MKLROOT`` are the only environment variables read here:
+like ``CC`` for any build, they describe the machine (which compiler, where its output may go,
+where Intel MKL is), not the run.
+
+The bfloat16 GEMM kernel (``pemn_gemm_bf16``) calls MKL's ``cblas_gemm_bf16bf16f32``, loaded at
+run time from ``$MKLROOT/lib`` or this Python's ``lib`` (the ``mkl`` wheel), only on a CPU with
+AMX-BF16 or AVX512-BF16: ``gemm_available()``, ``gemm_unavailable_reason()``. Nothing is
+compiled against MKL, so the kernels build and load the same without it.
 Which kernels a run uses is the config's business (``model.native_kernels``, applied by
 ``pemn_jax.native.kernels``); nothing here reads it.
 
@@ -46,10 +52,20 @@ TARGETS = {
   'pemn_gelu_bn_fwd': 'PemnGeluBnFwd',
   'pemn_gelu_bn_bstats': 'PemnGeluBnBwdStats',
   'pemn_gelu_bn_bwd': 'PemnGeluBnBwd',
+  'pemn_gemm_bf16': 'PemnGemmBf16',
 }
+# CPU flags under which a BLAS's bfloat16 GEMM runs in hardware (else MKL emulates it, slowly).
+BF16_GEMM_FLAGS = ('amx_bf16', 'avx512_bf16')
 
 _lock = threading.Lock()
-_state: dict = {'tried': False, 'ok': False, 'reason': 'not loaded yet', 'path': None}
+_state: dict = {
+  'tried': False,
+  'ok': False,
+  'reason': 'not loaded yet',
+  'path': None,
+  'gemm': None,  # the BLAS library behind pemn_gemm_bf16, or None
+  'gemm_reason': 'not loaded yet',
+}
 
 
 def cache_dir() -> str:
@@ -125,6 +141,67 @@ def _load() -> None:
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   _state['path'] = path
+  try:
+    _state['gemm'] = _load_gemm(lib)
+    _state['gemm_reason'] = None
+  except Exception as e:  # noqa: BLE001 - no BLAS: the bfloat16 GEMMs stay in XLA
+    _state['gemm'], _state['gemm_reason'] = None, f'{type(e).__name__}: {e}'
+
+
+def _cpu_flags() -> set[str]:
+  try:
+    with open('/proc/cpuinfo') as f:
+      for ln in f:
+        if ln.startswith('flags'):
+          return set(ln.split(':', 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def mkl_candidates() -> list[str]:
+  """Where MKL's single dynamic library may be: ``$MKLROOT/lib``, then this Python's prefix
+  (where the ``mkl`` wheel puts it, e.g. ``.venv/lib``)."""
+  import glob
+  import sys
+
+  dirs = [os.path.join(os.environ['MKLROOT'], 'lib')] if os.environ.get('MKLROOT') else []
+  dirs += [os.path.join(sys.prefix, 'lib')]
+  found = []
+  for d in dirs:
+    found += sorted(glob.glob(os.path.join(d, 'libmkl_rt.so*')), key=len)
+  return found
+
+
+def _load_gemm(lib) -> str:
+  """Hands MKL's ``cblas_gemm_bf16bf16f32`` to the kernels (sequential MKL, LP64; the
+  kernel splits the rows over XLA's pool). Returns the MKL path; raises why not."""
+  flags = _cpu_flags()
+  if not flags & set(BF16_GEMM_FLAGS):
+    raise RuntimeError(f'the CPU has none of {BF16_GEMM_FLAGS}')
+  paths = mkl_candidates()
+  if not paths:
+    raise RuntimeError('MKL not found (pip install mkl, or set $MKLROOT)')
+  mkl = ctypes.CDLL(paths[0])
+  mkl.MKL_Set_Threading_Layer(ctypes.c_int(1))  # MKL_THREADING_SEQUENTIAL
+  mkl.MKL_Set_Interface_Layer(ctypes.c_int(0))  # MKL_INTERFACE_LP64: 32-bit integers
+  fn = ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p)
+  lib.PemnSetGemmBf16.argtypes = [ctypes.c_void_p, ctypes.c_int]
+  lib.PemnSetGemmBf16(fn, 4)
+  _state['gemm_lib'] = mkl  # kept loaded for the life of the process
+  return paths[0]
+
+
+def gemm_available() -> bool:
+  """True when ``pemn_gemm_bf16`` has a BLAS behind it (MKL found, CPU with bf16 GEMMs)."""
+  return available() and _state['gemm'] is not None
+
+
+def gemm_unavailable_reason() -> str | None:
+  """Why ``gemm_available()`` is false (None when it is true)."""
+  if not available():
+    return unavailable_reason()
+  return _state['gemm_reason']
 
 
 def available() -> bool:

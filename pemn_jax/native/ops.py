@@ -1,8 +1,9 @@
 """When a native kernel is used, and the JAX ops that call it (with their VJPs).
 
 Which kernels are on is a value, ``model.native_kernels``: ``'auto'`` (every kernel in
-``FEATURES``, where usable: the default), ``'none'`` (pure XLA) or a comma-separated subset of
-``FEATURES`` (``'depthwise,topk'``). ``parse_kernels`` validates it; ``kernels(spec)`` makes it
+``FEATURES``, where usable: the default; ``'gemm'`` also needs MKL, ``gemm_available``),
+``'none'`` (pure XLA) or a comma-separated subset of ``FEATURES`` (``'depthwise,topk'``).
+``parse_kernels`` validates it; ``kernels(spec)`` makes it
 the active set while a function is traced; ``enabled(feature)`` asks whether ``feature`` is in
 the active set (all of ``FEATURES`` outside any ``kernels`` context) and the library is
 ``available()``.
@@ -40,9 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pemn_jax.native.build import available, unavailable_reason
+from pemn_jax.native.build import (
+  available,
+  gemm_available,
+  gemm_unavailable_reason,
+  unavailable_reason,
+)
 
-FEATURES = ('depthwise', 'topk', 'gelu_bn')
+FEATURES = ('depthwise', 'topk', 'gelu_bn', 'gemm')
 DATA_AXIS = 'data'
 FIELD = 'model.native_kernels'
 
@@ -329,3 +335,45 @@ def _gelu_bn_bwd(epsilon, res, dy):
 
 
 gelu_batch_norm.defvjp(_gelu_bn_fwd, _gelu_bn_bwd)
+
+
+# ---- bfloat16 GEMM (a BLAS's, through the FFI) ----------------------------------------------
+
+
+def gemm_usable(x) -> bool:
+  """Whether the bfloat16 products with batch-major 2-D ``x`` go to the BLAS: ``'gemm'``
+  enabled, ``gemm_available()`` (MKL found, a CPU with AMX-BF16 or AVX512-BF16), bfloat16 on
+  the CPU backend, one device or a mesh that splits ``x``'s rows over ``'data'``."""
+  if x.dtype != jnp.bfloat16 or x.ndim != 2 or jax.default_backend() != 'cpu':
+    return False
+  if not enabled('gemm') or not gemm_available():
+    return False
+  return jax.device_count() == 1 or _data_mesh(x.shape[0]) is not None
+
+
+def matmul_bf16(x, w):
+  """``x @ w`` in float32 (bfloat16 ``x (M, K)``, ``w (K, N)``), per 'data' shard of ``x``."""
+  return _per_shard(lambda x, w: gemm_bf16(x, w), x, w)
+
+
+def matmul_bf16_dx(g, w):
+  """``g @ w.T`` in float32 (``g (M, N)``, ``w (K, N)``): the input gradient, per shard."""
+  return _per_shard(lambda g, w: gemm_bf16(g, w, trans_b=True), g, w)
+
+
+def matmul_bf16_dw(x, g):
+  """``x.T @ g`` in float32 (``x (M, K)``, ``g (M, N)``): the weight gradient, summed over
+  every 'data' shard."""
+  return _per_shard(lambda x, g: gemm_bf16(x, g, trans_a=True), x, g, batch_args=1, reduce=True)
+
+
+def gemm_bf16(a, b, trans_a: bool = False, trans_b: bool = False):
+  """``op(a) @ op(b)`` in float32 from 2-D bfloat16 ``a`` and ``b`` (``op``: transpose where
+  asked), by MKL's ``cblas_gemm_bf16bf16f32`` (``gemm_available()``), rows over XLA's pool."""
+  if not gemm_available():
+    raise RuntimeError(f'pemn_gemm_bf16 is unavailable: {gemm_unavailable_reason()}')
+  m = a.shape[1] if trans_a else a.shape[0]
+  n = b.shape[0] if trans_b else b.shape[1]
+  return jax.ffi.ffi_call(
+    'pemn_gemm_bf16', jax.ShapeDtypeStruct((m, n), np.float32), vmap_method='sequential'
+  )(a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
