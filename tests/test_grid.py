@@ -131,7 +131,11 @@ def test_a_run_writes_the_record_of_today_and_is_skipped_when_done(tmp_path, mon
   with open(os.path.join(grid.RESULTS, 'cifar_vit', 'runs', 'mask_s1.json')) as f:
     old = list(json.load(f))
   at = old.index('native_kernels') + 1
-  assert list(rec) == [*old[:at], 'machine_info', *old[at:]]
+  old = [*old[:at], 'machine_info', *old[at:]]
+  # ... and the 16-bit-value CSR and 1-bit accounting after csr_bits (None for a masked run).
+  at = old.index('csr_bits') + 1
+  assert list(rec) == [*old[:at], 'csr16_bits', 'binary_bits', *old[at:]]
+  assert rec['csr16_bits'] is None and rec['binary_bits'] is None
   workdir = os.path.join(tmp_path, 'smoke', 'mask_s0')
   with open(os.path.join(workdir, 'summary.json')) as f:
     run_summary = json.load(f)
