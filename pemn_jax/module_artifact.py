@@ -22,6 +22,13 @@ sha256 (``structure_fingerprint``). The payload stores:
 - nothing of the masked layers' frozen kernels: they are regenerated from the recorded key with
   the module's own ``init`` and checked against ``frozen_fingerprint``.
 
+An NNX model (``pemn_jax.nnx`` layers, or ``mask_model`` of an NNX model) holds its variables:
+``export_module(path, model)`` stores them the same way (variable types as collections: Frozen
+-> ``frozen``, Param -> ``params``, BatchStat -> ``batch_stats``) with no key, since its
+constructor drew the frozen kernels; ``load_module(path, model)`` takes the model constructed
+again with the same ``rngs`` (and strategy), checks its frozen kernels against the recorded
+fingerprint and sets every other variable in place.
+
 A layer counts as masked when it owns a ``scores`` param and either is a ``mask_model`` layer
 (its rules give the keep fraction) or has the attributes ``keep_fraction`` (and ``score_abs``,
 default true) and masks its scores with ``masking.score_mask``, as ``pemn_jax.layers`` does: a
@@ -74,11 +81,13 @@ MODULE_FIELDS = {
   'structure_fingerprint',
   'masked_layers',
   'init',
+  'framework',
 }
+FRAMEWORKS = ('linen', 'nnx')
 # How ``module.init`` regenerates the frozen kernels: under ``jax.jit`` or op by op. The two can
 # differ in the last bit of a random draw (XLA fuses the sampling arithmetic differently), so the
 # file records the one that reproduces the exported kernels.
-INIT_MODES = ('jit', 'eager')
+INIT_MODES = ('jit', 'eager', 'construct')  # 'construct': an NNX model, drawn by its constructor
 MAX_INPUTS = 16
 _DTYPES = ('float32', 'float16', 'bfloat16', 'float64', 'int32', 'int64', 'int8', 'uint8', 'bool')
 # The rng streams an init may draw from; pemn-jax's frozen stream gets the recorded key.
@@ -230,9 +239,9 @@ def _masked_layers(module: nn.Module, abstract: dict, specs, call_kwargs: dict) 
 
 def export_module(
   path: str,
-  module: nn.Module,
-  variables: Mapping,
-  inputs,
+  module,
+  variables: Mapping | None = None,
+  inputs=None,
   *,
   frozen_key: jax.Array | None = None,
   step: int = 0,
@@ -242,9 +251,10 @@ def export_module(
 
   Args:
     path: destination file; an existing file is replaced only once the new one is whole.
-    module: the (unbound) Linen module, e.g. ``pemn.mask_model(MyNet(), ...)``.
-    variables: all its variables (``params``, ``frozen``, ``batch_stats``, ...), as
-      ``module.init`` made them and training changed them.
+    module: the (unbound) Linen module, e.g. ``pemn.mask_model(MyNet(), ...)``; or an NNX model
+      (its variables are its own: ``variables`` and ``inputs`` are not given).
+    variables: all the Linen module's variables (``params``, ``frozen``, ``batch_stats``, ...),
+      as ``module.init`` made them and training changed them.
     inputs: example inputs (arrays or ``jax.ShapeDtypeStruct``; a tuple for several), recorded
       by shape and dtype so that ``load_module`` can run ``module.init`` again.
     frozen_key: the key given to the ``frozen`` rng stream at init; required when the module
@@ -261,8 +271,14 @@ def export_module(
   path = os.fspath(path)
   if os.path.isdir(path):
     raise ArtifactError(f'cannot write the artifact to {path}: it is a directory')
+  if _is_nnx(module):
+    if variables is not None or inputs is not None:
+      raise ArtifactError('an NNX model holds its variables: give neither variables nor inputs')
+    return _export_nnx(path, module, step)
   if not isinstance(module, nn.Module) or module.scope is not None:
     raise ArtifactError('export_module needs an unbound Linen module (not one bound by apply)')
+  if variables is None or inputs is None:
+    raise ArtifactError("export_module needs the Linen module's variables and example inputs")
   try:
     specs = _input_specs(inputs)
     kwargs = _check_call_kwargs(call_kwargs)
@@ -357,6 +373,7 @@ def export_module(
       'structure_fingerprint': _fingerprint(structure),
       'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
       'init': init_mode if regenerated else 'jit',
+      'framework': 'linen',
     },
     'entries': entries,
   }
@@ -408,8 +425,11 @@ def check_header(header: dict) -> None:
   if set(mod) != MODULE_FIELDS:
     raise _Invalid(f'module must have exactly the fields {sorted(MODULE_FIELDS)}')
   artifact._str(mod['class'], 'module.class')
+  if mod['framework'] not in FRAMEWORKS:
+    raise _Invalid(f'module.framework must be one of {FRAMEWORKS}')
+  nnx_file = mod['framework'] == 'nnx'
   inputs = artifact._list(mod['inputs'], 'module.inputs', MAX_INPUTS)
-  if not inputs:
+  if not inputs and not nnx_file:
     raise _Invalid('module.inputs must name at least one input')
   for i, x in enumerate(inputs):
     artifact._obj(x, f'module.inputs[{i}]')
@@ -457,8 +477,11 @@ def check_header(header: dict) -> None:
     raise _Invalid('module.structure is not in sorted order')
   if mod['structure_fingerprint'] != _fingerprint(structure):
     raise _Invalid('module.structure_fingerprint is not the sha256 of module.structure')
-  if mod['init'] not in INIT_MODES:
-    raise _Invalid(f'module.init must be one of {INIT_MODES}, got {artifact._short(mod["init"])}')
+  if mod['init'] not in INIT_MODES or (mod['init'] == 'construct') != nnx_file:
+    raise _Invalid(
+      f'module.init must be one of {INIT_MODES} (construct for NNX files only), got '
+      f'{artifact._short(mod["init"])}'
+    )
   masked_layers = artifact._obj(mod['masked_layers'], 'module.masked_layers')
   for name, keep in masked_layers.items():
     artifact._str(name, 'module.masked_layers name', 4096)
@@ -500,7 +523,9 @@ def check_header(header: dict) -> None:
     if full not in stored and full not in regenerated:
       raise _Invalid(f'the module variable {"/".join(full)} is not stored in the file')
   key, fp = header['key'], header.get('frozen_fingerprint')
-  if regenerated and key is None:
+  if nnx_file and key is not None:
+    raise _Invalid('an NNX file records no key: its constructor draws the frozen kernels')
+  if regenerated and key is None and not nnx_file:
     raise _Invalid('key is null, but the file has masked layers whose kernels are regenerated')
   if not regenerated and key is not None:
     raise _Invalid('the file records a key, but no kernel is regenerated from it')
@@ -516,11 +541,16 @@ def check_payload(header: dict, payload: bytes) -> None:
       artifact._check_mask_data('/'.join(e['path']), e, data, math.prod(e['shape']), None, None)
 
 
-def load_module(path: str, module: nn.Module) -> dict:
+def load_module(path: str, module):
   """The variables of a module file, for ``module`` (the definition it was exported from).
 
+  For an NNX file, ``module`` is the model constructed again as it was before training (same
+  code, same ``rngs``, the same strategy applied): its variables are set from the file, in
+  place, once every check has passed, and it is returned.
+
   Returns:
-    ``{collection: tree}``: ``module.apply(variables, x)`` gives the exported network's logits.
+    ``{collection: tree}``: ``module.apply(variables, x)`` gives the exported network's logits
+    (for NNX: the model itself).
 
   Raises:
     ArtifactError: an invalid file (``artifact.read``), a file of a config-described model
@@ -536,6 +566,13 @@ def load_module(path: str, module: nn.Module) -> dict:
       f'{path} describes a model from pemn-jax configs, not a module: load it with pemn.load(path)'
     )
   mod = header['module']
+  if (mod['framework'] == 'nnx') != _is_nnx(module):
+    raise ArtifactError(
+      f'{path} holds an {mod["framework"]} module ({mod["class"]}); load it with one of that '
+      f'framework, not a {type(module).__name__}'
+    )
+  if mod['framework'] == 'nnx':
+    return _load_nnx(path, v, module)
   if not isinstance(module, nn.Module) or module.scope is not None:
     raise ArtifactError('load_module needs an unbound Linen module (not one bound by apply)')
   specs = tuple(
@@ -619,3 +656,162 @@ def _difference_for_load(recorded: list, given: list) -> str:
         f'{tuple(g[p][2])} {g[p][3]} in the module'
       )
   return 'the structures differ'
+
+
+# ----------------------------------------------------------------------------------------------
+# NNX models: the caller constructs the model again (same code, same rngs, same strategy); the
+# file restores every variable but the masked layers' frozen kernels, which the constructor drew
+# and the recorded fingerprint checks.
+
+
+def _is_nnx(model) -> bool:
+  import sys
+
+  return 'flax.nnx' in sys.modules and isinstance(model, sys.modules['flax.nnx'].Module)
+
+
+def _nnx_variables(model) -> dict:
+  """``{(collection, *path): nnx.Variable}``: Frozen -> 'frozen', Param -> 'params',
+  BatchStat -> 'batch_stats', any other type under its class name."""
+  from flax import nnx
+
+  from pemn_jax import nnx as pnnx
+
+  names = {pnnx.Frozen: layers.FROZEN, nnx.Param: 'params', nnx.BatchStat: 'batch_stats'}
+  out = {}
+  for p, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable):
+      collection = next((n for t, n in names.items() if type(node) is t), type(node).__name__)
+      out[(collection, *(str(k) for k in p))] = node
+  return out
+
+
+def _nnx_masked(model) -> dict:
+  from pemn_jax import nnx as pnnx
+
+  return {
+    tuple(str(k) for k in p): (float(layer.keep_fraction), bool(layer.score_abs))
+    for p, layer in pnnx.masked_layers(model)
+  }
+
+
+def _nnx_structure(variables: dict) -> list[list]:
+  out = []
+  for (collection, *p), var in variables.items():
+    a = var.get_value()
+    out.append([collection, list(p), [int(d) for d in a.shape], jnp.dtype(a.dtype).name])
+  return sorted(out, key=lambda r: (r[0], r[1]))
+
+
+def _nnx_fingerprint(variables: dict, masked: dict) -> str | None:
+  frozen = {p[1:]: np.asarray(v.get_value()) for p, v in variables.items() if p[0] == layers.FROZEN}
+  if not any((*m, 'kernel') in frozen for m in masked):
+    return None
+  return build.frozen_fingerprint(traverse_util.unflatten_dict(frozen))
+
+
+def _export_nnx(path: str, model, step: int) -> dict:
+  variables = _nnx_variables(model)
+  masked = _nnx_masked(model)
+  structure = _nnx_structure(variables)
+  regenerated = {(layers.FROZEN, *m, 'kernel') for m in masked} & set(variables)
+  entries, chunks, offset = [], [], 0
+
+  def add(kind, entry_path, data: bytes, **meta):
+    nonlocal offset
+    entries.append(
+      {'kind': kind, 'path': list(entry_path), 'offset': offset, 'length': len(data), **meta}
+    )
+    chunks.append(data)
+    offset += len(data)
+
+  for layer, (keep, score_abs) in masked.items():
+    scores = variables[('params', *layer, 'scores')].get_value()
+    mask = np.asarray(jax.device_get(masking.score_mask(scores, keep, score_abs))).astype(bool)
+    data = codec.encode_mask(mask)
+    add(
+      'mask',
+      (*layer, 'scores'),
+      data,
+      shape=list(mask.shape),
+      ones=int(mask.sum()),
+      codec=['packbits', 'rans'][data[0] & 0x0F],
+    )
+  for p, var in variables.items():
+    if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
+      continue
+    a = np.asarray(jax.device_get(var.get_value()))
+    add('array', p, artifact._le_bytes(a), shape=list(a.shape), dtype=a.dtype.name)
+  header = {
+    'format_version': artifact.FORMAT_VERSION,
+    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
+    'step': int(step),
+    'key': None,
+    'frozen_fingerprint': _nnx_fingerprint(variables, masked),
+    'module': {
+      'class': f'{type(model).__module__}.{type(model).__qualname__}'[:256],
+      'inputs': [],
+      'call_kwargs': {},
+      'structure': structure,
+      'structure_fingerprint': _fingerprint(structure),
+      'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
+      'init': 'construct',
+      'framework': 'nnx',
+    },
+    'entries': entries,
+  }
+  blob = artifact.frame(header, b''.join(chunks))
+  verified = artifact._verify_blob(path, blob)
+  try:
+    fileio.atomic_write(path, blob)
+  except OSError as e:
+    raise ArtifactError(f'cannot write the artifact {path}: {e.strerror or e}') from None
+  return artifact._summary(verified, path)
+
+
+def _load_nnx(path: str, v, model):
+  header, mod = v.header, v.header['module']
+  variables = _nnx_variables(model)
+  structure = _nnx_structure(variables)
+  if structure != mod['structure']:
+    cls = f'{type(model).__module__}.{type(model).__qualname__}'
+    raise ArtifactError(
+      f'{path} was exported from another model definition (file: {mod["class"]}, given: '
+      f'{cls}): {_difference_for_load(mod["structure"], structure)}'
+    )
+  masked = _nnx_masked(model)
+  recorded = {tuple(n.split('/')): k for n, k in mod['masked_layers'].items()}
+  if set(masked) != set(recorded):
+    diff = sorted(set(masked) ^ set(recorded))[0]
+    raise ArtifactError(f'{path}: layer {"/".join(diff)} is masked in only one of file and model')
+  got = _nnx_fingerprint(variables, masked)
+  if got != header['frozen_fingerprint']:
+    raise ArtifactError(
+      f"{path}: the model's frozen kernels are not those it was exported with (fingerprint "
+      f'{str(header["frozen_fingerprint"])[:12]}... vs {str(got)[:12]}...): construct it with the '
+      "same rngs (the frozen stream's seed) and apply the same strategy before loading"
+    )
+  values = {}
+  for e in header['entries']:
+    data = v.payload[e['offset'] : e['offset'] + e['length']]
+    name, shape = '/'.join(e['path']), tuple(e['shape'])
+    if e['kind'] == 'mask':
+      layer = tuple(e['path'][:-1])
+      keep, _ = masked[layer]
+      n = math.prod(shape)
+      if e['ones'] != masking.num_kept(n, keep):
+        raise ArtifactError(
+          f'{path}: mask {name} keeps {e["ones"]} of {n}, but the model keeps '
+          f'{masking.num_kept(n, keep)} (keep_fraction {keep}) in that layer'
+        )
+      full = ('params', *e['path'])
+      mask = artifact._decode(path, name, data, shape, e['ones'])
+      values[full] = jnp.asarray(mask, variables[full].get_value().dtype)
+    else:
+      dtype = np.dtype(jnp.dtype(e['dtype']))
+      a = np.frombuffer(data, dtype=dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
+      values[tuple(e['path'])] = jnp.asarray(a.reshape(shape).astype(dtype))
+  for p, value in values.items():  # every check passed: only now is the model changed
+    variables[p].set_value(value)
+  return model

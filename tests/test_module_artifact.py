@@ -195,3 +195,41 @@ def test_storage_report_of_any_masked_tree():
   assert r.entropy_bits < r.key_only_bits < r.dense_fp32_bits
   with pytest.raises(ValueError, match='names no keep'):
     storage.report_tree(variables, {})
+
+
+def test_nnx_model_round_trip_and_wrong_rngs(tmp_path):
+  from flax import nnx
+
+  from pemn_jax import nnx as pnnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = pnnx.MaskedConv(1, 8, 3, keep_fraction=0.5, rngs=rngs)
+      self.bn = nnx.BatchNorm(8, rngs=rngs)
+      self.head = pnnx.MaskedLinear(8, 10, keep_fraction=0.3, rngs=rngs)
+      self.out = nnx.Linear(10, 3, rngs=rngs)
+
+    def __call__(self, x):
+      return self.out(self.head(jax.nn.relu(self.bn(self.conv(x))).mean((1, 2))))
+
+  x = _x((4, 8, 8, 1))
+  model = Net(nnx.Rngs(params=0, frozen=1))
+  model.conv.scores.set_value(
+    model.conv.scores[...] + 0.1 * jax.random.normal(jax.random.key(3), model.conv.scores.shape)
+  )
+  model.train()
+  model(x)  # BN statistics of a training pass
+  model.eval()
+  want = np.asarray(model(x))
+  path = tmp_path / 'nnx.pemn'
+  info = pemn.export_module(path, model, step=3)
+  assert info['masked'] and set(info['masked_layers']) == {'conv', 'head'}
+  fresh = Net(nnx.Rngs(params=5, frozen=1))  # other scores/BN init, same frozen draws
+  fresh.eval()
+  assert not np.array_equal(np.asarray(fresh(x)), want)
+  loaded = pemn.load_module(path, fresh)
+  np.testing.assert_array_equal(np.asarray(loaded(x)), want)
+  with pytest.raises(artifact.ArtifactError, match='same rngs'):
+    pemn.load_module(path, Net(nnx.Rngs(params=0, frozen=2)))
+  with pytest.raises(artifact.ArtifactError, match='nnx module'):
+    pemn.load_module(path, OurLayers())
