@@ -7,6 +7,8 @@ BatchNorm statistics updated) before export, so the masks and statistics are not
 
 from __future__ import annotations
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -233,3 +235,47 @@ def test_nnx_model_round_trip_and_wrong_rngs(tmp_path):
     pemn.load_module(path, Net(nnx.Rngs(params=0, frozen=2)))
   with pytest.raises(artifact.ArtifactError, match='nnx module'):
     pemn.load_module(path, OurLayers())
+
+
+@pytest.mark.parametrize(
+  'field',
+  [
+    'class',
+    'inputs',
+    'call_kwargs',
+    'structure',
+    'structure_fingerprint',
+    'masked_layers',
+    'init',
+    'framework',
+  ],
+)
+def test_a_malformed_module_section_is_one_line_never_a_crash(field, tmp_path):
+  module, x, _ = CASES['our_layers']()
+  path = tmp_path / 'net.pemn'
+  pemn.export_module(path, module, _trained(module, x), x, frozen_key=RNGS['frozen'])
+  header, payload = artifact.read(path)
+  bad_values = [
+    None,
+    True,
+    -1,
+    1.5,
+    'x' * 300,
+    [],
+    [[]],
+    {},
+    {'a': [1]},
+    [['params', ['a'], [2], 'float32']],
+  ]
+  for value in bad_values:
+    if value == header['module'][field]:
+      continue  # a valid value of this field
+    h = json.loads(json.dumps(header))
+    h['module'][field] = value
+    bad = tmp_path / 'bad.pemn'
+    bad.write_bytes(artifact.frame(h, payload))
+    with pytest.raises(artifact.ArtifactError) as e:
+      artifact.inspect(bad)
+    assert '\n' not in str(e.value)
+    with pytest.raises(artifact.ArtifactError):
+      pemn.load_module(bad, module)
