@@ -13,10 +13,11 @@ What XLA:CPU does slowly or wastefully in a PEMN training step, done here in C++
   (ConvMixer-256/8: XLA's temp buffer 2.8 -> 1.2 GB, same step time).
 
 * bfloat16 matrix products (``model.dtype=bfloat16``; the layers' ``pemn_jax.ops.dot_bf16``:
-  forward, input and weight gradient) as MKL's ``cblas_gemm_bf16bf16f32`` (AMX / AVX512-BF16),
-  where MKL is installed (``requirements-mkl.txt``: the ``mkl`` wheel, or ``$MKLROOT``) and the
-  CPU has bf16 GEMM hardware: ``gemm_available()``. XLA's own bf16 weight-gradient product is
-  slower than its fp32 one; MKL's is 3-5x faster (PERFORMANCE.md, attempt 36). Without MKL the
+  forward, input and weight gradient) as a library's bf16 GEMM (oneDNN's
+  ``dnnl_gemm_bf16bf16f32`` or MKL's ``cblas_gemm_bf16bf16f32``: AMX / AVX512-BF16), where one is
+  installed (``requirements-gemm.txt``, or ``$DNNLROOT`` / ``$MKLROOT``) and the CPU has bf16
+  GEMM hardware: ``gemm_available()``. XLA's own bf16 weight-gradient product is slower than its
+  fp32 one; the library's is 3-5x faster (PERFORMANCE.md, attempt 38). Without a library the
   products stay in XLA (feature ``'gemm'`` then does nothing).
 
 Depthwise conv: XLA:CPU has no good lowering for its kernel gradient (the best pure-XLA form,

@@ -8,14 +8,17 @@ version, the jaxlib FFI header and the CPU, and written atomically (``fileio.ato
 concurrent processes never load a half-written file. Each FFI target is then registered for the
 CPU platform under its ``pemn_*`` name (``TARGETS``).
 
-``CXX``, ``PEMN_JAX_CACHE_DIR`` and ``MKLROOT`` are the only environment variables read here:
-like ``CC`` for any build, they describe the machine (which compiler, where its output may go,
-where Intel MKL is), not the run.
+``CXX``, ``PEMN_JAX_CACHE_DIR``, ``MKLROOT`` and ``DNNLROOT`` are the only environment variables
+read here: like ``CC`` for any build, they describe the machine (which compiler, where its
+output may go, where Intel MKL or oneDNN is), not the run.
 
-The bfloat16 GEMM kernel (``pemn_gemm_bf16``) calls MKL's ``cblas_gemm_bf16bf16f32``, loaded at
-run time from ``$MKLROOT/lib`` or this Python's ``lib`` (the ``mkl`` wheel), only on a CPU with
-AMX-BF16 or AVX512-BF16: ``gemm_available()``, ``gemm_unavailable_reason()``. Nothing is
-compiled against MKL, so the kernels build and load the same without it.
+The bfloat16 GEMM kernel (``pemn_gemm_bf16``) calls MKL's ``cblas_gemm_bf16bf16f32`` or
+oneDNN's ``dnnl_gemm_bf16bf16f32``, loaded at run time from ``$MKLROOT/lib`` or this Python's
+``lib`` (the ``mkl`` or ``onednn-cpu-gomp`` wheel, ``requirements-gemm.txt``; or
+``$DNNLROOT/lib``), only on a CPU with
+AMX-BF16 or AVX512-BF16: ``gemm_available()``, ``gemm_unavailable_reason()``,
+``gemm_candidates()``. Nothing is compiled against either, so the kernels build and load the
+same without them.
 Which kernels a run uses is the config's business (``model.native_kernels``, applied by
 ``pemn_jax.native.kernels``); nothing here reads it.
 
@@ -159,41 +162,56 @@ def _cpu_flags() -> set[str]:
   return set()
 
 
-def mkl_candidates() -> list[str]:
-  """Where MKL's single dynamic library may be: ``$MKLROOT/lib``, then this Python's prefix
-  (where the ``mkl`` wheel puts it, e.g. ``.venv/lib``)."""
+def gemm_candidates() -> list[tuple[str, str]]:
+  """(kind, path) of the bf16 GEMM libraries found, in order of preference: MKL's single
+  dynamic library in ``$MKLROOT/lib``, then in this Python's prefix (the ``mkl`` wheel puts it
+  in e.g. ``.venv/lib``); then oneDNN's ``libdnnl.so.3`` in ``$DNNLROOT/lib``, then there (the
+  ``onednn-cpu-gomp`` wheel)."""
   import glob
   import sys
 
-  dirs = [os.path.join(os.environ['MKLROOT'], 'lib')] if os.environ.get('MKLROOT') else []
-  dirs += [os.path.join(sys.prefix, 'lib')]
+  prefix = os.path.join(sys.prefix, 'lib')
   found = []
-  for d in dirs:
-    found += sorted(glob.glob(os.path.join(d, 'libmkl_rt.so*')), key=len)
+  for kind, root, pattern in (
+    ('mkl', 'MKLROOT', 'libmkl_rt.so*'),
+    ('onednn', 'DNNLROOT', 'libdnnl.so.3*'),
+  ):
+    dirs = [os.path.join(os.environ[root], 'lib')] if os.environ.get(root) else []
+    for d in [*dirs, prefix]:
+      found += [(kind, p) for p in sorted(glob.glob(os.path.join(d, pattern)), key=len)]
   return found
 
 
 def _load_gemm(lib) -> str:
-  """Hands MKL's ``cblas_gemm_bf16bf16f32`` to the kernels (sequential MKL, LP64; the
-  kernel splits the rows over XLA's pool). Returns the MKL path; raises why not."""
+  """Hands a bf16 GEMM to the kernels: MKL's ``cblas_gemm_bf16bf16f32`` (sequential, LP64; the
+  kernel splits the rows over XLA's pool), else oneDNN's ``dnnl_gemm_bf16bf16f32``. Returns
+  ``'KIND PATH'``; raises why none."""
   flags = _cpu_flags()
   if not flags & set(BF16_GEMM_FLAGS):
     raise RuntimeError(f'the CPU has none of {BF16_GEMM_FLAGS}')
-  paths = mkl_candidates()
-  if not paths:
-    raise RuntimeError('MKL not found (pip install mkl, or set $MKLROOT)')
-  mkl = ctypes.CDLL(paths[0])
-  mkl.MKL_Set_Threading_Layer(ctypes.c_int(1))  # MKL_THREADING_SEQUENTIAL
-  mkl.MKL_Set_Interface_Layer(ctypes.c_int(0))  # MKL_INTERFACE_LP64: 32-bit integers
-  fn = ctypes.cast(mkl.cblas_gemm_bf16bf16f32, ctypes.c_void_p)
+  found = gemm_candidates()
+  if not found:
+    raise RuntimeError(
+      'no bf16 GEMM library found (pip install -r requirements-gemm.txt; or set $DNNLROOT '
+      'or $MKLROOT)'
+    )
+  kind, path = found[0]
+  blas = ctypes.CDLL(path)
+  if kind == 'mkl':
+    blas.MKL_Set_Threading_Layer(ctypes.c_int(1))  # MKL_THREADING_SEQUENTIAL
+    blas.MKL_Set_Interface_Layer(ctypes.c_int(0))  # MKL_INTERFACE_LP64: 32-bit integers
+    fn, code = blas.cblas_gemm_bf16bf16f32, 0
+  else:
+    fn, code = blas.dnnl_gemm_bf16bf16f32, 1
   lib.PemnSetGemmBf16.argtypes = [ctypes.c_void_p, ctypes.c_int]
-  lib.PemnSetGemmBf16(fn, 4)
-  _state['gemm_lib'] = mkl  # kept loaded for the life of the process
-  return paths[0]
+  lib.PemnSetGemmBf16(ctypes.cast(fn, ctypes.c_void_p), code)
+  _state['gemm_lib'] = blas  # kept loaded for the life of the process
+  return f'{kind} {path}'
 
 
 def gemm_available() -> bool:
-  """True when ``pemn_gemm_bf16`` has a BLAS behind it (MKL found, CPU with bf16 GEMMs)."""
+  """True when ``pemn_gemm_bf16`` has a library behind it (MKL or oneDNN found, on a CPU with
+  bf16 GEMMs)."""
   return available() and _state['gemm'] is not None
 
 

@@ -30,10 +30,10 @@
 // kept half of a layer's scores; std::nth_element only partitions, in linear time.
 //
 // bfloat16 GEMM: pemn_gemm_bf16: c = op(a) @ op(b) in float32 from bfloat16 a and b (op: the
-// matrix or its transpose, attributes trans_a, trans_b; row-major), by the BLAS function
-// cblas_gemm_bf16bf16f32 that PemnSetGemmBf16 hands over (MKL's, loaded by Python at run time
-// where installed; uses AMX / AVX512-BF16). The library runs single-threaded; the output's rows
-// are split over XLA's pool here. Without a BLAS the call fails (Python never registers it).
+// matrix or its transpose, attributes trans_a, trans_b; row-major), by the library function that
+// PemnSetGemmBf16 hands over (MKL's cblas_gemm_bf16bf16f32, single-threaded, the output's rows
+// split over XLA's pool here; or oneDNN's dnnl_gemm_bf16bf16f32), loaded by Python at run time
+// where installed (AMX / AVX512-BF16). Without one the call fails (Python never uses it then).
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -484,19 +484,23 @@ ffi::Error TopkMask(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mask, int64_t 
 
 // ---- bfloat16 GEMM through a BLAS handed over at load time --------------------------------
 
-// cblas_gemm_bf16bf16f32(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-// with CBLAS enums (row-major 101, no-trans 111, trans 112) and MKL_BF16 = uint16_t.
-using GemmBf16Fn = void (*)(int, int, int, int64_t, int64_t, int64_t, float, const uint16_t*,
-                            int64_t, const uint16_t*, int64_t, float, float*, int64_t);
-std::atomic<GemmBf16Fn> gemm_bf16{nullptr};
-std::atomic<int> gemm_int_bytes{4};  // MKL_INT: 4 (LP64) or 8 (ILP64)
-
-using GemmBf16Fn32 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
-                              const uint16_t*, int, float, float*, int);
+// The BLAS behind pemn_gemm_bf16, handed over by PemnSetGemmBf16 (kind 0 or 1):
+//   0: cblas_gemm_bf16bf16f32(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c,
+//      ldc) of a single-threaded LP64 MKL (CBLAS enums: row-major 101, no-trans 111, trans 112;
+//      MKL_BF16 = uint16_t, MKL_INT = int): called per row block, over XLA's pool;
+//   1: dnnl_gemm_bf16bf16f32(transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc) of
+//      oneDNN (row-major, 'N' / 'T', 64-bit dims; status 0 = success): one call, which runs on
+//      oneDNN's own OpenMP threads.
+using CblasGemmBf16 = void (*)(int, int, int, int, int, int, float, const uint16_t*, int,
+                               const uint16_t*, int, float, float*, int);
+using DnnlGemmBf16 = int (*)(char, char, int64_t, int64_t, int64_t, float, const uint16_t*,
+                             int64_t, const uint16_t*, int64_t, float, float*, int64_t);
+std::atomic<void*> gemm_fn{nullptr};
+std::atomic<int> gemm_kind{0};
 
 ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                     ffi::ResultBuffer<ffi::F32> c, int64_t trans_a, int64_t trans_b) {
-  GemmBf16Fn fn = gemm_bf16.load();
+  void* fn = gemm_fn.load();
   if (fn == nullptr) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "pemn_gemm_bf16: no BLAS loaded");
   }
@@ -512,38 +516,42 @@ ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   if (k != kb || cd[0] != m || cd[1] != n) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_gemm_bf16: shapes disagree");
   }
-  if (std::max({m, n, k}) >= (int64_t{1} << 31) && gemm_int_bytes.load() == 4) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_gemm_bf16: dimension over 2^31");
-  }
   const auto* ap = static_cast<const uint16_t*>(a.untyped_data());
   const auto* bp = static_cast<const uint16_t*>(b.untyped_data());
   float* cp = c->typed_data();
   const int64_t lda = ad[1], ldb = bd[1];
+  if (gemm_kind.load() == 1) {
+    int status = reinterpret_cast<DnnlGemmBf16>(fn)(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m,
+                                                    n, k, 1.0f, ap, lda, bp, ldb, 0.0f, cp, n);
+    if (status != 0) {
+      return ffi::Error(ffi::ErrorCode::kInternal,
+                        "dnnl_gemm_bf16bf16f32 failed: status " + std::to_string(status));
+    }
+    return ffi::Error::Success();
+  }
+  if (std::max({m, n, k, lda, ldb}) >= (int64_t{1} << 31)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_gemm_bf16: dimension over 2^31");
+  }
   // Row blocks of c (multiples of 32 rows), about 4 per thread for balance.
   const int64_t threads = pool.num_threads() + 1;
   const int64_t rows = std::max<int64_t>(32, ((m + 4 * threads - 1) / (4 * threads) + 31) / 32 * 32);
   const int64_t items = (m + rows - 1) / rows;
-  const bool lp64 = gemm_int_bytes.load() == 4;
   ParallelFor(pool, items, [&](int64_t item) {
     const int64_t m0 = item * rows, mm = std::min(rows, m - m0);
     const uint16_t* a0 = trans_a ? ap + m0 : ap + m0 * lda;  // rows of op(a)
-    const int ta = trans_a ? 112 : 111, tb = trans_b ? 112 : 111;
-    if (lp64) {
-      reinterpret_cast<GemmBf16Fn32>(fn)(101, ta, tb, int(mm), int(n), int(k), 1.0f, a0,
-                                         int(lda), bp, int(ldb), 0.0f, cp + m0 * n, int(n));
-    } else {
-      fn(101, ta, tb, mm, n, k, 1.0f, a0, lda, bp, ldb, 0.0f, cp + m0 * n, n);
-    }
+    reinterpret_cast<CblasGemmBf16>(fn)(101, trans_a ? 112 : 111, trans_b ? 112 : 111, int(mm),
+                                        int(n), int(k), 1.0f, a0, int(lda), bp, int(ldb), 0.0f,
+                                        cp + m0 * n, int(n));
   });
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-// Hands over cblas_gemm_bf16bf16f32 (int_bytes: the BLAS's integer size, 4 or 8); null: none.
-extern "C" void PemnSetGemmBf16(void* fn, int int_bytes) {
-  gemm_int_bytes.store(int_bytes);
-  gemm_bf16.store(reinterpret_cast<GemmBf16Fn>(fn));
+// Hands over the bf16 GEMM of kind 0 (MKL's CBLAS) or 1 (oneDNN), see above; null: none.
+extern "C" void PemnSetGemmBf16(void* fn, int kind) {
+  gemm_kind.store(kind);
+  gemm_fn.store(fn);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGemmBf16, GemmBf16,
