@@ -359,6 +359,8 @@ def do_rerecord(args) -> int:
     with open(path) as f:
       old = json.load(f)
     run = runs[old['run']]
+    if old.get('rerecorded') and not args.force:
+      continue  # recomputed already (--force: again)
     workdir = os.path.relpath(os.path.join(args.workroot, args.grid, run['name']), ROOT)
     if not os.path.exists(os.path.join(ROOT, workdir, 'summary.json')):
       print(f'[grid] {run["name"]}: no finished workdir at {workdir}; record kept as it is')
@@ -763,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('action', choices=('run', 'report', 'list', 'rerecord'))
   p.add_argument('--grid', choices=sorted(GRIDS), required=True)
   p.add_argument('--only', help='run: comma-separated run names, run in this order')
+  p.add_argument(
+    '--force', action='store_true', help='rerecord: also the records recomputed already'
+  )
   p.add_argument(
     '--cifar-npz',
     metavar='PATH',
