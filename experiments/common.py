@@ -58,7 +58,9 @@ def machine() -> dict:
   Keys: ``cpu_model``, ``nproc`` (``os.cpu_count()``), ``isa`` (each of ``ISA_FLAGS``: present
   or not), ``os``, ``os_release``, ``arch``, ``python``, ``jax``, ``jaxlib``, ``device``
   (``platform:kind`` of the first JAX device), ``device_count`` and ``native_kernels``
-  (``available``, ``reason`` it is not, ``enabled``: the kernels on by default here).
+  (``available``, ``reason`` it is not, ``enabled``: the kernels on by default here), and
+  ``gemm_library`` (``'KIND PATH'`` of the bf16 GEMM library of native feature ``'gemm'``, or
+  None).
 
   It initialises JAX's default backend (to name the device) and loads the native kernels
   (compiling them on a machine's first use).
@@ -71,6 +73,7 @@ def machine() -> dict:
   model, flags = cpu_info()
   d = jax.devices()[0]
   available = native.available()
+  gemm = native.build._state.get('gemm') if native.gemm_available() else None
   return {
     'cpu_model': model,
     'nproc': os.cpu_count(),
@@ -86,8 +89,14 @@ def machine() -> dict:
     'native_kernels': {
       'available': available,
       'reason': native.unavailable_reason(),
-      'enabled': [f for f in native.FEATURES if native.enabled(f)] if available else [],
+      # 'gemm' is on only with a bf16 GEMM library behind it (oneDNN or MKL: gemm_library).
+      'enabled': [
+        f for f in native.FEATURES if native.enabled(f) and (f != 'gemm' or gemm is not None)
+      ]
+      if available
+      else [],
     },
+    'gemm_library': gemm,
   }
 
 

@@ -244,9 +244,9 @@ def dot_bf16(x, w):
   AVX512-BF16 where the CPU has them: 2-4x its float32 dot), but a bfloat16-out dot, which is
   what ``jnp.dot`` of two bfloat16 arrays and its autodiff emit, ~1.5x slower than float32
   (experiments/results/PERFORMANCE.md, attempt 36). This VJP keeps the forward and the input
-  gradient in the fast form. Where ``native.gemm_usable`` (MKL installed, ``'gemm'`` in
-  ``model.native_kernels``), all three products are MKL's bfloat16 GEMM instead (same float32
-  sums; XLA's weight-gradient product is the slow one).
+  gradient in the fast form. Where ``native.gemm_usable`` (oneDNN or MKL installed, ``'gemm'``
+  in ``model.native_kernels``), all three products are that library's bfloat16 GEMM instead
+  (same float32 sums; XLA's weight-gradient product is the slow one).
   """
   if native.gemm_usable(x):
     return native.matmul_bf16(x, w).astype(x.dtype)

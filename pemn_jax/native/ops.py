@@ -1,7 +1,8 @@
 """When a native kernel is used, and the JAX ops that call it (with their VJPs).
 
 Which kernels are on is a value, ``model.native_kernels``: ``'auto'`` (every kernel in
-``FEATURES``, where usable: the default; ``'gemm'`` also needs MKL, ``gemm_available``),
+``FEATURES``, where usable: the default; ``'gemm'`` also needs MKL or oneDNN,
+``gemm_available``),
 ``'none'`` (pure XLA) or a comma-separated subset of ``FEATURES`` (``'depthwise,topk'``).
 ``parse_kernels`` validates it; ``kernels(spec)`` makes it
 the active set while a function is traced; ``enabled(feature)`` asks whether ``feature`` is in
@@ -341,9 +342,10 @@ gelu_batch_norm.defvjp(_gelu_bn_fwd, _gelu_bn_bwd)
 
 
 def gemm_usable(x) -> bool:
-  """Whether the bfloat16 products with batch-major 2-D ``x`` go to the BLAS: ``'gemm'``
-  enabled, ``gemm_available()`` (MKL found, a CPU with AMX-BF16 or AVX512-BF16), bfloat16 on
-  the CPU backend, one device or a mesh that splits ``x``'s rows over ``'data'``."""
+  """Whether the bfloat16 products with batch-major 2-D ``x`` go to the library: ``'gemm'``
+  enabled, ``gemm_available()`` (MKL or oneDNN found, a CPU with AMX-BF16 or AVX512-BF16),
+  bfloat16 ``x`` on the CPU backend, one device or a mesh that splits its rows over
+  ``'data'``."""
   if x.dtype != jnp.bfloat16 or x.ndim != 2 or jax.default_backend() != 'cpu':
     return False
   if not enabled('gemm') or not gemm_available():
@@ -369,7 +371,7 @@ def matmul_bf16_dw(x, g):
 
 def gemm_bf16(a, b, trans_a: bool = False, trans_b: bool = False):
   """``op(a) @ op(b)`` in float32 from 2-D bfloat16 ``a`` and ``b`` (``op``: transpose where
-  asked), by MKL's ``cblas_gemm_bf16bf16f32`` (``gemm_available()``), rows over XLA's pool."""
+  asked), by the bf16 GEMM library found at load time (MKL or oneDNN, ``gemm_available()``)."""
   if not gemm_available():
     raise RuntimeError(f'pemn_gemm_bf16 is unavailable: {gemm_unavailable_reason()}')
   m = a.shape[1] if trans_a else a.shape[0]
