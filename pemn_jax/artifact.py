@@ -169,6 +169,7 @@ def export(
   fingerprint: str | None = None,
   input_shape: tuple[int, ...] | None = None,
   bn: str = 'full',
+  base: Any = None,
 ) -> dict:
   """Writes a trained network to ``out_path`` atomically (a temporary file, then a rename).
 
@@ -184,6 +185,14 @@ def export(
     bn: how BatchNorm is stored (``BN_CHOICES``): ``'full'`` (default, bit-exact) or folded to
       one scale and one shift per channel in float32 (``'fp32-folded'``: equal up to float
       reassociation), float16 (``'fp16'``) or bfloat16 (``'bf16'``); see ``fold_batch_norm``.
+    base: for a masked model over a base model (``model.base_source``): the
+      ``pretrained.Base`` its frozen kernels came from. The file is then a *mask delta*
+      (format version 2): masks and the other trained leaves, and a ``base`` section with the
+      base's format and fingerprint (never its path, never a weight); ``load`` needs the base.
+      ``variables`` must then hold the frozen collection (the base's kernels).
+
+  Every exported config has ``model.base_source`` and ``model.base_name_map`` cleared: a file
+  never names a path for its reader to open.
 
   Returns:
     ``inspect``'s summary of the written file (its bytes verified as any reader would first).
@@ -201,6 +210,11 @@ def export(
     )
   masked = config.model.get('masked', True)
   binary = not masked and bool(config.model.get('binary_weights', False))
+  if base is not None and not (masked and layers.FROZEN in variables):
+    raise ArtifactError(
+      'base= is for a masked model over a base with its frozen collection in variables (a mask '
+      'delta); a dense model stores its own weights: export it without base'
+    )
   folded = {} if bn == 'full' else batch_norm_modules(variables)
   sparse_method = None if masked else config.model.get('sparsity_method')
   has_frozen = masked or sparse_method == 'random'  # random sparse masks are regenerated too
@@ -277,11 +291,15 @@ def export(
         shape=list(a.shape),
         dtype=a.dtype.name,
       )
+  recorded_config = config.to_dict()
+  for field in ('base_source', 'base_name_map'):  # paths: a file never chooses what is read
+    if field in recorded_config.get('model', {}):
+      recorded_config['model'][field] = None
   header = {
-    'format_version': 2 if any(e['kind'] in _V2_KINDS for e in entries) else 1,
+    'format_version': 2 if base is not None or any(e['kind'] in _V2_KINDS for e in entries) else 1,
     'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
     'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
-    'config': config.to_dict(),
+    'config': recorded_config,
     'step': int(step),
     'key': (
       {
@@ -295,6 +313,12 @@ def export(
     'input_shape': list(input_shape or build.input_shape(config)),
     'entries': entries,
   }
+  if base is not None:
+    header['base'] = {
+      'format': base.format,
+      'fingerprint': base.fingerprint,
+      'values': int(base.num_values),
+    }
   blob = frame(header, b''.join(chunks))
   verified = _verify_blob(out_path, blob)  # never write a file the reader would refuse
   try:
@@ -411,8 +435,12 @@ _HEADER_FIELDS = {
   'frozen_fingerprint',
   'input_shape',
   'entries',
+  'base',  # version 2: a mask delta's base model (format, fingerprint, value count)
 }
-_REQUIRED_FIELDS = _HEADER_FIELDS - {'frozen_fingerprint', 'input_shape'}
+_OPTIONAL_FIELDS = {'frozen_fingerprint', 'input_shape', 'base'}
+_REQUIRED_FIELDS = _HEADER_FIELDS - _OPTIONAL_FIELDS
+_BASE_FIELDS = {'format', 'fingerprint', 'values'}
+_BASE_FORMATS = ('workdir', 'orbax', 'flax', 'safetensors')  # pretrained.FORMATS
 _ENTRY_FIELDS = {
   'mask': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'codec'},
   'sparse': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'positions_length', 'dtype'},
@@ -608,7 +636,7 @@ def _check_schema(header: Any, version: int, payload_len: int) -> None:
   if module_file and version < 2:
     raise _Invalid('a module file (a module section, no config) needs format version 2')
   fields = module_artifact.HEADER_FIELDS if module_file else _HEADER_FIELDS
-  required = fields - {'frozen_fingerprint', 'input_shape'}
+  required = fields - _OPTIONAL_FIELDS
   unknown = sorted(set(header) - fields)
   if unknown:
     raise _Invalid(f'unknown field {_short(unknown[0])} (a newer format would have a new version)')
@@ -644,12 +672,28 @@ def _check_schema(header: Any, version: int, payload_len: int) -> None:
     raise _Invalid(f'frozen_fingerprint must be a sha256 hex digest, got {_short(fp)}')
   if header.get('input_shape') is not None:
     _check_input_shape(header['input_shape'], 'input_shape')
+  if 'base' in header:
+    _check_base_section(header['base'], version)
   if module_file:
     _check_entries(header['entries'], payload_len, version)
     module_artifact.check_header(header)
     return
   _check_config(header['config'])
   _check_entries(header['entries'], payload_len, version)
+
+
+def _check_base_section(base: Any, version: int) -> None:
+  if version < 2:
+    raise _Invalid('a base section (a mask delta) needs format version 2')
+  _obj(base, 'base')
+  if set(base) != _BASE_FIELDS:
+    raise _Invalid(f'base must have exactly the fields {sorted(_BASE_FIELDS)}, got {sorted(base)}')
+  if base['format'] not in _BASE_FORMATS:
+    raise _Invalid(f'base.format must be one of {_BASE_FORMATS}, got {_short(base["format"])}')
+  fp = base['fingerprint']
+  if not (isinstance(fp, str) and _HEX_DIGEST.fullmatch(fp)):
+    raise _Invalid(f'base.fingerprint must be a sha256 hex digest, got {_short(fp)}')
+  _int(base['values'], 'base.values', 1, MAX_PARAMETERS)
 
 
 @functools.cache
@@ -802,6 +846,14 @@ def _build(header: dict) -> tuple[ml_collections.ConfigDict, nn.Module, tuple[in
   if m.sparsity_method is not None:
     _str(m.sparsity_method, 'config.model.sparsity_method')
   _str(s.name, 'config.strategy.name')
+  for field in ('base_source', 'base_name_map'):
+    if m[field] is not None:
+      raise _Invalid(
+        f'config.model.{field} must be null: a file never names a path to read (a mask delta '
+        'records its base in the base section, and the reader gives the path)'
+      )
+  if 'base' in header and not m.masked:
+    raise _Invalid('a base section (a mask delta) needs a masked model (config.model.masked)')
   for section, field in (
     ('model', 'masked'),
     ('model', 'binary_weights'),
@@ -1050,8 +1102,21 @@ def read(path: str) -> tuple[dict, bytes]:
   return v.header, v.payload
 
 
-def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
+def load(
+  path: str,
+  base: Any = None,
+  base_format: str | None = None,
+  base_name_map: str | dict | None = None,
+) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
   """Rebuilds a network from an artifact alone, regenerating its random weights.
+
+  Args:
+    path: the ``.pemn`` file.
+    base: a mask delta's base model (a file with a ``base`` section: masks over a trained
+      model's weights, ``export(base=...)``): its path, or a loaded ``pretrained.Base``. Its
+      fingerprint must be the recorded one. None for every other file.
+    base_format: how to read ``base`` (``pretrained.FORMATS``); default: the recorded format.
+    base_name_map: a safetensors base's name map (``model.base_name_map``).
 
   Returns:
     ``(config, model, variables, header)``: ``model.apply(variables, x)`` gives the trained
@@ -1059,10 +1124,23 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
 
   Raises:
     ArtifactError: invalid file (see ``read``), an item that does not decode to what its entry
-      says, or regenerated weights that do not match the recorded fingerprint.
+      says, regenerated weights that do not match the recorded fingerprint, or a mask delta
+      without its base, with another base (or a base given for a file that is no delta).
   """
   path = os.fspath(path)
   v = _verify(path)
+  delta = v.header.get('base')
+  if delta is None and base is not None:
+    raise ArtifactError(
+      f'{path} is not a mask delta (it records no base model): load it without a base'
+    )
+  if delta is not None and base is None:
+    raise ArtifactError(
+      f'{path} is a mask delta over a {delta["format"]} base model (fingerprint '
+      f'{delta["fingerprint"][:12]}...): it stores no weight; give the base (pemn evaluate '
+      '--base PATH, artifact.load(path, base=PATH))'
+    )
+  loaded_base = _load_base(path, delta, base, base_format, base_name_map) if delta else None
   if v.config is None:
     raise ArtifactError(
       f'{path} holds a module not described by a pemn-jax config (exported with '
@@ -1110,6 +1188,10 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
     )
     try:
       fresh = build.init_variables(v.model, v.config, v.input_shape, frozen_key=key)
+      if loaded_base is not None:
+        from pemn_jax import pretrained
+
+        fresh = pretrained.apply_base(fresh, loaded_base, f'the base of {path}')
     except ValueError as e:  # the model's own checks of its input and size, naming the field
       raise ArtifactError(f'{path}: the header config describes no usable model: {e}') from None
     frozen = fresh[layers.FROZEN]
@@ -1133,7 +1215,31 @@ def load(path: str) -> tuple[ml_collections.ConfigDict, Any, dict, dict]:
           'regenerates, which the layer would drop'
         )
     variables[layers.FROZEN] = frozen
+  if loaded_base is not None and isinstance(base, str | os.PathLike):
+    v.config.model.base_source = os.fspath(base)  # the reader's path, as a run over it names it
+    v.config.model.base_format = loaded_base.format
   return v.config, v.model, variables, header
+
+
+def _load_base(path: str, delta: dict, base: Any, base_format, base_name_map):
+  """The base a mask delta was trained over, checked against the recorded fingerprint."""
+  from pemn_jax import pretrained
+
+  if isinstance(base, pretrained.Base):
+    loaded, shown = base, f'the given {base.format} base'
+  else:
+    fmt = base_format or delta['format']
+    try:
+      loaded = pretrained.load_base(os.fspath(base), fmt, base_name_map)
+    except ValueError as e:
+      raise ArtifactError(f'{path}: {e}') from None
+    shown = f'the base {os.fspath(base)}'
+  if loaded.fingerprint != delta['fingerprint']:
+    raise ArtifactError(
+      f'{path}: {shown} (fingerprint {loaded.fingerprint[:12]}...) is not the base model this '
+      f'mask delta was trained over ({delta["fingerprint"][:12]}...); refusing to use it'
+    )
+  return loaded
 
 
 def _decode(path: str, name: str, data: bytes, shape: tuple[int, ...], ones: int) -> np.ndarray:
@@ -1154,6 +1260,9 @@ def evaluate(
   config_override: ml_collections.ConfigDict | None = None,
   native_kernels: str = 'auto',
   reference: str | None = None,
+  base: Any = None,
+  base_format: str | None = None,
+  base_name_map: str | dict | None = None,
 ) -> dict:
   """Evaluates an artifact on its dataset's test split; same keys as ``evaluate_workdir``.
 
@@ -1169,13 +1278,17 @@ def evaluate(
       writes. Default: the data defaults.
     native_kernels: which native CPU kernels the step may use (``model.native_kernels``).
     reference: a ``.pemn`` file to compare predictions with.
+    base, base_format, base_name_map: a mask delta's base model (``load``); a reference that
+      is a mask delta is loaded over the same base.
   """
   from pemn_jax import steps
   from pemn_jax.data import pipeline, sources  # evaluating needs the data; reading does not
 
-  config, model, variables, header = load(path)
+  base_args = dict(base=base, base_format=base_format, base_name_map=base_name_map)
+  config, model, variables, header = load(path, **base_args)
   if reference is not None:
-    ref_config, ref_model, ref_variables, ref_header = load(reference)
+    ref_base = base_args if 'base' in read(reference)[0] else {}
+    ref_config, ref_model, ref_variables, ref_header = load(reference, **ref_base)
     shape = header.get('input_shape') or list(build.input_shape(config))
     ref_shape = ref_header.get('input_shape') or list(build.input_shape(ref_config))
     if ref_config.data.name != config.data.name or ref_shape != shape:
@@ -1288,6 +1401,9 @@ def materialize_dense(
   """
   dense_config = ml_collections.ConfigDict(config.to_dict())
   dense_config.model.masked = False
+  if 'base_source' in dense_config.model:  # the weights are in the tree: no base to read
+    dense_config.model.base_source = None
+    dense_config.model.base_name_map = None
   flat = {}
   masks = masks_of(config, variables['params'])
   for path, leaf in strategies.tree_items(variables['params']):
@@ -1463,7 +1579,27 @@ def _summary(v: _Verified, path: str) -> dict:
     )
     info['paper_bytes'] = rep.paper_bits / 8
     info['paper_bytes_with_bn'] = rep.paper_bits_with_bn / 8
+  if 'base' in header:
+    info.update(_delta_fields(header['base'], info, file_bytes))
   return info
+
+
+def _delta_fields(base: dict, info: dict, file_bytes: int) -> dict:
+  """A mask delta's size against its base model and a LoRA adapter (accounting only).
+
+  The base is counted as float32 values (``base.values``: every leaf of it, BN included). The
+  LoRA adapter has as many trainable parameters as the masks have scores (one per masked
+  weight), stored in float32, plus the same other arrays the delta stores (``other_bytes``).
+  """
+  base_bytes = 4 * base['values']
+  lora_bytes = 4 * info['masked_weights'] + info['other_bytes']
+  return {
+    'base': dict(base),
+    'base_fp32_bytes': base_bytes,
+    'ratio_vs_base_fp32': base_bytes / file_bytes,
+    'lora_equal_params_fp32_bytes': lora_bytes,
+    'ratio_vs_lora_equal_params': lora_bytes / file_bytes,
+  }
 
 
 def format_inspect(info: dict) -> str:
@@ -1485,11 +1621,18 @@ def format_inspect(info: dict) -> str:
       f'  model {m["name"]} dim={m.get("dim")} depth={m.get("depth")}; strategy {strat}; '
       f'keep {info["keep_fraction"]}; seed {info["seed"]}'
     )
-  if info['masked']:
+  if 'base' in info:
+    b = info['base']
+    lines.append(
+      f'  mask delta over a {b["format"]} base model (fingerprint {b["fingerprint"][:16]}..., '
+      f"{b['values']:,} values): its weights are the base's, not stored; load with --base"
+    )
+  elif info['masked']:
     lines.append(
       f'  key {info["key"]["impl"]} {info["key"]["data"]} (the random values are '
       'regenerated, not stored)'
     )
+  if info['masked']:
     lines.append(f'  {"layer":40s} {"shape":>20s} {"codec":>9s} {"bytes":>9s} {"keep":>6s}')
     for layer in info['layers']:
       lines.append(
@@ -1519,6 +1662,13 @@ def format_inspect(info: dict) -> str:
     f'{info["ratio_vs_dense_fp32"]:.2f}x smaller '
     f'({info["ratio_vs_dense_fp32_with_bn"]:.2f}x counting BN in the dense model)'
   )
+  if 'base' in info:
+    lines.append(
+      f'  the base model in fp32: {info["base_fp32_bytes"]:,} bytes -> this delta is '
+      f'{info["ratio_vs_base_fp32"]:.2f}x smaller; a LoRA adapter of as many trainable '
+      f'parameters ({info["masked_weights"]:,}, fp32, same other arrays): '
+      f'{info["lora_equal_params_fp32_bytes"]:,} bytes ({info["ratio_vs_lora_equal_params"]:.2f}x)'
+    )
   if info['masked'] and 'paper_bytes' in info:
     lines.append(
       f"  the paper's convention (stored values + 1-bit masks): "

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pemn_jax import binary, layers, masking, native, ops, sparse, strategies
+from pemn_jax import binary, layers, masking, native, ops, pretrained, sparse, strategies
 from pemn_jax.configs import common
 from pemn_jax.models import REGISTRY, remat
 
@@ -106,6 +106,35 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   common.check_real(s.rp_ratio, 'strategy.rp_ratio', 0.0, 1.0, low_open=True, allow_none=allow_none)
   strategies.validate(s.name, s.rp_ratio)
   common.check_bool(s.score_abs, 'strategy.score_abs')
+  common.check_choice(s.score_init, 'strategy.score_init', pretrained.SCORE_INITS)
+  _check_base(config)
+
+
+def _check_base(config: ml_collections.ConfigDict) -> None:
+  """The ``model.base_*`` fields (masks over a pretrained model, ``pemn_jax.pretrained``)."""
+  m, s = config.model, config.strategy
+  common.check_path(m.base_source, 'model.base_source')
+  common.check_choice(m.base_format, 'model.base_format', pretrained.FORMATS)
+  common.check_path(m.base_name_map, 'model.base_name_map')
+  common.check_choice(m.base_unmasked, 'model.base_unmasked', pretrained.UNMASKED_CHOICES)
+  if m.base_name_map is not None and m.base_format != 'safetensors':
+    raise ValueError(
+      "model.base_name_map names safetensors tensors: it needs model.base_format='safetensors', "
+      f'got model.base_format={m.base_format!r}'
+    )
+  if m.base_source is None:
+    return
+  if m.masked and s.name != 'mask':
+    raise ValueError(
+      "model.base_source (masks over a base model's weights) needs strategy.name='mask': "
+      f'{s.name} places shared random values, which a base does not have'
+    )
+  if m.binary_weights:
+    raise ValueError(
+      'model.base_source cannot start model.binary_weights (learned 1-bit weights have a '
+      'per-channel scale no base holds): set model.binary_weights=False'
+    )
+  pretrained.check_source(m.base_source, m.base_format, m.base_name_map)
 
 
 def _check_hidden_dims(dims) -> None:
@@ -302,12 +331,18 @@ def init_variables(
     frozen_key: the key of the frozen random weights; default ``model_keys(config.seed)[1]``
       (an artifact passes the key it recorded).
 
+  With ``model.base_source`` set, the base's weights replace the drawn ones
+  (``pretrained.apply_base``: a masked layer's frozen kernel and every other leaf but the
+  scores); then a masked model's scores are set by ``strategy.score_init``
+  (``pretrained.init_scores``).
+
   Returns:
     ``{'params': ..., 'batch_stats': ..., 'frozen': ...}`` (``frozen`` only for masked models).
 
   Raises:
     ValueError: the model does not fit its input (``check_input_shape``) or is larger than
-      ``common.MAX_PARAMETERS`` (``check_model_size``), before anything is allocated.
+      ``common.MAX_PARAMETERS`` (``check_model_size``), before anything is allocated; a base
+      that cannot be read or is not this model's (``pretrained.BaseError``, naming the path).
   """
   shape = tuple(shape or input_shape(config))
   check_input_shape(config, shape)
@@ -325,7 +360,22 @@ def init_variables(
       v[layers.FROZEN] = strategies.apply_strategy(v[layers.FROZEN], order, s.name, s.rp_ratio)
     return v
 
-  return init(params_key, frozen_key)
+  variables = init(params_key, frozen_key)
+  base = base_of(config)
+  if base is not None:  # the base's weights in place of the random draw (pretrained)
+    variables = pretrained.apply_base(variables, base)
+  if config.model.masked:
+    init_key = jax.random.fold_in(params_key, 2)
+    variables = pretrained.init_scores(variables, s.get('score_init', 'uniform'), init_key)
+  return variables
+
+
+def base_of(config: ml_collections.ConfigDict) -> pretrained.Base | None:
+  """The base model ``model.base_source`` names (``pretrained.load_base``, cached), or None."""
+  m = config.model
+  if not m.get('base_source'):
+    return None
+  return pretrained.load_base(m.base_source, m.base_format, m.get('base_name_map'))
 
 
 def frozen_fingerprint(frozen: dict) -> str:
@@ -339,9 +389,21 @@ def frozen_fingerprint(frozen: dict) -> str:
   return h.hexdigest()
 
 
+def base_run_fingerprint(base_fingerprint: str, frozen: str) -> str:
+  """The fingerprint a run over a base model records: ``'base:'`` + sha256 of the base's
+  fingerprint (``pretrained.Base``) and the frozen weights' (or ``'dense'``)."""
+  return 'base:' + hashlib.sha256(f'{base_fingerprint}:{frozen}'.encode()).hexdigest()
+
+
 def check_fingerprint(recorded: str | None, regenerated: str, where: str) -> None:
   """Raises ValueError unless the frozen weights regenerated now are the ones ``where`` (a
   checkpoint, an artifact) was made with: a state is never paired with other random weights."""
+  if recorded != regenerated and 'base:' in (str(recorded)[:5], regenerated[:5]):
+    raise ValueError(
+      f'the base model loaded for {where} is not the one it was trained over (fingerprint '
+      f'{str(recorded)[:17]}... vs {regenerated[:17]}...): model.base_source changed, or its '
+      'file did, or one of the two runs had none; refusing to use it'
+    )
   if recorded != regenerated:
     raise ValueError(
       f'the frozen random weights regenerated for {where} do not match the fingerprint '

@@ -56,7 +56,8 @@ IDENTITY_FIELDS = MODEL_FIELDS + RUN_FIELDS
 # choose how the run executes, not which network it trains on which examples with which updates
 # (same variables, same values at every step the runs share).
 MAY_CHANGE_ON_RESUME = {
-  'model': ('remat_blocks', 'native_kernels'),
+  # base_source / base_name_map: where the base is read from (its content is fingerprinted)
+  'model': ('remat_blocks', 'native_kernels', 'base_source', 'base_name_map'),
   'data': ('data_dir', 'source_dir', 'source_path', 'prefetch'),
   'train': (
     'num_steps',

@@ -4,6 +4,7 @@
   pemn train    --config CONFIG.py [--config.FIELD=VALUE ...] --workdir DIR
   pemn evaluate --workdir DIR [--best] [--json]
   pemn evaluate --artifact MODEL.pemn [--reference REF.pemn] [--json]
+  pemn evaluate --artifact DELTA.pemn --base PATH [--base_format F] [--base_name_map MAP.json]
   pemn export   --workdir DIR [--best] --out MODEL.pemn [--bn full|fp32-folded|fp16|bf16]
   pemn inspect  --artifact MODEL.pemn [--json]
 
@@ -52,6 +53,22 @@ flags.DEFINE_string(
   None,
   'evaluate --artifact: another .pemn of the same network (e.g. the full-BN export of a folded '
   'file) to report top-1 agreement with.',
+)
+flags.DEFINE_string(
+  'base',
+  None,
+  'evaluate --artifact: the base model a mask delta was trained over (its fingerprint must be '
+  'the recorded one): a workdir, orbax directory, flax msgpack or safetensors file.',
+)
+# pretrained.FORMATS (not imported here, as above)
+flags.DEFINE_enum(
+  'base_format',
+  None,
+  ['workdir', 'orbax', 'flax', 'safetensors'],
+  'evaluate --base: how to read it (default: the format the delta records).',
+)
+flags.DEFINE_string(
+  'base_name_map', None, "evaluate --base: a safetensors base's JSON {variable path: tensor name}."
 )
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-host).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-host).')
@@ -162,9 +179,17 @@ def cmd_evaluate() -> int:
     from pemn_jax import artifact
 
     result = artifact.evaluate(
-      FLAGS.artifact, FLAGS.config, _env_native_kernels(), reference=FLAGS.reference
+      FLAGS.artifact,
+      FLAGS.config,
+      _env_native_kernels(),
+      reference=FLAGS.reference,
+      base=FLAGS.base,
+      base_format=FLAGS.base_format,
+      base_name_map=FLAGS.base_name_map,
     )
   else:
+    if FLAGS.base is not None:
+      raise UsageError('--base is for evaluate --artifact (a mask delta), not --workdir')
     from pemn_jax import train
 
     maybe_initialize_distributed()

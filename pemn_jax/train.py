@@ -26,7 +26,17 @@ import flax.struct
 import jax
 import ml_collections
 
-from pemn_jax import artifact, build, checkpointing, fileio, layers, monitoring, steps, workdirs
+from pemn_jax import (
+  artifact,
+  build,
+  checkpointing,
+  fileio,
+  layers,
+  monitoring,
+  pretrained,
+  steps,
+  workdirs,
+)
 from pemn_jax.configs import common
 from pemn_jax.data import pipeline, sources
 
@@ -155,7 +165,9 @@ def setup_model(
   ``model``: a Linen module the caller built (e.g. with ``pemn.mask_model``) instead of the one
   ``config.model`` describes; it is initialised with the config seed's keys (``params`` and
   ``frozen`` streams) on one example, and its fingerprint covers the structure of its variables
-  too, so its checkpoints never restore into another module.
+  too, so its checkpoints never restore into another module. With ``model.base_source`` the
+  fingerprint covers the whole base model (``build.base_run_fingerprint``): a resume reloads
+  the base and refuses another one.
   """
   given = model is not None
   if given:
@@ -167,8 +179,21 @@ def setup_model(
   fingerprint = build.frozen_fingerprint(frozen) if frozen is not None else 'dense'
   if given:
     fingerprint = build.structure_fingerprint(variables, fingerprint)
+  base = None if given else build.base_of(config)
+  if base is not None:  # the whole base, not only the kernels a masked model keeps frozen
+    fingerprint = build.base_run_fingerprint(base.fingerprint, fingerprint)
   variables = jax.device_put(variables, replicated)
   return Setup(model, variables.get(layers.FROZEN), fingerprint, variables, tuple(shape))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  """The run's optimizer: ``steps.make_optimizer``, and for a masked model over a base with
+  ``model.base_unmasked='freeze'`` only the scores' updates (``pretrained.mask_only``)."""
+  tx = steps.make_optimizer(config.train, total_steps)
+  m = config.model
+  if m.get('base_source') and m.masked and m.get('base_unmasked') == 'freeze':
+    tx = pretrained.mask_only(tx)
+  return tx
 
 
 def restore_checkpoint(mngr, step: int, template, s: Setup, workdir: str, identity=None):
@@ -401,7 +426,7 @@ def _train(config, workdir, s, shardings, steps_per_epoch, total_steps, num_epoc
   """``train_and_evaluate`` once the config is checked and the workdir is this run's."""
   t = config.train
   # State (the workdir's latest checkpoint if any), the jitted steps.
-  tx = steps.make_optimizer(t, total_steps)
+  tx = make_optimizer(config, total_steps)
   mngr = checkpointing.manager(workdir, t.max_checkpoints)
   state = steps.create_train_state(s.variables, tx, shardings.replicated)
   state, meta = restore_or_start(config, workdir, mngr, state, s, shardings.replicated)
@@ -518,7 +543,7 @@ def restore_workdir(workdir: str, best: bool = False, model=None):
     raise FileNotFoundError(
       f'--workdir {workdir} holds no {"evaluated " if best else ""}checkpoint'
     )
-  tx = steps.make_optimizer(config.train, total_train_steps(config, info))
+  tx = make_optimizer(config, total_train_steps(config, info))
   template = steps.abstract_train_state(s.variables, tx, replicated)
   state, _ = restore_checkpoint(mngr, step, template, s, workdir)
   return config, s, state, step
@@ -549,12 +574,15 @@ def export_workdir(workdir: str, out_path: str, best: bool = False, bn: str = 'f
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if s.frozen is not None:
     variables[layers.FROZEN] = s.frozen
+  base = build.base_of(config)
   return artifact.export(
     config,
     variables,
     out_path,
     step=step,
-    fingerprint=s.fingerprint,
+    # over a base the file records the frozen kernels' fingerprint and the base's (its own)
+    fingerprint=None if base is not None else s.fingerprint,
+    base=base,
     input_shape=s.input_shape,
     bn=bn,
   )

@@ -70,10 +70,15 @@ BAD = {
   'model.native_kernels': ['bogus', 'topk,', '', 3, None, True],
   'model.input_shape': [(28, 28), (0, 28, 1), (28.0, 28, 1), 'abc', 28, (BIG, 28, 1), (32, 32, 3)],
   'model.remat_blocks': ['bogus', '', 3, True],
+  'model.base_source': ['', 3, True, ['/tmp'], 'a\x00b', '/nonexistent/base'],
+  'model.base_format': ['bogus', '', 3, None, 'Flax'],
+  'model.base_name_map': ['', 3, True, ['/tmp'], '/tmp/names.json'],  # not a safetensors base
+  'model.base_unmasked': ['bogus', '', 3, None, True],
   'strategy.name': ['bogus', '', 3, None],
   'strategy.rp_ratio': [INF, NAN, 0, -0.1, 1.5, '0.1', True, None, 10**400],
   'strategy.keep_fraction': [INF, NAN, 0, -0.1, 1.5, '0.5', True, None, 10**400],
   'strategy.score_abs': BOOL_BAD,
+  'strategy.score_init': ['bogus', '', 3, None, 'Magnitude'],
   'data.name': ['', 3, ['fashion_mnist']],  # None: the default dataset
   'data.data_dir': ['', 3, True, ['/tmp'], 'a\x00b'],
   'data.source_dir': ['', 3, True, ['/tmp']],
@@ -111,6 +116,7 @@ FAMILY = {
   'model.hidden_dims': {'model.name': 'mlp'},
   'model.sparsity': {'model.masked': False, 'model.sparsity_method': 'random'},
   'train.num_epochs': {'train.num_steps': None},  # the smoke config counts steps
+  'model.base_source': {'strategy.name': 'mask'},  # the strategy a base needs
 }
 CASES = [(field, value) for field, values in BAD.items() for value in values]
 IDS = [f'{field}={common.show(value, 24)}' for field, value in CASES]

@@ -59,6 +59,25 @@ def base_config() -> ml_collections.ConfigDict:
   # ConvMixer / ViT blocks as one rematerialised scan in training: none | save_convs | full
   # (less memory for some recomputation; same variables and values; pemn_jax.models.remat)
   c.model.remat_blocks = 'none'
+  # Masks over pretrained weights (mask fine-tuning, lottery jackpots; pemn_jax.pretrained):
+  # the base model's weights instead of the random draw. None: random weights (PEMN). A path:
+  # a masked model (strategy.name='mask') masks the base's kernels (its frozen collection) and
+  # starts every other leaf (BN, biases) from the base's; a dense or magnitude-sparse model
+  # (masked=False) starts all its leaves from the base's (fine-tuning baselines). The content is
+  # fingerprinted into the checkpoints, so a resume reloads it and refuses a changed base; the
+  # path itself may change on resume. A .pemn export stores the base's fingerprint, never it.
+  c.model.base_source = config_dict.placeholder(str)
+  # what base_source is: 'workdir' (a pemn-jax dense run of the same definition: its latest
+  # checkpoint) | 'orbax' (a saved variables or params tree) | 'flax' (flax.serialization
+  # msgpack bytes of one) | 'safetensors' (one tensor per variable, named by base_name_map)
+  c.model.base_format = 'workdir'
+  # safetensors only: a JSON file {variable path: tensor name}, e.g. {"params/stem/kernel":
+  # "stem.weight"}; a variable it does not name is read from the tensor of its own path
+  # ("params/stem/kernel"). None: every tensor is named by its path. Values in Flax layout.
+  c.model.base_name_map = config_dict.placeholder(str)
+  # a masked model over a base: its other trainable leaves (BN scale/bias, biases) 'train' or
+  # stay the base's ('freeze': only the scores learn; BN running statistics still update)
+  c.model.base_unmasked = 'train'
 
   c.strategy = ml_collections.ConfigDict()
   # where the frozen weights' values come from (pemn_jax.strategies): mask | one_layer |
@@ -67,6 +86,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.strategy.rp_ratio = 1e-3  # random vector padding: stored values = floor(r * N) + 1, r in (0, 1]
   c.strategy.keep_fraction = 0.5  # fraction of each layer's weights the mask KEEPS, in (0, 1]
   c.strategy.score_abs = True  # rank |score| (the reference code) or the raw score (the paper)
+  # initial scores: 'uniform' (the paper's U(+-1/sqrt(fan_in))), 'magnitude' (|w| of the frozen
+  # kernel: the first mask keeps the largest weights, magnitude pruning at the start) or
+  # 'constant' (1/sqrt(fan_in) x (1 + U(+-1e-3)): all equal up to a small noise)
+  c.strategy.score_init = 'uniform'
 
   c.data = ml_collections.ConfigDict()
   # our builders: fashion_mnist_embedded (shipped subset), fashion_mnist, fashion_mnist_local,

@@ -1,0 +1,354 @@
+"""Masks over pretrained weights (``pemn_jax.pretrained``): mask fine-tuning and lottery jackpots.
+
+A dense smoke run (a few steps on the embedded data) is the base. Its weights load from each
+format with one fingerprint; a base of another definition is a one-line error naming the first
+path; at keep 1.0 the masked model over it computes its logits bit for bit; magnitude init keeps
+the largest |w|; a run resumes only over the same base; a mask delta ``.pemn`` stores no weight,
+reloads bit-identically over its base and is refused without it or over another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import serialization, traverse_util
+
+from pemn_jax import artifact, build, layers, masking, pretrained, train
+from pemn_jax.configs import common, smoke
+
+SMOKE = os.path.join(os.path.dirname(os.path.dirname(__file__)), 'pemn_jax', 'configs', 'smoke.py')
+RUN = {'train.num_steps': 4, 'train.checkpoint_every_steps': 100, 'train.progress': False}
+
+
+def _config(data_dir, **overrides):
+  return common.with_overrides(smoke.get_config(), {'data.data_dir': data_dir, **RUN, **overrides})
+
+
+def _masked(data_dir, base, **overrides):
+  over = {'model.base_source': base, 'strategy.name': 'mask', **overrides}
+  return _config(data_dir, **over)
+
+
+@pytest.fixture(scope='module')
+def dense(data_dir, tmp_path_factory):
+  """(workdir, its variables) of a short dense smoke run: the base of every test here."""
+  workdir = str(tmp_path_factory.mktemp('dense') / 'w')
+  train.train_and_evaluate(_config(data_dir, **{'model.masked': False}), workdir)
+  _, _, state, _ = train.restore_workdir(workdir)
+  variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
+  return workdir, variables
+
+
+def _x():
+  return jnp.asarray(np.random.default_rng(0).standard_normal((8, 28, 28, 1)), jnp.float32)
+
+
+def _save_flax(variables, path):
+  with open(path, 'wb') as f:
+    f.write(serialization.msgpack_serialize(jax.device_get(variables)))
+  return str(path)
+
+
+def _edited(variables, edit):
+  """A copy of a variables tree, its flat dict changed by ``edit`` in place."""
+  flat = {k: np.array(v) for k, v in traverse_util.flatten_dict(variables).items()}
+  edit(flat)
+  return traverse_util.unflatten_dict(flat)
+
+
+def test_every_format_loads_the_same_tree(dense, tmp_path):
+  import orbax.checkpoint as ocp
+
+  workdir, variables = dense
+  ref = pretrained.load_base(workdir, 'workdir')
+  assert {k[0] for k in ref.tree} == {'params', 'batch_stats'}
+  ckpt = ocp.StandardCheckpointer()
+  ckpt.save(str(tmp_path / 'orbax'), variables)
+  ckpt.wait_until_finished()
+  flax_file = _save_flax(variables, tmp_path / 'base.msgpack')
+  params_only = _save_flax(variables['params'], tmp_path / 'params.msgpack')
+  plain = str(tmp_path / 'plain.safetensors')
+  pretrained.save_safetensors(variables, plain)
+  names = {'params/stem/kernel': 'stem.weight', 'batch_stats/stem_bn/mean': 'bn0.running_mean'}
+  renamed = str(tmp_path / 'renamed.safetensors')
+  pretrained.save_safetensors(variables, renamed, names)
+  name_map = tmp_path / 'names.json'
+  name_map.write_text(json.dumps(names))
+  for source, fmt, mapping in [
+    (str(tmp_path / 'orbax'), 'orbax', None),
+    (flax_file, 'flax', None),
+    (plain, 'safetensors', None),
+    (renamed, 'safetensors', str(name_map)),
+  ]:
+    base = pretrained.load_base(source, fmt, mapping)
+    assert base.fingerprint == ref.fingerprint, fmt
+    assert base.format == fmt
+  only = pretrained.load_base(params_only, 'flax')  # a params tree alone: no statistics
+  assert all(k[0] == 'params' for k in only.tree)
+  config = _masked(None, renamed, **{'model.base_format': 'safetensors'})  # the map not given
+  with pytest.raises(ValueError, match=r'the base has no batch_stats/stem_bn/mean, which') as e:
+    build.init_variables(build.build_model(config), config)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'edit, message',
+  [
+    (lambda f: f.pop(('params', 'head', 'kernel')), r'the base has no params/head/kernel'),
+    (
+      lambda f: f.update({('params', 'extra', 'kernel'): np.ones(3, np.float32)}),
+      r'the base has params/extra/kernel, which is no variable',
+    ),
+    (
+      lambda f: f.update({('params', 'head', 'kernel'): f[('params', 'head', 'kernel')].T}),
+      r"the base's params/head/kernel has shape \(10, 16\), the model's is \(16, 10\)",
+    ),
+    (
+      lambda f: f.pop(('batch_stats', 'stem_bn', 'var')),
+      r'the base has no batch_stats/stem_bn/var',
+    ),
+  ],
+  ids=['missing', 'extra', 'shape', 'statistics'],
+)
+def test_a_base_of_another_definition_is_one_line_naming_the_path(
+  dense, data_dir, tmp_path, edit, message
+):
+  _, variables = dense
+  path = _save_flax(_edited(variables, edit), tmp_path / 'b.msgpack')
+  config = _masked(data_dir, path, **{'model.base_format': 'flax'})
+  with pytest.raises(ValueError, match=message) as e:
+    build.init_variables(build.build_model(config), config)
+  assert '\n' not in str(e.value) and 'model.base_source' in str(e.value)
+
+
+def test_a_wider_model_names_its_first_differing_path(dense, data_dir):
+  workdir, _ = dense
+  config = _masked(data_dir, workdir, **{'model.dim': 8})
+  with pytest.raises(ValueError, match=r"the base's \S+ has shape .*, the model's is") as e:
+    build.init_variables(build.build_model(config), config)
+  assert '\n' not in str(e.value)
+
+
+@pytest.mark.parametrize(
+  'overrides, field',
+  [
+    ({'strategy.name': 'random_vector_padding'}, 'strategy.name'),
+    ({'strategy.name': 'one_layer'}, 'strategy.name'),
+    ({'model.base_source': '/nonexistent/base'}, 'model.base_source'),
+    ({'model.base_format': 'flax'}, 'model.base_format'),  # a directory is no msgpack file
+    ({'model.base_name_map': '/tmp/names.json'}, 'model.base_name_map'),
+  ],
+)
+def test_config_errors_name_the_field(dense, data_dir, overrides, field):
+  workdir, _ = dense
+  config = _masked(data_dir, workdir, **overrides)
+  with pytest.raises(ValueError) as e:
+    build.validate_config(config)
+  assert field in str(e.value) and '\n' not in str(e.value)
+
+
+def test_keep_one_is_the_base_model_bit_for_bit(dense, data_dir):
+  workdir, variables = dense
+  dense_model = build.build_model(_config(data_dir, **{'model.masked': False}))
+  config = _masked(data_dir, workdir, **{'strategy.keep_fraction': 1.0})
+  model = build.build_model(config)
+  masked = build.init_variables(model, config)
+  x = _x()
+  want = np.asarray(dense_model.apply(variables, x))
+  np.testing.assert_array_equal(np.asarray(model.apply(masked, x)), want)
+  kernel = masked[layers.FROZEN]['head']['kernel']
+  np.testing.assert_array_equal(np.asarray(kernel), variables['params']['head']['kernel'])
+
+
+@pytest.mark.parametrize('score_abs', [True, False])
+def test_magnitude_init_keeps_the_largest_weights(dense, data_dir, score_abs):
+  workdir, _ = dense
+  config = _masked(
+    data_dir,
+    workdir,
+    **{
+      'strategy.keep_fraction': 0.3,
+      'strategy.score_init': 'magnitude',
+      'strategy.score_abs': score_abs,
+    },
+  )
+  variables = build.init_variables(build.build_model(config), config)
+  masks = artifact.masks_of(config, variables['params'])
+  assert len(masks) == 6
+  for path, mask in masks.items():
+    w = np.abs(np.asarray(variables[layers.FROZEN][path[0]]['kernel']))
+    assert mask.sum() == masking.num_kept(w.size, 0.3)
+    assert w[mask].min() >= w[~mask].max(), path  # exactly the largest |w|
+    np.testing.assert_array_equal(mask, np.asarray(masking.topk_mask(jnp.asarray(w), 0.3)) > 0)
+
+
+def test_constant_init_is_nearly_constant(dense, data_dir):
+  workdir, _ = dense
+  config = _masked(data_dir, workdir, **{'strategy.score_init': 'constant'})
+  variables = build.init_variables(build.build_model(config), config)
+  for path, scores in traverse_util.flatten_dict(variables['params']).items():
+    if path[-1] == 'scores':
+      c = 1 / np.sqrt(layers.fan_in(scores.shape))
+      s = np.asarray(scores)
+      assert np.all(np.abs(s / c - 1) <= pretrained.CONSTANT_NOISE * (1 + 1e-6)), path
+      assert len(np.unique(s)) > 1  # the noise breaks the ties
+
+
+def test_freeze_trains_only_the_scores_and_resume_checks_the_base(dense, data_dir, tmp_path):
+  workdir, variables = dense
+  flax_file = _save_flax(variables, tmp_path / 'base.msgpack')
+  over = {'model.base_format': 'flax', 'model.base_unmasked': 'freeze'}
+  config = _masked(data_dir, flax_file, **over, **{'train.checkpoint_every_steps': 2})
+  run = str(tmp_path / 'mft')
+  train.train_and_evaluate(config, run)
+  _, s, state, _ = train.restore_workdir(run)
+  trained = traverse_util.flatten_dict(jax.device_get(state.params))
+  base = traverse_util.flatten_dict(variables['params'])
+  start = traverse_util.flatten_dict(build.init_variables(s.model, config)['params'])
+  for path, leaf in trained.items():
+    if path[-1] == 'scores':
+      assert not np.array_equal(leaf, start[path]), path  # the scores learned
+    else:
+      np.testing.assert_array_equal(leaf, base[path])  # BN scale and bias: the base's
+  # A resume reloads the base: the same content under another path resumes ...
+  moved = shutil.copy(flax_file, tmp_path / 'moved.msgpack')
+  longer = {'train.num_steps': 6}
+  train.train_and_evaluate(_masked(data_dir, str(moved), **over, **longer), run)
+  # ... other weights are refused in one line, the checkpoints left as they were
+  changed = _edited(variables, lambda f: f[('params', 'head', 'kernel')].__iadd__(1e-3))
+  other = _save_flax(changed, tmp_path / 'other.msgpack')
+  with pytest.raises(ValueError, match='is not the one it was trained over') as e:
+    train.train_and_evaluate(_masked(data_dir, other, **over, **{'train.num_steps': 8}), run)
+  assert '\n' not in str(e.value)
+
+
+def test_mask_delta_reloads_bit_for_bit_and_only_over_its_base(dense, data_dir, tmp_path):
+  workdir, variables = dense
+  config = _masked(data_dir, workdir, **{'strategy.keep_fraction': 0.9})
+  run = str(tmp_path / 'mft')
+  train.train_and_evaluate(config, run)
+  path = str(tmp_path / 'delta.pemn')
+  info = train.export_workdir(run, path)
+  header, _ = artifact.read(path)
+  assert header['format_version'] == 2
+  assert header['base']['fingerprint'] == pretrained.load_base(workdir).fingerprint
+  assert header['config']['model']['base_source'] is None  # no path in the file
+  assert not any(e['path'][0] == layers.FROZEN for e in header['entries'])
+  assert all(e['kind'] in ('mask', 'array') for e in header['entries'])
+  assert info['base_fp32_bytes'] == 4 * sum(a.size for a in jax.tree.leaves(variables))
+  assert info['lora_equal_params_fp32_bytes'] == 4 * info['masked_weights'] + info['other_bytes']
+  assert 'mask delta over a workdir base' in artifact.format_inspect(info)
+
+  _, s, state, _ = train.restore_workdir(run)
+  x = _x()
+  want = np.asarray(
+    s.model.apply(
+      {'params': state.params, 'batch_stats': state.batch_stats, layers.FROZEN: s.frozen}, x
+    )
+  )
+  cfg, model, loaded, _ = artifact.load(path, base=workdir)
+  np.testing.assert_array_equal(np.asarray(model.apply(loaded, x)), want)
+  assert cfg.model.base_source == workdir
+  flax_file = _save_flax(variables, tmp_path / 'base.msgpack')  # another format, same weights
+  _, _, loaded2, _ = artifact.load(path, base=flax_file, base_format='flax')
+  np.testing.assert_array_equal(np.asarray(model.apply(loaded2, x)), want)
+
+  dense_config, dense_vars = artifact.materialize_dense(cfg, loaded)
+  assert dense_config.model.base_source is None
+  dense_model = build.build_model(dense_config)
+  np.testing.assert_array_equal(np.asarray(dense_model.apply(dense_vars, x)), want)
+
+  with pytest.raises(artifact.ArtifactError, match='is a mask delta over a workdir base') as e:
+    artifact.load(path)
+  assert '\n' not in str(e.value)
+  changed = _edited(variables, lambda f: f[('batch_stats', 'stem_bn', 'mean')].__iadd__(1e-3))
+  other = _save_flax(changed, tmp_path / 'other.msgpack')
+  with pytest.raises(artifact.ArtifactError, match='is not the base model this mask delta') as e:
+    artifact.load(path, base=other, base_format='flax')
+  assert '\n' not in str(e.value)
+  dense_file = str(tmp_path / 'dense.pemn')
+  train.export_workdir(workdir, dense_file)
+  assert 'base' not in artifact.read(dense_file)[0]
+  with pytest.raises(artifact.ArtifactError, match='is not a mask delta'):
+    artifact.load(dense_file, base=workdir)
+
+
+def test_a_file_naming_a_base_path_is_refused(dense, data_dir, tmp_path):
+  # A crafted header whose config names a path to read: refused, nothing is opened.
+  workdir, _ = dense
+  config = _masked(data_dir, workdir)
+  model = build.build_model(config)
+  variables = build.init_variables(model, config)
+  path = str(tmp_path / 'd.pemn')
+  artifact.export(config, variables, path, base=pretrained.load_base(workdir))
+  header, payload = artifact.read(path)
+  header['config']['model']['base_source'] = workdir
+  crafted = str(tmp_path / 'crafted.pemn')
+  with open(crafted, 'wb') as f:
+    f.write(artifact.frame(header, payload))
+  with pytest.raises(artifact.ArtifactError, match='base_source must be null'):
+    artifact.load(crafted, base=workdir)
+  del header['base']
+  header['config']['model']['base_source'] = None
+  header['format_version'] = 1
+  with open(crafted, 'wb') as f:
+    f.write(artifact.frame(header, payload))
+  # Without its base section the file reads as a PEMN file, whose random weights are not the
+  # base's it records the fingerprint of: refused, never evaluated over random weights.
+  with pytest.raises(artifact.ArtifactError, match='do not match the fingerprint'):
+    artifact.load(crafted)
+  header['base'] = {'format': 'workdir', 'fingerprint': '0' * 64, 'values': 1}
+  with open(crafted, 'wb') as f:
+    f.write(artifact.frame(header, payload))
+  with pytest.raises(artifact.ArtifactError, match='needs format version 2'):
+    artifact.read(crafted)
+
+
+def test_mask_only_zeroes_every_update_but_the_scores():
+  import optax
+
+  params = {'a': {'scores': jnp.ones(3), 'bias': jnp.ones(3)}, 'bn': {'scale': jnp.ones(2)}}
+  tx = pretrained.mask_only(optax.adamw(0.1, weight_decay=0.1))
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates['a']['scores']).min()) > 0
+  assert float(jnp.abs(updates['a']['bias']).max()) == 0
+  assert float(jnp.abs(updates['bn']['scale']).max()) == 0
+
+
+def test_pemn_train_fine_tunes_masks_from_a_dense_workdir_in_one_command(
+  dense, data_dir, pemn_cli, tmp_path
+):
+  workdir, _ = dense
+  run, out = str(tmp_path / 'mft'), str(tmp_path / 'mft.pemn')
+  proc = pemn_cli(
+    'train',
+    f'--config={SMOKE}',
+    f'--workdir={run}',
+    f'--config.model.base_source={workdir}',
+    '--config.strategy.name=mask',
+    '--config.strategy.keep_fraction=0.9',
+    '--config.train.num_steps=4',
+    f'--config.data.data_dir={data_dir}',
+  )
+  assert proc.returncode == 0, proc.stderr
+  proc = pemn_cli('export', f'--workdir={run}', f'--out={out}')
+  assert proc.returncode == 0, proc.stderr
+  proc = pemn_cli(
+    'evaluate', f'--artifact={out}', f'--base={workdir}', f'--config={SMOKE}', '--json',
+    f'--config.data.data_dir={data_dir}',
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  with open(os.path.join(run, 'summary.json')) as f:
+    final = json.load(f)['final_accuracy']
+  assert json.loads(proc.stdout.strip().splitlines()[-1])['accuracy'] == final
+  proc = pemn_cli('evaluate', f'--artifact={out}')
+  assert proc.returncode == 1
+  lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+  assert len(lines) == 1 and 'give the base' in lines[0], proc.stderr
