@@ -21,7 +21,9 @@ The public API, for ``import pemn_jax as pemn``:
 - storage accounting: ``storage_report`` (layer shapes), ``storage_report_tree`` (any masked
   variable tree);
 - ``steps``: the train state and the jitted train/eval steps the trainer uses (a module);
-- ``nnx``: the NNX masked layers, their ``Frozen`` variable type and strategies (a module).
+- ``nnx``: the NNX masked layers, their ``Frozen`` variable type and strategies (a module);
+- ``pretrained``: masks over a trained model's weights (mask fine-tuning, lottery jackpots):
+  ``load_base``, ``apply_base``, ``init_scores``, ``mask_only`` (a module).
 
 Everything else is reachable through its module (``pemn_jax.steps``, ``pemn_jax.data``, ...)
 but not promised. Names are resolved on first use, so ``import pemn_jax`` imports neither the
@@ -63,6 +65,7 @@ _API = {
   'storage_report_tree': ('pemn_jax.storage', 'report_tree'),
   'steps': ('pemn_jax.steps', None),  # a module
   'nnx': ('pemn_jax.nnx', None),  # a module: the NNX layers
+  'pretrained': ('pemn_jax.pretrained', None),  # a module: masks over a trained model's weights
 }
 
 __all__ = sorted(_API)

@@ -21,7 +21,8 @@ seed, model and strategy (which network), the data fields that change the exampl
 train fields that change the updates. ``check_identity`` names every field that differs. What
 may change is the stopping point (``train.num_steps`` / ``train.num_epochs``, to extend a run:
 the lr schedule is then re-evaluated over the new total for the remaining steps) and how the run
-executes (intervals, progress, eval batch, data paths and prefetch, remat, native kernels).
+executes (intervals, progress, eval batch, data paths and prefetch, remat, native kernels, the
+path a base model is read from: its content is fingerprinted, ``build.base_run_fingerprint``).
 
 Step directories. An empty directory named like a step (left by a crash or a user) is no
 checkpoint: it is skipped with a warning and left where it is (``_SkipEmptySteps``).
@@ -68,6 +69,7 @@ MAY_CHANGE_ON_RESUME = {
     'eval_every_epochs',
     'eval_batch_size',
     'progress',
+    'eval_at_start',
   ),
 }
 STOPPING_POINT = ('train.num_steps', 'train.num_epochs')

@@ -90,6 +90,7 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     )
   common.check_real(t.final_lr_scale, 'train.final_lr_scale', 0.0, 1.0)
   common.check_bool(t.progress, 'train.progress')
+  common.check_bool(t.eval_at_start, 'train.eval_at_start')
 
 
 def check_train_data(
@@ -247,12 +248,14 @@ def restore_or_start(config, workdir: str, mngr, state, s: Setup, replicated):
     'best_accuracy': -1.0,
     'best_step': None,
     'best_epoch': None,
+    'initial_accuracy': None,
   }
   latest = mngr.latest_step()
   if latest is not None:
     template = checkpointing.abstract_like(state, replicated)
     state, saved = restore_checkpoint(mngr, latest, template, s, workdir, identity)
     meta.update({k: saved[k] for k in ('best_accuracy', 'best_step', 'best_epoch')})
+    meta['initial_accuracy'] = saved.get('initial_accuracy')  # absent before eval_at_start
     monitoring.announce(f'pemn: resuming from checkpoint step {latest} in {workdir}')
   elif os.path.exists(config_path):  # every process checks, so none is left waiting
     # Nothing trained is kept, so the run starts afresh: only the model must be the same.
@@ -366,6 +369,8 @@ def _finish(workdir, done, total_steps, meta, last_eval, seconds, s: Setup, inte
     'train_seconds_this_run': seconds,
     'fingerprint': s.fingerprint,
   }
+  if meta.get('initial_accuracy') is not None:
+    summary['initial_accuracy'] = meta['initial_accuracy']  # train.eval_at_start
   if interrupted:
     summary['stopped_by'] = interrupted  # the CLI's exit status (128 + the signal's number)
     monitoring.announce(
@@ -440,6 +445,14 @@ def _train(config, workdir, s, shardings, steps_per_epoch, total_steps, num_epoc
   progress = monitoring.Progress(total_steps, start, t.progress)
   last_eval = interrupted = batches = None
   running, t0 = [], time.time()
+  if start == 0 and t.eval_at_start:  # the initial state, before any update (train.eval_at_start)
+    initial = evaluate(state)
+    meta['initial_accuracy'] = initial['accuracy']
+    writer.write('eval', 0, {**initial, 'epoch': 0})
+    progress.note(
+      f'step 0/{total_steps} (before training): test accuracy {initial["accuracy"]:.4f} '
+      f'loss {initial["loss"]:.4f}'
+    )
   try:
     with monitoring.StopSignal() as stop:
       for step in range(start, total_steps):

@@ -108,6 +108,7 @@ BAD = {
   'train.log_every_steps': INT_BAD,
   'train.eval_every_epochs': INT_BAD,
   'train.progress': BOOL_BAD,
+  'train.eval_at_start': BOOL_BAD,
 }
 FAMILY = {
   'model.num_heads': {'model.name': 'vit'},

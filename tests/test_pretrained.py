@@ -39,7 +39,8 @@ def _masked(data_dir, base, **overrides):
 def dense(data_dir, tmp_path_factory):
   """(workdir, its variables) of a short dense smoke run: the base of every test here."""
   workdir = str(tmp_path_factory.mktemp('dense') / 'w')
-  train.train_and_evaluate(_config(data_dir, **{'model.masked': False}), workdir)
+  over = {'model.masked': False, 'train.num_steps': 30}  # trained enough to be above chance
+  train.train_and_evaluate(_config(data_dir, **over), workdir)
   _, _, state, _ = train.restore_workdir(workdir)
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   return workdir, variables
@@ -164,6 +165,20 @@ def test_keep_one_is_the_base_model_bit_for_bit(dense, data_dir):
   np.testing.assert_array_equal(np.asarray(model.apply(masked, x)), want)
   kernel = masked[layers.FROZEN]['head']['kernel']
   np.testing.assert_array_equal(np.asarray(kernel), variables['params']['head']['kernel'])
+
+
+def test_eval_at_start_over_the_base_at_keep_one_is_the_base_accuracy(dense, data_dir, tmp_path):
+  workdir, _ = dense
+  with open(os.path.join(workdir, 'summary.json')) as f:
+    base_accuracy = json.load(f)['final_accuracy']
+  assert base_accuracy > 0.2
+  over = {'strategy.keep_fraction': 1.0, 'train.eval_at_start': True, 'train.num_steps': 2}
+  run = str(tmp_path / 'mft')
+  summary = train.train_and_evaluate(_masked(data_dir, workdir, **over), run)
+  assert summary['initial_accuracy'] == base_accuracy
+  with open(os.path.join(run, 'metrics.jsonl')) as f:
+    first = json.loads(f.readline())
+  assert (first['kind'], first['step'], first['accuracy']) == ('eval', 0, base_accuracy)
 
 
 @pytest.mark.parametrize('score_abs', [True, False])

@@ -135,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.max_checkpoints = 2  # the latest N are kept, plus the best by test accuracy
   c.train.log_every_steps = 50  # a 'train' line in metrics.jsonl and TensorBoard
   c.train.eval_every_epochs = 1  # test-split evaluation (always after the last step)
+  # also evaluate the initial state, before the first step: an 'eval' line at step 0 and the
+  # summary's initial_accuracy (a mask over a base with score_init='magnitude' starts as the
+  # one-shot magnitude-pruned base: this is that model's accuracy, with no training at all)
+  c.train.eval_at_start = False
   c.train.progress = True  # a progress bar on process 0 (else one line per evaluation)
   return c
 
