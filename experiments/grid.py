@@ -144,6 +144,62 @@ CIFAR_RESNET_BASE = {
 }
 
 
+# Masks over pretrained weights (issue 14). Every point of these grids that names a base starts
+# from the dense run of its seed of grid cifar_mft_bases (``BASE_RUN``: the cifar_convmixer
+# grid's Dense point, ConvMixer-128/4, 4 epochs, the CIFAR_BASE recipe), so that grid comes first:
+#   python -m experiments.grid run --grid cifar_mft_bases --cifar-npz P
+# A value starting with WORKROOT is a path under the grid's --workroot (``resolve``). Every run
+# also evaluates its initial state (train.eval_at_start): a mask over the base with
+# score_init='magnitude' starts as the one-shot magnitude-pruned base, so a lottery-jackpot
+# run's record carries the one-shot pruning baseline (no training at all) as initial_accuracy.
+WORKROOT = '@workroot/'
+BASE_RUN = WORKROOT + 'cifar_mft_bases/dense_s{seed}'
+OVER_BASE = {'model.base_source': BASE_RUN, 'model.base_format': 'workdir'}
+MASK_OVER_BASE = {  # only the masks learn: no weight update (BN affine frozen too)
+  'strategy.name': 'mask',
+  **OVER_BASE,
+  'strategy.score_init': 'magnitude',
+  'model.base_unmasked': 'freeze',
+}
+LJ_KEEPS = (0.5, 0.3, 0.1)
+LJ_POINTS = [
+  point
+  for k in LJ_KEEPS
+  for point in (
+    # lottery jackpot: masks over the trained weights, first mask = magnitude pruning
+    (f'LJ k={k:g}', {**MASK_OVER_BASE, 'strategy.keep_fraction': k}),
+    # magnitude pruning of the trained weights, then the same epochs of weight fine-tuning
+    (
+      f'Magnitude FT k={k:g}',
+      {
+        'model.masked': False,
+        'model.sparsity_method': 'magnitude',
+        'model.sparsity': round(1 - k, 10),
+        **OVER_BASE,
+      },
+    ),
+    # PEMN: masks over random weights, the same keep and epochs
+    (f'PEMN k={k:g}', {'strategy.name': 'mask', 'strategy.keep_fraction': k}),
+  )
+]
+MFT_POINTS = [
+  # one more epoch of ordinary dense fine-tuning of the base: the same cost as one MFT epoch
+  ('Dense FT', {'model.masked': False, **OVER_BASE}),
+  *[(f'MFT k={k:g}', {**MASK_OVER_BASE, 'strategy.keep_fraction': k}) for k in (0.9, 0.95, 0.99)],
+]
+PRETRAINED_BASE = {**CIFAR_BASE, 'train.eval_at_start': True}
+
+
+def resolve(overrides: dict, workroot: str) -> dict:
+  """``overrides`` with every ``WORKROOT``-prefixed value a path under ``workroot``."""
+  return {
+    k: os.path.join(workroot, v[len(WORKROOT) :])
+    if isinstance(v, str) and v.startswith(WORKROOT)
+    else v
+    for k, v in overrides.items()
+  }
+
+
 def _slug(label):
   return label.lower().replace(' ', '').replace('-', '_').replace('%', '').replace('=', '')
 
@@ -158,7 +214,11 @@ def _grid(base, config, seeds, points=STRATEGY_POINTS):
           'label': label,
           'seed': seed,
           'config': config,
-          'overrides': {**base, **over, 'seed': seed},
+          'overrides': {
+            **base,
+            **{k: v.format(seed=seed) if isinstance(v, str) else v for k, v in over.items()},
+            'seed': seed,
+          },
         }
       )
   return runs
@@ -190,6 +250,27 @@ GRIDS = {
   # Keep fraction against accuracy and .pemn file size on a small model: the demo's model and data.
   'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
   'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
+  # Issue 14 (masks over pretrained weights). The bases (BASE_RUN): cifar_convmixer's Dense runs
+  # again, in workdirs of their own (that grid's are not kept).
+  'cifar_mft_bases': lambda: _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1), STRATEGY_POINTS[:1]),
+  # Lottery jackpots: 2 epochs of
+  # masks over the trained weights at keep 0.5 / 0.3 / 0.1 against magnitude pruning (one-shot:
+  # the LJ runs' initial_accuracy; + fine-tuning) and PEMN over random weights.
+  'cifar_lj': lambda: _grid(
+    {**PRETRAINED_BASE, 'train.num_epochs': 2}, 'convmixer_cifar10.py', (0, 1), LJ_POINTS
+  ),
+  # Mask fine-tuning: 1 epoch of masks at keep 0.9-0.99 over the whole trained model against one
+  # more epoch of dense fine-tuning (the dense start: the base's record); the recipe's lr, and
+  # a tenth of it (scores of |w| ~ 0.05 move by ~lr per step: 0.01 may reshuffle the masks).
+  'cifar_mft': lambda: _grid(
+    {**PRETRAINED_BASE, 'train.num_epochs': 1}, 'convmixer_cifar10.py', (0, 1), MFT_POINTS
+  ),
+  'cifar_mft_lr1e_3': lambda: _grid(
+    {**PRETRAINED_BASE, 'train.num_epochs': 1, 'train.peak_lr': 1e-3},
+    'convmixer_cifar10.py',
+    (0, 1),
+    MFT_POINTS,
+  ),
 }
 DATASET_LABELS = {
   'fashion_mnist_embedded': (
@@ -202,14 +283,15 @@ DATASET_LABELS = {
 }
 
 
-def command(run, workdir, extra) -> list[str]:
+def command(run, workdir, extra, workroot='workdirs') -> list[str]:
+  """The run's ``pemn train`` command (``WORKROOT`` values resolved under ``workroot``)."""
   cmd = [
     os.path.join('.venv', 'bin', 'pemn'),
     'train',
     f'--config={os.path.join("pemn_jax", "configs", run["config"])}',
     f'--workdir={workdir}',
   ]
-  for k, v in {**run['overrides'], **extra}.items():
+  for k, v in resolve({**run['overrides'], **extra}, workroot).items():
     cmd.append(f'--config.{k}={v}')
   return cmd
 
@@ -228,6 +310,10 @@ ARTIFACT_FIELDS = (
   'binary_kernel_bytes',
   'bn_storage',
 )
+
+
+# A mask delta's accounting against its base (``artifact.inspect`` of a run over a base).
+DELTA_FIELDS = ('base_fp32_bytes', 'ratio_vs_base_fp32', 'lora_equal_params_fp32_bytes')
 
 
 def record(grid, run, cmd, workdir, started) -> dict:
@@ -254,6 +340,20 @@ def record(grid, run, cmd, workdir, started) -> dict:
   train.export_workdir(os.path.join(ROOT, workdir), art_path, best=True)
   art = artifact.inspect(art_path)
   extra = {}
+  if run_summary.get('initial_accuracy') is not None:  # train.eval_at_start
+    extra['initial_accuracy'] = run_summary['initial_accuracy']
+  base = config.model.get('base_source')
+  if base:  # the base run's own summary (the dense start), and the delta's accounting
+    with open(os.path.join(ROOT, base, 'summary.json')) as f:
+      base_summary = json.load(f)
+    extra['base'] = {
+      'workdir': base,
+      'best_accuracy': base_summary['best_accuracy'],
+      'final_accuracy': base_summary['final_accuracy'],
+    }
+    for k in DELTA_FIELDS:
+      if k in art:
+        extra['base'][k] = art[k]
   if grid in FOLDED_BN_GRIDS:
     # The same checkpoint with BatchNorm folded to float16, evaluated against the full file.
     folded_path = os.path.join(ROOT, workdir, 'model_bn_fp16.pemn')
@@ -327,7 +427,16 @@ def do_run(args) -> int:
       continue
     workdir = os.path.relpath(os.path.join(args.workroot, args.grid, run['name']), ROOT)
     run_extra = dict(extra) if 'cifar10' in run['overrides'].get('data.name', '') else {}
-    cmd = command(run, workdir, run_extra)
+    workroot = os.path.relpath(args.workroot, ROOT)
+    cmd = command(run, workdir, run_extra, workroot)
+    base = resolve(run['overrides'], workroot).get('model.base_source')
+    if base and not os.path.exists(os.path.join(ROOT, base, 'summary.json')):
+      print(
+        f'[grid] {run["name"]}: its base {base} is no finished run; train it first (its grid '
+        f'and run: {os.path.relpath(base, workroot)})',
+        flush=True,
+      )
+      return 2
     print(f'[grid] {run["name"]}: {shlex.join(cmd)}', flush=True)
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=train_env, check=False)
@@ -783,7 +892,8 @@ def main(argv: list[str] | None = None) -> int:
   args = p.parse_args(argv)
   if args.action == 'list':
     for r in GRIDS[args.grid]():
-      print(r['name'], shlex.join(command(r, '<workdir>', {})))
+      workroot = os.path.relpath(args.workroot, ROOT)
+      print(r['name'], shlex.join(command(r, '<workdir>', {}, workroot)))
     return 0
   if args.action == 'rerecord':
     return do_rerecord(args)

@@ -18,7 +18,12 @@ from pemn_jax import build, summary  # noqa: E402
 
 
 def _config(run):
-  return common.load_config(os.path.join(grid.CONFIGS, run['config']), run['overrides'])
+  # a base under the workroot (grid.WORKROOT) need not exist here: an existing directory stands in
+  overrides = {
+    k: ROOT if isinstance(v, str) and v.startswith(grid.WORKROOT) else v
+    for k, v in run['overrides'].items()
+  }
+  return common.load_config(os.path.join(grid.CONFIGS, run['config']), overrides)
 
 
 @pytest.mark.parametrize('name', sorted(grid.GRIDS))
@@ -39,6 +44,7 @@ def test_runs_of_a_grid_share_one_recipe(name):
     'model.sparsity',
     'model.binary_weights',
     'model.dtype',
+    'model.base_',  # which base (its seed's), or none
     'seed',
   )
   recipes = {
