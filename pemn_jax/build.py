@@ -129,6 +129,11 @@ def _check_base(config: ml_collections.ConfigDict) -> None:
       "model.base_source (masks over a base model's weights) needs strategy.name='mask': "
       f'{s.name} places shared random values, which a base does not have'
     )
+  if not m.masked and m.base_unmasked == 'freeze':
+    raise ValueError(
+      "model.base_unmasked='freeze' trains only the masks of a masked model over a base; a "
+      "dense model over a base (model.masked=False) trains its weights: leave it 'train'"
+    )
   if m.binary_weights:
     raise ValueError(
       'model.base_source cannot start model.binary_weights (learned 1-bit weights have a '
@@ -414,12 +419,23 @@ def check_fingerprint(recorded: str | None, regenerated: str, where: str) -> Non
 
 def init_module(model: nn.Module, config: ml_collections.ConfigDict, shape) -> dict[str, Any]:
   """Variables of a module the caller built, drawn with the config seed's keys (``model_keys``:
-  the ``params`` and ``frozen`` streams) on one all-zeros example, under jit."""
+  the ``params`` and ``frozen`` streams) on one all-zeros example, under jit.
+
+  With ``model.base_source`` set, the base's weights replace the drawn ones and the scores are
+  set by ``strategy.score_init``, as in ``init_variables`` (e.g. a ``mask_model`` of a trained
+  network, masked in a band of its layers by its rules).
+  """
   params_key, frozen_key = model_keys(config.seed)
   x = jnp.zeros((1, *shape), jnp.float32)
-  return dict(
+  variables = dict(
     jax.jit(lambda pk, fk: model.init({'params': pk, layers.FROZEN: fk}, x))(params_key, frozen_key)
   )
+  base = base_of(config)
+  if base is not None:
+    variables = pretrained.apply_base(variables, base)
+    init_key = jax.random.fold_in(params_key, 2)
+    variables = pretrained.init_scores(variables, config.strategy.score_init, init_key)
+  return variables
 
 
 def structure_fingerprint(variables: dict, frozen_fingerprint: str) -> str:

@@ -180,7 +180,7 @@ def setup_model(
   fingerprint = build.frozen_fingerprint(frozen) if frozen is not None else 'dense'
   if given:
     fingerprint = build.structure_fingerprint(variables, fingerprint)
-  base = None if given else build.base_of(config)
+  base = build.base_of(config)
   if base is not None:  # the whole base, not only the kernels a masked model keeps frozen
     fingerprint = build.base_run_fingerprint(base.fingerprint, fingerprint)
   variables = jax.device_put(variables, replicated)
@@ -189,10 +189,11 @@ def setup_model(
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   """The run's optimizer: ``steps.make_optimizer``, and for a masked model over a base with
-  ``model.base_unmasked='freeze'`` only the scores' updates (``pretrained.mask_only``)."""
+  ``model.base_unmasked='freeze'`` only the scores' updates (``pretrained.mask_only``; a given
+  module's leaves too: the layers its rules leave unmasked stay the base's)."""
   tx = steps.make_optimizer(config.train, total_steps)
   m = config.model
-  if m.get('base_source') and m.masked and m.get('base_unmasked') == 'freeze':
+  if m.get('base_source') and m.get('base_unmasked') == 'freeze':
     tx = pretrained.mask_only(tx)
   return tx
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,6 +145,7 @@ def test_a_wider_model_names_its_first_differing_path(dense, data_dir):
     ({'model.base_source': '/nonexistent/base'}, 'model.base_source'),
     ({'model.base_format': 'flax'}, 'model.base_format'),  # a directory is no msgpack file
     ({'model.base_name_map': '/tmp/names.json'}, 'model.base_name_map'),
+    ({'model.masked': False, 'model.base_unmasked': 'freeze'}, 'model.base_unmasked'),
   ],
 )
 def test_config_errors_name_the_field(dense, data_dir, overrides, field):
@@ -367,3 +369,43 @@ def test_pemn_train_fine_tunes_masks_from_a_dense_workdir_in_one_command(
   assert proc.returncode == 1
   lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
   assert len(lines) == 1 and 'give the base' in lines[0], proc.stderr
+
+
+class CNN(nn.Module):
+  """An ordinary Linen network (no pemn-jax inside): the base, and masked in a band by rules."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(8, (3, 3), strides=2, name='stem')(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name='bn')(x))
+    x = nn.relu(nn.Conv(8, (3, 3), name='mid')(x))
+    return nn.Dense(10, name='head')(x.mean((1, 2)))
+
+
+def test_mask_model_in_a_band_over_a_base_trains_only_its_masks(data_dir, tmp_path):
+  import pemn_jax as pemn
+
+  x = jnp.zeros((1, 28, 28, 1))
+  trained = CNN().init({'params': jax.random.key(3)}, x)  # stands in for a trained network
+  base = _save_flax(trained, tmp_path / 'cnn.msgpack')
+  band = pemn.mask_model(CNN(), {'mid': 1.0, '.*': None})  # only 'mid' masked
+  over = {'model.base_format': 'flax', 'strategy.score_init': 'magnitude'}
+  config = _masked(data_dir, base, **over)
+  variables = build.init_module(band, config, (28, 28, 1))
+  xs = _x()
+  np.testing.assert_array_equal(  # keep 1.0: the base network, bit for bit
+    np.asarray(band.apply(variables, xs)), np.asarray(CNN().apply(trained, xs))
+  )
+  band = pemn.mask_model(CNN(), {'mid': 0.9, '.*': None})
+  config = _masked(data_dir, base, **over, **{'model.base_unmasked': 'freeze'})
+  run = str(tmp_path / 'band')
+  train.train_and_evaluate(config, run, model=band)
+  _, _, state, _ = train.restore_workdir(run, model=band)
+  got = traverse_util.flatten_dict(jax.device_get(state.params))
+  want = traverse_util.flatten_dict(trained['params'])
+  assert set(got) == (set(want) - {('mid', 'kernel')}) | {('mid', 'scores')}
+  for path, leaf in got.items():
+    if path[-1] != 'scores':
+      np.testing.assert_array_equal(leaf, want[path])  # unmasked layers and BN: the base's
+  start = np.abs(np.asarray(trained['params']['mid']['kernel']))
+  assert not np.array_equal(got[('mid', 'scores')], start)  # the band's masks learned
