@@ -61,6 +61,13 @@ has one); ``MAX_EVAL_BATCH`` 65,536 for the recorded ``train.eval_batch_size``. 
 verifies the bytes it is about to write as a reader would, so it never writes a file that
 ``load`` refuses.
 
+A *mask delta* (format version 2, ``export(base=...)``): a masked model over a trained base
+model (``model.base_source``, ``pemn_jax.pretrained``) stores its masks and other trained leaves
+and a ``base`` section (the base's format, sha256 fingerprint and value count) instead of any
+weight; its recorded config names no path. ``load(path, base=PATH)`` reads the base, checks its
+fingerprint and puts its kernels into the frozen collection; without it, or with another one,
+the load is refused.
+
 Masks become scores again on load: a score of 1 where the mask keeps and 0 elsewhere, so the
 model's own top-k selects exactly the stored mask and the rebuilt network computes the trained
 network's logits bit for bit.
@@ -1521,6 +1528,8 @@ def _module_summary(v: _Verified, path: str) -> dict:
   info['ratio_vs_dense_fp32_with_bn'] = (
     info['dense_fp32_bytes'] + 4 * info['norm_values']
   ) / v.file_bytes
+  if 'base' in header:
+    info.update(_delta_fields(header['base'], info, v.file_bytes))
   return info
 
 

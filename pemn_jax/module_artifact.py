@@ -72,6 +72,7 @@ HEADER_FIELDS = {
   'frozen_fingerprint',
   'module',
   'entries',
+  'base',  # a mask delta over a base model (artifact's base section), optional
 }
 MODULE_FIELDS = {
   'class',
@@ -246,6 +247,7 @@ def export_module(
   frozen_key: jax.Array | None = None,
   step: int = 0,
   call_kwargs: Mapping | None = None,
+  base=None,
 ) -> dict:
   """Writes ``module``'s trained ``variables`` to ``path`` atomically (``inspect``'s summary).
 
@@ -263,6 +265,9 @@ def export_module(
     step: the training step the variables come from (recorded).
     call_kwargs: keyword arguments for the module's call at init (JSON scalars, recorded),
       e.g. ``{'train': False}``.
+    base: the ``pretrained.Base`` the masked layers' frozen kernels came from
+      (``pretrained.apply_base``): the file is then a mask delta, with the base's format and
+      fingerprint in place of a key (no ``frozen_key``); ``load_module`` needs the base.
 
   Raises:
     ArtifactError: the variables are not the module's, a layer with scores is not a masked
@@ -301,7 +306,20 @@ def export_module(
       flat[(collection, *p)] = leaf
   regenerated &= set(flat)
   key = fingerprint = None
-  if regenerated:
+  if regenerated and base is not None:  # the kernels are the base's: checked, not regenerated
+    for p in sorted(regenerated):
+      want = base.tree.get(('params', *p[1:]))
+      if want is None or not np.array_equal(np.asarray(jax.device_get(flat[p])), want):
+        raise ArtifactError(
+          f"the frozen kernel {'/'.join(p)} in variables is not the base's "
+          f'params/{"/".join(p[1:])}: apply the base (pretrained.apply_base) before training'
+        )
+    frozen = {p[1:]: flat[p] for p in flat if p[0] == layers.FROZEN}
+    fingerprint = build.frozen_fingerprint(traverse_util.unflatten_dict(frozen))
+    init_mode = 'jit'
+  elif base is not None:
+    raise ArtifactError('base= is for a module with masked layers over a base (a mask delta)')
+  elif regenerated:
     if frozen_key is None:
       raise ArtifactError(
         'frozen_key is needed: the module has masked layers whose frozen random kernels are '
@@ -377,6 +395,12 @@ def export_module(
     },
     'entries': entries,
   }
+  if base is not None:
+    header['base'] = {
+      'format': base.format,
+      'fingerprint': base.fingerprint,
+      'values': int(base.num_values),
+    }
   blob = artifact.frame(header, b''.join(chunks))
   verified = artifact._verify_blob(path, blob)  # never write a file the reader would refuse
   try:
@@ -525,7 +549,9 @@ def check_header(header: dict) -> None:
   key, fp = header['key'], header.get('frozen_fingerprint')
   if nnx_file and key is not None:
     raise _Invalid('an NNX file records no key: its constructor draws the frozen kernels')
-  if regenerated and key is None and not nnx_file:
+  if 'base' in header and (nnx_file or not regenerated or key is not None):
+    raise _Invalid('a base section needs a Linen module with masked layers and no key')
+  if regenerated and key is None and not nnx_file and 'base' not in header:
     raise _Invalid('key is null, but the file has masked layers whose kernels are regenerated')
   if not regenerated and key is not None:
     raise _Invalid('the file records a key, but no kernel is regenerated from it')
@@ -541,8 +567,12 @@ def check_payload(header: dict, payload: bytes) -> None:
       artifact._check_mask_data('/'.join(e['path']), e, data, math.prod(e['shape']), None, None)
 
 
-def load_module(path: str, module):
+def load_module(path: str, module, base=None, base_format=None, base_name_map=None):
   """The variables of a module file, for ``module`` (the definition it was exported from).
+
+  ``base`` (with ``base_format``, ``base_name_map``; see ``artifact.load``): a mask delta's
+  base model, whose fingerprint must be the recorded one; its kernels fill the masked layers'
+  frozen collection.
 
   For an NNX file, ``module`` is the model constructed again as it was before training (same
   code, same ``rngs``, the same strategy applied): its variables are set from the file, in
@@ -571,6 +601,17 @@ def load_module(path: str, module):
       f'{path} holds an {mod["framework"]} module ({mod["class"]}); load it with one of that '
       f'framework, not a {type(module).__name__}'
     )
+  delta = header.get('base')
+  if (delta is None) != (base is None):
+    raise ArtifactError(
+      f'{path} is not a mask delta (it records no base model): load it without a base'
+      if delta is None
+      else f'{path} is a mask delta over a {delta["format"]} base model (fingerprint '
+      f'{delta["fingerprint"][:12]}...): it stores no weight; give the base (base=PATH)'
+    )
+  loaded_base = None
+  if delta is not None:
+    loaded_base = artifact._load_base(path, delta, base, base_format, base_name_map)
   if mod['framework'] == 'nnx':
     return _load_nnx(path, v, module)
   if not isinstance(module, nn.Module) or module.scope is not None:
@@ -620,7 +661,20 @@ def load_module(path: str, module):
     if p[0] == 'params' and p[-1] == 'scores' and p[1:-1] in masked:
       flat[p] = jnp.asarray(a, jnp.dtype(shapes[p][3]))
   regenerated = {(layers.FROZEN, *m, 'kernel') for m in masked} & set(shapes)
-  if regenerated:
+  if regenerated and loaded_base is not None:
+    for p in sorted(regenerated):
+      a = loaded_base.tree.get(('params', *p[1:]))
+      if a is None or tuple(a.shape) != tuple(shapes[p][2]):
+        raise ArtifactError(
+          f"{path}: the base has no params/{'/'.join(p[1:])} of the module's shape "
+          f'{tuple(shapes[p][2])}'
+        )
+      flat[p] = jnp.asarray(a, jnp.dtype(shapes[p][3]))
+    frozen = {p[1:]: a for p, a in flat.items() if p[0] == layers.FROZEN}
+    got = build.frozen_fingerprint(traverse_util.unflatten_dict(frozen))
+    if got != header['frozen_fingerprint']:
+      raise ArtifactError(f'{path}: the base kernels do not match the recorded fingerprint')
+  elif regenerated:
     impl, words = header['key']['impl'], header['key']['data']
     key = jax.random.wrap_key_data(np.asarray(words, np.uint32), impl=impl)
     fresh = _regenerate(module, specs, kwargs, key, mod['init'])

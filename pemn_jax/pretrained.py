@@ -151,6 +151,17 @@ def _load_cached(source, fmt, mapped, size, mtime) -> Base:
   return Base(tree, tree_fingerprint(tree), fmt)
 
 
+def from_variables(variables: dict, fmt: str = 'flax') -> Base:
+  """A ``Base`` of an in-memory variables tree (or params tree) of the dense model: the tree a
+  ``'flax'`` (or ``'orbax'``) file of it would load, with the same fingerprint."""
+  if fmt not in FORMATS:
+    raise BaseError(f'fmt must be one of {FORMATS}, got {fmt!r}')
+  tree = {}
+  for path, leaf in _normalise(jax.device_get(dict(variables)), 'the given variables').items():
+    tree[path] = np.ascontiguousarray(np.asarray(leaf, np.float32))
+  return Base(tree, tree_fingerprint(tree), fmt)
+
+
 def _read_name_map(path: str) -> dict:
   try:
     with open(path) as f:

@@ -325,6 +325,19 @@ def test_a_file_naming_a_base_path_is_refused(dense, data_dir, tmp_path):
     f.write(artifact.frame(header, payload))
   with pytest.raises(artifact.ArtifactError, match='needs format version 2'):
     artifact.read(crafted)
+  header['format_version'] = 2
+  for base, message in [
+    ({'format': 'workdir', 'fingerprint': 'abc', 'values': 1}, 'base.fingerprint must be'),
+    ({'format': '/etc', 'fingerprint': '0' * 64, 'values': 1}, 'base.format must be one of'),
+    ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 1, 'path': '/x'}, 'exactly the fields'),
+    ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 0}, 'base.values must be'),
+  ]:
+    header['base'] = base
+    with open(crafted, 'wb') as f:
+      f.write(artifact.frame(header, payload))
+    with pytest.raises(artifact.ArtifactError, match=message) as e:
+      artifact.read(crafted)
+    assert '\n' not in str(e.value)
 
 
 def test_mask_only_zeroes_every_update_but_the_scores():
@@ -409,3 +422,32 @@ def test_mask_model_in_a_band_over_a_base_trains_only_its_masks(data_dir, tmp_pa
       np.testing.assert_array_equal(leaf, want[path])  # unmasked layers and BN: the base's
   start = np.abs(np.asarray(trained['params']['mid']['kernel']))
   assert not np.array_equal(got[('mid', 'scores')], start)  # the band's masks learned
+
+
+def test_a_module_mask_delta_reloads_bit_for_bit_and_only_over_its_base(tmp_path):
+  import pemn_jax as pemn
+
+  x = _x()
+  trained = CNN().init({'params': jax.random.key(3)}, x[:1])
+  base_file = _save_flax(trained, tmp_path / 'cnn.msgpack')
+  base = pretrained.from_variables(trained)
+  assert base.fingerprint == pretrained.load_base(base_file, 'flax').fingerprint
+  band = pemn.mask_model(CNN(), {'mid': 0.5, '.*': None})
+  variables = band.init({'params': jax.random.key(1), layers.FROZEN: jax.random.key(2)}, x[:1])
+  with pytest.raises(artifact.ArtifactError, match="is not the base's params/mid/kernel"):
+    pemn.export_module(str(tmp_path / 'x.pemn'), band, variables, x[:1], base=base)
+  variables = pretrained.apply_base(variables, base)  # scores as drawn: a mask of its own
+  path = str(tmp_path / 'band.pemn')
+  info = pemn.export_module(path, band, variables, x[:1], base=base)
+  header, _ = artifact.read(path)
+  assert header['key'] is None and header['base']['fingerprint'] == base.fingerprint
+  assert info['base_fp32_bytes'] == 4 * base.num_values
+  assert 'mask delta over a flax base' in artifact.format_inspect(artifact.inspect(path))
+  loaded = pemn.load_module(path, band, base=base_file)
+  want = np.asarray(band.apply(variables, x))
+  np.testing.assert_array_equal(np.asarray(band.apply(loaded, x)), want)
+  with pytest.raises(artifact.ArtifactError, match='is a mask delta over a flax base'):
+    pemn.load_module(path, band)
+  changed = _edited(trained, lambda f: f[('params', 'mid', 'kernel')].__imul__(2))
+  with pytest.raises(artifact.ArtifactError, match='is not the base model this mask delta'):
+    pemn.load_module(path, band, base=_save_flax(changed, tmp_path / 'o.msgpack'))
