@@ -223,3 +223,27 @@ def test_gemm_needs_mkl_and_bf16_hardware(monkeypatch):
   assert not native.gemm_usable(x)
   text = jax.jit(lambda x, w: ops.dot_bf16(x, w)).lower(x, jnp.ones((4, 2), BF16)).as_text()
   assert 'pemn_gemm' not in text
+
+
+@cpu_only
+def test_native_kernels_read_and_write_bf16_exactly():
+  """bf16 activations go into the kernels as bf16 (no convert around the call) and come out
+  rounded to nearest even from the same float32 arithmetic as the float32 call: bit-equal to
+  the float32 kernel's result converted by XLA, NaN and infinities included."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  x = jax.random.normal(jax.random.key(0), (4, 5, 6, 19)) * 3
+  x = x.at[0, 0, 0, :4].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.0]))
+  xb = x.astype(BF16)
+  c = x.shape[-1]
+  scale, bias = 1 + 0.1 * jnp.arange(c, dtype=F32), 0.05 * jnp.arange(c, dtype=F32)
+  mean, var = jnp.full((c,), 0.1), jnp.full((c,), 0.7)
+  bn = jax.jit(lambda x: native.gelu_batch_norm(x, scale, bias, mean, var, 1e-5))
+  text = bn.lower(xb).as_text()
+  assert 'pemn_gelu_bn_fwd' in text and 'tensor<4x5x6x19xf32>' not in text  # no f32 copy of x
+  got, want = bn(xb), bn(xb.astype(F32)).astype(BF16)
+  assert got.dtype == BF16
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  k = jax.random.normal(jax.random.key(1), (3, 3, 1, c))
+  dw = jax.jit(lambda x, k: native.depthwise(x, k, (1, 1), (5, 6)))
+  got, want = dw(xb, k.astype(BF16)), dw(xb.astype(F32), k.astype(BF16).astype(F32))
+  np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want.astype(BF16), F32))

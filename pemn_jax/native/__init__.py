@@ -20,6 +20,10 @@ What XLA:CPU does slowly or wastefully in a PEMN training step, done here in C++
   fp32 one; the library's is 3-5x faster (PERFORMANCE.md, attempt 38). Without a library the
   products stay in XLA (feature ``'gemm'`` then does nothing).
 
+The conv and GELU+BN kernels take float32 or bfloat16 activations (``model.dtype``), read and
+written in that dtype and computed in float32 in registers: a bfloat16 step moves half the bytes
+through them, with no convert around the calls.
+
 Depthwise conv: XLA:CPU has no good lowering for its kernel gradient (the best pure-XLA form,
 ``ops._depthwise_kernel_grad``, is a chunked reduction at ~10 GFLOP/s), and the stride-1
 shift-add forward and input gradient stream each activation once per tap. ``kernels.cc`` does

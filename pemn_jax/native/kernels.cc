@@ -1,6 +1,10 @@
 // Kernels for XLA:CPU, called through the XLA FFI (see pemn_jax/native/__init__.py).
 //
-// Depthwise 2-D convolution: two handlers, both float32, NHWC activations, (KH, KW, C) kernels:
+// Activations (x, y, dy, dx below) are float32 or bfloat16, all of one call alike: bfloat16 is
+// widened to float32 on load and rounded to nearest even on store, so the arithmetic is the
+// float32 call's on the same values (kernels, coefficients and statistics are float32).
+//
+// Depthwise 2-D convolution: two handlers, NHWC activations, (KH, KW, C) float32 kernels:
 //
 //   pemn_dw_fwd:   y[n, oh, ow, c] = sum_ij x[n, oh + i - pad_h, ow + j - pad_w, c] * k[i, j, c]
 //                  (x read as zero outside its bounds; the output size is the result's shape, so
@@ -35,6 +39,7 @@
 // split over XLA's pool here; or oneDNN's dnnl_gemm_bf16bf16f32), loaded by Python at run time
 // where installed (AMX / AVX512-BF16). Without one the call fails (Python never uses it then).
 #include <algorithm>
+#include <initializer_list>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -75,6 +80,30 @@ inline void Store(float* p, vf v, int lanes) {
   } else {
     std::memcpy(p, &v, lanes * sizeof(float));
   }
+}
+
+// bfloat16 (stored as uint16_t): widened exactly to float on load; rounded to nearest even on
+// store (NaN stays a quiet NaN), as XLA's convert does.
+typedef uint16_t vh __attribute__((vector_size(VL * sizeof(uint16_t))));
+typedef uint32_t vu __attribute__((vector_size(VL * sizeof(uint32_t))));
+
+inline vf Load(const uint16_t* p, int lanes) {
+  vh h = {};
+  std::memcpy(&h, p, (lanes == VL ? VL : lanes) * sizeof(uint16_t));
+  vu bits = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+inline void Store(uint16_t* p, vf v, int lanes) {
+  vu bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const vu nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  vu r = (bits + (0x7FFFu + ((bits >> 16) & 1u))) >> 16;
+  r = nan ? ((bits >> 16) | 0x40u) : r;
+  vh h = __builtin_convertvector(r, vh);
+  std::memcpy(p, &h, (lanes == VL ? VL : lanes) * sizeof(uint16_t));
 }
 
 // Runs f(0) ... f(n - 1) on the calling thread and on up to pool.num_threads() pool tasks. The
@@ -123,7 +152,8 @@ struct Geometry {
 };
 
 // Copies channels [c0, c0 + lanes) of image `img` into `buf` as a zero-padded (ph, pw) block.
-void PadBlock(const Geometry& g, const float* x, int64_t img, int64_t c0, int lanes,
+template <typename T>
+void PadBlock(const Geometry& g, const T* x, int64_t img, int64_t c0, int lanes,
               std::vector<vf>& buf) {
   const int64_t ph = g.ph(), pw = g.pw();
   buf.assign(ph * pw, vf{});
@@ -131,15 +161,14 @@ void PadBlock(const Geometry& g, const float* x, int64_t img, int64_t c0, int la
     const int64_t src_r = r - g.pad_h;
     if (src_r < 0 || src_r >= g.h) continue;
     const int64_t s0 = std::max<int64_t>(0, g.pad_w), s1 = std::min<int64_t>(pw, g.w + g.pad_w);
-    const float* row = x + ((img * g.h + src_r) * g.w) * g.c + c0;
+    const T* row = x + ((img * g.h + src_r) * g.w) * g.c + c0;
     for (int64_t s = s0; s < s1; ++s) buf[r * pw + s] = Load(row + (s - g.pad_w) * g.c, lanes);
   }
 }
 
 // KH, KW > 0: compile-time taps (fully unrolled, accumulators in registers); 0: runtime.
-template <int KH, int KW>
-void FwdItem(const Geometry& g, const float* x, const float* k, float* y, int64_t img,
-             int64_t cb) {
+template <int KH, int KW, typename T>
+void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb) {
   const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
   const int64_t c0 = cb * VL;
   const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
@@ -155,7 +184,7 @@ void FwdItem(const Geometry& g, const float* x, const float* k, float* y, int64_
   for (int64_t t = 0; t < kh * kw; ++t) taps[t] = Load(k + t * g.c + c0, lanes);
   const int64_t pw = g.pw();
   for (int64_t r = 0; r < g.oh; ++r) {
-    float* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
+    T* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
     for (int64_t s = 0; s < g.ow; ++s) {
       vf acc = {};
       for (int64_t i = 0; i < kh; ++i) {
@@ -167,8 +196,8 @@ void FwdItem(const Geometry& g, const float* x, const float* k, float* y, int64_
   }
 }
 
-template <int KH, int KW>
-void KgradItem(const Geometry& g, const float* x, const float* dy, float* dk, int64_t group,
+template <int KH, int KW, typename T>
+void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t group,
                int64_t groups, int64_t cb) {
   const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
   const int64_t c0 = cb * VL;
@@ -187,7 +216,7 @@ void KgradItem(const Geometry& g, const float* x, const float* dy, float* dk, in
   for (int64_t img = group * per; img < (group + 1) * per; ++img) {
     PadBlock(g, x, img, c0, lanes, buf);
     for (int64_t r = 0; r < g.oh; ++r) {
-      const float* grow = dy + ((img * g.oh + r) * g.ow) * g.c + c0;
+      const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c + c0;
       for (int64_t s = 0; s < g.ow; ++s) {
         const vf gv = Load(grow + s * g.c, lanes);
         for (int64_t i = 0; i < kh; ++i) {
@@ -218,8 +247,33 @@ ffi::Error CheckRank(const char* what, size_t got, size_t want) {
   return ffi::Error::Success();
 }
 
-ffi::Error DwFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                 ffi::ResultBuffer<ffi::F32> y, int64_t pad_h, int64_t pad_w) {
+// The activation arrays of a handler are all float32 or all bfloat16 (kernels, coefficients and
+// statistics stay float32): calls fn(T{}) with T float or uint16_t, or fails.
+template <typename Fn>
+ffi::Error ByType(std::initializer_list<ffi::DataType> types, Fn&& fn) {
+  const ffi::DataType t = *types.begin();
+  for (ffi::DataType u : types) {
+    if (u != t) {
+      return ffi::Error(ffi::ErrorCode::kInvalidArgument, "activations must share one dtype");
+    }
+  }
+  if (t == ffi::DataType::F32) return fn(float{});
+  if (t == ffi::DataType::BF16) return fn(uint16_t{});
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "activations must be float32 or bfloat16");
+}
+
+template <typename T>
+const T* In(const ffi::AnyBuffer& b) {
+  return static_cast<const T*>(b.untyped_data());
+}
+
+template <typename T>
+T* Out(ffi::Result<ffi::AnyBuffer>& b) {
+  return static_cast<T*>(b->untyped_data());
+}
+
+ffi::Error DwFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> k,
+                 ffi::Result<ffi::AnyBuffer> y, int64_t pad_h, int64_t pad_w) {
   auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
   if (auto e = CheckRank("x", xd.size(), 4); e.failure()) return e;
   if (auto e = CheckRank("kernel", kd.size(), 3); e.failure()) return e;
@@ -229,18 +283,20 @@ ffi::Error DwFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], yd[1], yd[2], kd[0], kd[1], pad_h, pad_w};
   const int64_t blocks = (g.c + VL - 1) / VL;
-  const float* xp = x.typed_data();
   const float* kp = k.typed_data();
-  float* yp = y->typed_data();
-  Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-    ParallelFor(pool, g.n * blocks, [&](int64_t item) {
-      FwdItem<KH, KW>(g, xp, kp, yp, item / blocks, item % blocks);
+  return ByType({x.element_type(), y->element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    T* yp = Out<T>(y);
+    Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
+      ParallelFor(pool, g.n * blocks, [&](int64_t item) {
+        FwdItem<KH, KW>(g, xp, kp, yp, item / blocks, item % blocks);
+      });
     });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error DwKgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+ffi::Error DwKgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                    ffi::ResultBuffer<ffi::F32> dk, int64_t pad_h, int64_t pad_w) {
   auto xd = x.dimensions(), gd = dy.dimensions(), kd = dk->dimensions();
   if (auto e = CheckRank("x", xd.size(), 4); e.failure()) return e;
@@ -253,15 +309,17 @@ ffi::Error DwKgrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], kd[1], kd[2], pad_h, pad_w};
   const int64_t groups = kd[0];
   const int64_t blocks = (g.c + VL - 1) / VL;
-  const float* xp = x.typed_data();
-  const float* gp = dy.typed_data();
   float* kp = dk->typed_data();
-  Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-    ParallelFor(pool, groups * blocks, [&](int64_t item) {
-      KgradItem<KH, KW>(g, xp, gp, kp, item / blocks, groups, item % blocks);
+  return ByType({x.element_type(), dy.element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    const T* gp = In<T>(dy);
+    Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
+      ParallelFor(pool, groups * blocks, [&](int64_t item) {
+        KgradItem<KH, KW>(g, xp, gp, kp, item / blocks, groups, item % blocks);
+      });
     });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // ---- GELU -> BatchNorm --------------------------------------------------------------------
@@ -316,7 +374,7 @@ constexpr int64_t kRowsPerItem = 256;
 
 struct Rows {
   int64_t m, c, blocks, items;
-  explicit Rows(const ffi::Buffer<ffi::F32>& x) {
+  explicit Rows(const ffi::AnyBuffer& x) {
     auto d = x.dimensions();
     c = d.size() == 0 ? 1 : d[d.size() - 1];
     m = c ? static_cast<int64_t>(x.element_count()) / c : 0;
@@ -364,88 +422,94 @@ ffi::Error CheckCoef(const ffi::Buffer<ffi::F32>& coef, int64_t rows, int64_t c)
   return ffi::Error::Success();
 }
 
-ffi::Error GeluStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                     ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GeluStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<ffi::F32> out) {
   const Rows r(x);
   if (out->element_count() != static_cast<size_t>(2 * r.c)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "stats must be (2, C)");
   }
-  const float* xp = x.typed_data();
-  ChannelSums(pool, r, out->typed_data(),
-              [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
-                for (int64_t row = r0; row < r1; ++row) {
-                  const vf z = Gelu(Load(xp + row * r.c + b * VL, lanes), nullptr);
-                  s0 += z;
-                  s1 += z * z;
-                }
-              });
-  return ffi::Error::Success();
+  return ByType({x.element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    ChannelSums(pool, r, out->typed_data(),
+                [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
+                  for (int64_t row = r0; row < r1; ++row) {
+                    const vf z = Gelu(Load(xp + row * r.c + b * VL, lanes), nullptr);
+                    s0 += z;
+                    s1 += z * z;
+                  }
+                });
+    return ffi::Error::Success();
+  });
 }
 
-ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> coef,
-                     ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
+                     ffi::Result<ffi::AnyBuffer> y) {
   const Rows r(x);
   if (auto e = CheckCoef(coef, 2, r.c); e.failure()) return e;
-  const float* xp = x.typed_data();
   const float* cp = coef.typed_data();
-  float* yp = y->typed_data();
-  RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
-    const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + r.c + b * VL, lanes);
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t o = row * r.c + b * VL;
-      Store(yp + o, Gelu(Load(xp + o, lanes), nullptr) * mul + shift, lanes);
-    }
+  return ByType({x.element_type(), y->element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    T* yp = Out<T>(y);
+    RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
+      const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + r.c + b * VL, lanes);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * r.c + b * VL;
+        Store(yp + o, Gelu(Load(xp + o, lanes), nullptr) * mul + shift, lanes);
+      }
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
-ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> coef,
-                          ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                          ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> out) {
   const Rows r(x);
   if (auto e = CheckCoef(coef, 2, r.c); e.failure()) return e;
   if (dy.element_count() != x.element_count() ||
       out->element_count() != static_cast<size_t>(2 * r.c)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dy or stats have the wrong size");
   }
-  const float* xp = x.typed_data();
-  const float* gp = dy.typed_data();
   const float* cp = coef.typed_data();
-  ChannelSums(pool, r, out->typed_data(),
-              [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
-                const vf mean = Load(cp + b * VL, lanes), rstd = Load(cp + r.c + b * VL, lanes);
-                for (int64_t row = r0; row < r1; ++row) {
-                  const int64_t o = row * r.c + b * VL;
-                  const vf g = Load(gp + o, lanes);
-                  s0 += g;
-                  s1 += g * ((Gelu(Load(xp + o, lanes), nullptr) - mean) * rstd);
-                }
-              });
-  return ffi::Error::Success();
+  return ByType({x.element_type(), dy.element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    const T* gp = In<T>(dy);
+    ChannelSums(pool, r, out->typed_data(),
+                [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
+                  const vf mean = Load(cp + b * VL, lanes), rstd = Load(cp + r.c + b * VL, lanes);
+                  for (int64_t row = r0; row < r1; ++row) {
+                    const int64_t o = row * r.c + b * VL;
+                    const vf g = Load(gp + o, lanes);
+                    s0 += g;
+                    s1 += g * ((Gelu(Load(xp + o, lanes), nullptr) - mean) * rstd);
+                  }
+                });
+    return ffi::Error::Success();
+  });
 }
 
-ffi::Error GeluBnBwd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                     ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx) {
+ffi::Error GeluBnBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                     ffi::Buffer<ffi::F32> coef, ffi::Result<ffi::AnyBuffer> dx) {
   const Rows r(x);
   if (auto e = CheckCoef(coef, 3, r.c); e.failure()) return e;
   if (dy.element_count() != x.element_count()) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "dy has the wrong size");
   }
-  const float* xp = x.typed_data();
-  const float* gp = dy.typed_data();
   const float* cp = coef.typed_data();
-  float* dp = dx->typed_data();
-  RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
-    const vf k = Load(cp + b * VL, lanes), c0 = Load(cp + r.c + b * VL, lanes),
-             c1 = Load(cp + 2 * r.c + b * VL, lanes);
-    for (int64_t row = r0; row < r1; ++row) {
-      const int64_t o = row * r.c + b * VL;
-      vf d;
-      const vf z = Gelu(Load(xp + o, lanes), &d);
-      Store(dp + o, (k * Load(gp + o, lanes) + c0 + c1 * z) * d, lanes);
-    }
+  return ByType({x.element_type(), dy.element_type(), dx->element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    const T* gp = In<T>(dy);
+    T* dp = Out<T>(dx);
+    RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
+      const vf k = Load(cp + b * VL, lanes), c0 = Load(cp + r.c + b * VL, lanes),
+               c1 = Load(cp + 2 * r.c + b * VL, lanes);
+      for (int64_t row = r0; row < r1; ++row) {
+        const int64_t o = row * r.c + b * VL;
+        vf d;
+        const vf z = Gelu(Load(xp + o, lanes), &d);
+        Store(dp + o, (k * Load(gp + o, lanes) + c0 + c1 * z) * d, lanes);
+      }
+    });
+    return ffi::Error::Success();
   });
-  return ffi::Error::Success();
 }
 
 // ---- Top-k mask ---------------------------------------------------------------------------
@@ -563,24 +627,26 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGemmBf16, GemmBf16,
                                   .Attr<int64_t>("trans_a")
                                   .Attr<int64_t>("trans_b"));
 
-// Every handler but the top-k takes XLA's thread pool and float32 buffers.
+// Every handler but the top-k takes XLA's thread pool; activations (ANY) are float32 or bfloat16,
+// kernels, coefficients and statistics float32.
 #define PEMN_POOL ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()
 #define PEMN_F32 ffi::Buffer<ffi::F32>
+#define PEMN_ANY ffi::AnyBuffer
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGeluStats, GeluStats, PEMN_POOL.Arg<PEMN_F32>().Ret<PEMN_F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGeluStats, GeluStats, PEMN_POOL.Arg<PEMN_ANY>().Ret<PEMN_F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGeluBnFwd, GeluBnFwd,
-                              PEMN_POOL.Arg<PEMN_F32>().Arg<PEMN_F32>().Ret<PEMN_F32>());
+                              PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PemnGeluBnBwdStats, GeluBnBwdStats,
-    PEMN_POOL.Arg<PEMN_F32>().Arg<PEMN_F32>().Arg<PEMN_F32>().Ret<PEMN_F32>());
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PemnGeluBnBwd, GeluBnBwd,
-    PEMN_POOL.Arg<PEMN_F32>().Arg<PEMN_F32>().Arg<PEMN_F32>().Ret<PEMN_F32>());
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDwFwd, DwFwd,
-                              PEMN_POOL.Arg<PEMN_F32>().Arg<PEMN_F32>().Ret<PEMN_F32>()
+                              PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>()
                                   .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDwKgrad, DwKgrad,
-                              PEMN_POOL.Arg<PEMN_F32>().Arg<PEMN_F32>().Ret<PEMN_F32>()
+                              PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Ret<PEMN_F32>()
                                   .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnTopkMask, TopkMask,
                               ffi::Ffi::Bind()

@@ -165,9 +165,9 @@ def _data_mesh(batch: int):
   return mesh if size > 1 and batch % size == 0 else None
 
 
-# The dtypes the conv and GELU+BN kernels take: bfloat16 is computed in float32 inside the call
-# (converted at the kernel boundary, results rounded back), still several times faster than
-# XLA's bfloat16 formulations (experiments/results/PERFORMANCE.md, attempt 36).
+# The dtypes the conv and GELU+BN kernels take: bfloat16 activations are read and written as
+# bfloat16 and computed in float32 in registers (rounded to nearest even on store, as XLA's
+# convert), several times faster than XLA's bfloat16 formulations (PERFORMANCE.md, attempt 44).
 DTYPES = (np.dtype(np.float32), np.dtype(jnp.bfloat16))
 
 
@@ -209,14 +209,16 @@ def _require() -> None:
     raise RuntimeError(f'pemn_jax.native kernels are unavailable: {unavailable_reason()}')
 
 
-def _call(target, shape, *args, **attrs):
-  """One float32 result of shape ``shape`` from FFI target ``target`` (int attributes); the
-  arguments go in as float32 (bfloat16 ones converted: the kernels compute in float32)."""
+def _call(target, shape, *args, dtype=np.float32, **attrs):
+  """One result of shape ``shape`` and ``dtype`` from FFI target ``target`` (int attributes).
+
+  The kernels take their activations in float32 or bfloat16 (all of one call in one dtype, read
+  and written in it, computed in float32 in registers); kernels, coefficients and statistics in
+  float32."""
   _require()
-  args = [a.astype(np.float32) if a.dtype != np.float32 else a for a in args]
-  return jax.ffi.ffi_call(
-    target, jax.ShapeDtypeStruct(shape, np.float32), vmap_method='sequential'
-  )(*args, **{k: np.int64(v) for k, v in attrs.items()})
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype), vmap_method='sequential')(
+    *args, **{k: np.int64(v) for k, v in attrs.items()}
+  )
 
 
 # ---- Depthwise conv -----------------------------------------------------------------------
@@ -228,7 +230,8 @@ def _ffi_fwd(x, kernel, pad_lo, out_hw):
     'pemn_dw_fwd',
     (n, *out_hw, c),
     x,
-    kernel.reshape(kernel.shape[0], kernel.shape[1], c),
+    kernel.reshape(kernel.shape[0], kernel.shape[1], c).astype(np.float32),
+    dtype=x.dtype,
     pad_h=pad_lo[0],
     pad_w=pad_lo[1],
   )
@@ -245,7 +248,12 @@ def _groups(n: int, c: int) -> int:
 def _ffi_kgrad(x, g, pad_lo, kh, kw):
   n, c = x.shape[0], x.shape[-1]
   return _call(
-    'pemn_dw_kgrad', (_groups(n, c), kh, kw, c), x, g, pad_h=pad_lo[0], pad_w=pad_lo[1]
+    'pemn_dw_kgrad',
+    (_groups(n, c), kh, kw, c),
+    x,
+    g.astype(x.dtype),
+    pad_h=pad_lo[0],
+    pad_w=pad_lo[1],
   ).sum(0)
 
 
@@ -299,8 +307,8 @@ def gelu_batch_norm(x, scale, bias, mean, var, epsilon: float):
   rstd = jax.lax.rsqrt(var + epsilon)
   mul = scale * rstd
   coef = jnp.stack([mul, bias - mean * mul])
-  y = _per_shard(lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef), x, coef)
-  return y.astype(x.dtype)
+  fwd = lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef, dtype=x.dtype)
+  return _per_shard(fwd, x, coef)
 
 
 def _gelu_bn_fwd(x, scale, bias, mean, var, epsilon):
@@ -312,6 +320,7 @@ def _gelu_bn_bwd(epsilon, res, dy):
   c = x.shape[-1]
   count = x.size // c
   rstd = jax.lax.rsqrt(var + epsilon)
+  dy = dy.astype(x.dtype)
   sums = _per_shard(
     lambda x, dy, coef: _call('pemn_gelu_bn_bstats', (2, c), x, dy, coef),
     x,
@@ -326,12 +335,12 @@ def _gelu_bn_bwd(epsilon, res, dy):
   c1 = -k * rstd * dscale / count
   c0 = -k * dbias / count - c1 * mean
   dx = _per_shard(
-    lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef),
+    lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef, dtype=x.dtype),
     x,
     dy,
     jnp.stack([k, c0, c1]),
     batch_args=1,
-  ).astype(x.dtype)
+  )
   return dx, dscale, dbias, jnp.zeros_like(mean), jnp.zeros_like(var)
 
 
