@@ -865,6 +865,171 @@ def do_pareto_report(args) -> int:
   return 0
 
 
+# Grids over a trained base (issue 14): their own report (``do_pretrained_report``).
+PRETRAINED_GRIDS = ('cifar_lj', 'cifar_mft', 'cifar_mft_lr1e_3')
+
+
+def point_keep(overrides: dict) -> float:
+  """The fraction of weights a point keeps: the mask's, 1 - a sparse baseline's sparsity, or 1."""
+  if overrides.get('model.masked', True):
+    return float(overrides.get('strategy.keep_fraction', 0.5))
+  if overrides.get('model.sparsity_method'):
+    return round(1.0 - float(overrides['model.sparsity']), 10)
+  return 1.0
+
+
+def pretrained_rows(grid: str, records: list) -> list[dict]:
+  """One row per point of a grid over a base (in the grid's order), its seeds pooled; plus, for
+  each lottery-jackpot point, the one-shot magnitude pruning its runs measured at step 0."""
+  import numpy as np
+
+  points = {}
+  for run in GRIDS[grid]():
+    points.setdefault(run['label'], run['overrides'])
+
+  def stats(values):
+    a = np.array(values, float) * 100
+    return a.mean(), (a.std() if len(a) > 1 else 0.0)
+
+  rows = []
+  for label, over in points.items():
+    rs = [r for r in records if r['label'] == label]
+    if not rs:
+      continue
+    r0 = min(rs, key=lambda r: r['seed'])
+    base_acc = [r['base']['final_accuracy'] for r in rs if r.get('base')]
+    delta = (r0.get('base') or {}).get('ratio_vs_base_fp32')
+    row = {
+      'label': label,
+      'keep': point_keep(over),
+      'seeds': len(rs),
+      'best': stats([r['best_accuracy'] for r in rs]),
+      'final': stats([r['final_accuracy'] for r in rs]),
+      'base': stats(base_acc) if base_acc else None,
+      'bytes': (r0.get('artifact') or {}).get('file_bytes'),
+      'ratio_vs_base': delta,
+      'lora_bytes': (r0.get('base') or {}).get('lora_equal_params_fp32_bytes'),
+      'family': label.rsplit(' k=', 1)[0],
+    }
+    rows.append(row)
+    initial = [r['initial_accuracy'] for r in rs if r.get('initial_accuracy') is not None]
+    if label.startswith('LJ ') and initial:
+      rows.append(
+        {
+          **row,
+          'label': label.replace('LJ', 'Magnitude one-shot'),
+          'family': 'Magnitude one-shot',
+          'best': stats(initial),
+          'final': stats(initial),
+          'bytes': None,
+          'ratio_vs_base': None,
+          'lora_bytes': None,
+        }
+      )
+  return rows
+
+
+def do_pretrained_report(args) -> int:
+  """The table and figures of a grid over a trained base: accuracy against the keep fraction
+  and against the .pemn bytes, beside the dense start (the base run's own accuracy)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  records = load_records(args.grid, args.results)
+  if not records:
+    print(f'no records for grid {args.grid}', file=sys.stderr)
+    return 1
+  rows = pretrained_rows(args.grid, records)
+  r0 = records[0]
+  machines = sorted({r['machine'] for r in records})
+  bases = [r['base']['final_accuracy'] * 100 for r in records if r.get('base')]
+  start = sum(bases) / len(bases) if bases else None
+
+  def pm(x):
+    return f'{x[0]:.2f} ± {x[1]:.2f}'
+
+  md = [
+    f'# Grid `{args.grid}`: masks over a trained model',
+    '',
+    f'Dataset: {r0["dataset"]}. Machine: {"; ".join(machines)}.',
+    '',
+    'Every point over a base starts from the dense ConvMixer-128/4 run of its seed (grid '
+    '`cifar_mft_bases`, the cifar_convmixer recipe); "dense start" is that run\'s final '
+    'accuracy. Accuracy in % (mean ± std over seeds). LJ / MFT: masks over the trained weights '
+    '(magnitude-initialised scores, no weight or BN-affine update); "Magnitude one-shot": the '
+    'same runs evaluated before their first step (layer-wise magnitude pruning, no training); '
+    '"Magnitude FT": magnitude pruning of the trained weights, then weight fine-tuning; "PEMN": '
+    'masks over random weights; "Dense FT": the dense start fine-tuned for the same epochs. '
+    'Bytes: the seed-0 .pemn file; a mask delta stores no weight (x = the base in fp32 / file; '
+    'LoRA = an adapter of as many fp32 trainable parameters as the masks have scores).',
+    '',
+    (f'Dense start: {start:.2f}% (mean over the bases of these runs).' if start else ''),
+    '',
+    '| point | keep | seeds | best acc | final acc | final - dense start | .pemn bytes '
+    '| base fp32 / file | LoRA-equal bytes |',
+    '|---|---|---|---|---|---|---|---|---|',
+  ]
+
+  def num(x, spec=','):
+    return '' if x is None else format(x, spec)
+
+  for row in rows:
+    ref = row['base'][0] if row['base'] else start  # PEMN over random weights: the grid's
+    diff = f'{row["final"][0] - ref:+.2f}' if ref is not None else ''
+    ratio = num(row['ratio_vs_base'], '.1f') + ('x' if row['ratio_vs_base'] else '')
+    md.append(
+      f'| {row["label"]} | {row["keep"]:g} | {row["seeds"]} | {pm(row["best"])} | '
+      f'{pm(row["final"])} | {diff} | {num(row["bytes"])} | {ratio} | '
+      f'{num(row["lora_bytes"])} |'
+    )
+  md += ['', '![accuracy vs keep](accuracy_vs_keep.png)', '']
+  md += ['## Commands (one per run, exactly as executed; cwd = repository root)', '']
+  md += source_path_note(records)
+  for r in records:
+    md.append(
+      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
+    )
+  md += [
+    '',
+    f'Regenerate this file and the plot: `python -m experiments.grid report --grid {args.grid}`',
+  ]
+  out = os.path.join(args.results, args.grid)
+  with open(os.path.join(out, 'README.md'), 'w') as f:
+    f.write('\n'.join(md) + '\n')
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+  families = list(dict.fromkeys(row['family'] for row in rows))
+  colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  sizes = []
+  for i, fam in enumerate(families):
+    colour = colours[i % len(colours)]
+    pts = [(row['keep'], row['final'][0], row['bytes']) for row in rows if row['family'] == fam]
+    pts.sort(key=lambda p: p[0])
+    axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker='o', color=colour, label=fam)
+    sized = [p for p in pts if p[2]]
+    sizes += [p[2] for p in sized]
+    if sized:
+      axes[1].scatter([p[2] for p in sized], [p[1] for p in sized], color=colour, label=fam)
+  for ax in axes:
+    if start:
+      ax.axhline(start, color='#777777', ls='--', lw=1, label='dense start')
+  axes[0].set_xlabel('keep fraction')
+  axes[0].set_ylabel('final test accuracy (%)')
+  axes[1].set_xscale('log')
+  if sizes and max(sizes) < 10 * min(sizes):
+    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
+    axes[1].tick_params(axis='x', which='minor', labelsize=7)
+  axes[1].set_xlabel('.pemn file bytes (seed 0, log scale)')
+  axes[0].legend(fontsize=7)
+  fig.suptitle(f'{short_dataset(r0["dataset"])}: {args.grid}, masks over a trained model')
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, 'accuracy_vs_keep.png'), dpi=120)
+  plt.close(fig)
+  print(f'wrote {out}/README.md and accuracy_vs_keep.png')
+  return 0
+
+
 def main(argv: list[str] | None = None) -> int:
   p = argparse.ArgumentParser(
     prog='python -m experiments.grid',
@@ -899,6 +1064,8 @@ def main(argv: list[str] | None = None) -> int:
     return do_rerecord(args)
   if args.action == 'report' and args.grid == 'cifar_pareto':
     return do_pareto_report(args)
+  if args.action == 'report' and args.grid in PRETRAINED_GRIDS:
+    return do_pretrained_report(args)
   return do_run(args) if args.action == 'run' else do_report(args)
 
 

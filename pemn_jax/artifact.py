@@ -1678,7 +1678,7 @@ def format_inspect(info: dict) -> str:
       f'parameters ({info["masked_weights"]:,}, fp32, same other arrays): '
       f'{info["lora_equal_params_fp32_bytes"]:,} bytes ({info["ratio_vs_lora_equal_params"]:.2f}x)'
     )
-  if info['masked'] and 'paper_bytes' in info:
+  if info['masked'] and 'paper_bytes' in info and 'base' not in info:  # a delta stores no value
     lines.append(
       f"  the paper's convention (stored values + 1-bit masks): "
       f'{info["paper_bytes"]:,.0f} bytes without BN, '

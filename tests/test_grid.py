@@ -3,6 +3,7 @@ a run's record has today's fields; experiments.common's machine line keeps its f
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -159,3 +160,41 @@ def test_a_run_writes_the_record_of_today_and_is_skipped_when_done(tmp_path, mon
   capsys.readouterr()
   assert grid.main(argv) == 0  # done already: no second training
   assert 'mask_s0: done already' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('name', grid.PRETRAINED_GRIDS)
+def test_pretrained_report_of_made_up_records(name, tmp_path):
+  # The report of a grid over a trained base, from records shaped as record() writes them
+  # (values made up): one row per point, the one-shot rows of the LJ points, the figure.
+  runs_dir = tmp_path / name / 'runs'
+  runs_dir.mkdir(parents=True)
+  for i, run in enumerate(grid.GRIDS[name]()):
+    over = run['overrides']
+    rec = {
+      'run': run['name'],
+      'label': run['label'],
+      'seed': run['seed'],
+      'command': shlex.join(grid.command(run, f'workdirs/{name}/{run["name"]}', {})),
+      'date': '2026-12-01T00:00:00+00:00',
+      'machine': '2 cores, test',
+      'wall_seconds': 1.0,
+      'dataset': grid.DATASET_LABELS['cifar10_jpeg'],
+      'best_accuracy': 0.5 + i / 1000,
+      'final_accuracy': 0.5 + i / 2000,
+      'initial_accuracy': 0.3,
+      'artifact': {'file_bytes': 1000 + i},
+    }
+    if 'model.base_source' in over:
+      rec['base'] = {'workdir': 'w', 'best_accuracy': 0.7, 'final_accuracy': 0.7}
+      if over.get('model.masked', True):
+        rec['base'].update(ratio_vs_base_fp32=12.5, lora_equal_params_fp32_bytes=4000)
+    (runs_dir / f'{run["name"]}.json').write_text(json.dumps(rec))
+  assert grid.main(['report', '--grid', name, '--results', str(tmp_path)]) == 0
+  text = (tmp_path / name / 'README.md').read_text()
+  labels = dict.fromkeys(r['label'] for r in grid.GRIDS[name]())
+  for label in labels:
+    assert f'| {label} |' in text
+    if label.startswith('LJ '):
+      assert f'| {label.replace("LJ", "Magnitude one-shot")} |' in text
+  assert 'Dense start: 70.00%' in text
+  assert (tmp_path / name / 'accuracy_vs_keep.png').stat().st_size > 0
