@@ -198,3 +198,34 @@ def test_pretrained_report_of_made_up_records(name, tmp_path):
       assert f'| {label.replace("LJ", "Magnitude one-shot")} |' in text
   assert 'Dense start: 70.00%' in text
   assert (tmp_path / name / 'accuracy_vs_keep.png').stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_run_over_a_base_needs_it_first_and_records_it(data_dir, tmp_path, monkeypatch, capsys):
+  # A grid point over a base (grid.WORKROOT path) refuses to start before its base run exists;
+  # once the base is trained, its record carries the step-0 accuracy, the base's and the delta's.
+  smoke = {'train.progress': False, 'data.data_dir': data_dir}
+  lj = {**grid.MASK_OVER_BASE, 'strategy.keep_fraction': 0.5}
+  lj['model.base_source'] = grid.WORKROOT + 'smoke_bases/dense_s{seed}'
+  monkeypatch.setitem(
+    grid.GRIDS, 'smoke_bases', lambda: grid._grid(smoke, 'smoke.py', (0,), grid.STRATEGY_POINTS[:1])
+  )
+  monkeypatch.setitem(
+    grid.GRIDS,
+    'smoke_lj',
+    lambda: grid._grid({**smoke, 'train.eval_at_start': True}, 'smoke.py', (0,), [('LJ', lj)]),
+  )
+  monkeypatch.setitem(os.environ, 'XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
+  where = ['--results', str(tmp_path), '--workroot', str(tmp_path / 'w')]
+  assert grid.main(['run', '--grid', 'smoke_lj', *where]) == 2
+  assert 'is no finished run; train it first' in capsys.readouterr().out
+  assert grid.main(['run', '--grid', 'smoke_bases', *where]) == 0
+  assert grid.main(['run', '--grid', 'smoke_lj', *where]) == 0
+  with open(tmp_path / 'smoke_lj' / 'runs' / 'lj_s0.json') as f:
+    rec = json.load(f)
+  with open(tmp_path / 'smoke_bases' / 'runs' / 'dense_s0.json') as f:
+    base = json.load(f)
+  assert 0 <= rec['initial_accuracy'] <= 1
+  assert rec['base']['final_accuracy'] == base['final_accuracy']
+  assert rec['base']['ratio_vs_base_fp32'] > 1 and rec['base']['lora_equal_params_fp32_bytes'] > 0
+  assert '--config.model.base_source=' in rec['command']
