@@ -38,6 +38,8 @@ import functools
 import hashlib
 import json
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -366,12 +368,26 @@ def is_score(path) -> bool:
   return getattr(last, 'key', last) == 'scores'
 
 
-def mask_only(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def mask_only(
+  tx: optax.GradientTransformation, trainable: Sequence[str] = ()
+) -> optax.GradientTransformation:
   """``tx`` with every update but the scores' set to zero: only the masks learn (weight decay
   included, as ``tx`` computes it before the zeroing). BatchNorm running statistics are no
-  params and still update in train mode."""
+  params and still update in train mode.
+
+  ``trainable``: rules (``re.fullmatch`` on ``'/'``-joined params paths such as
+  ``'block0_bn/scale'``, as ``mask_model``'s) naming leaves that keep their updates too, e.g.
+  ``('.*_bn/.*',)`` to train BatchNorm over frozen weights, or ``('head/.*',)`` an unmasked head.
+  """
+  rules = [re.compile(r) for r in trainable]
 
   def frozen_leaves(params):
-    return jax.tree_util.tree_map_with_path(lambda p, _: not is_score(p), params)
+    def frozen(path, _):
+      if is_score(path):
+        return False
+      name = '/'.join(str(getattr(k, 'key', k)) for k in path)
+      return not any(r.fullmatch(name) for r in rules)
+
+    return jax.tree_util.tree_map_with_path(frozen, params)
 
   return optax.chain(tx, optax.masked(optax.set_to_zero(), frozen_leaves))

@@ -350,6 +350,10 @@ def test_mask_only_zeroes_every_update_but_the_scores():
   assert float(jnp.abs(updates['a']['scores']).min()) > 0
   assert float(jnp.abs(updates['a']['bias']).max()) == 0
   assert float(jnp.abs(updates['bn']['scale']).max()) == 0
+  tx = pretrained.mask_only(optax.adamw(0.1), trainable=('bn/.*',))  # rules as mask_model's
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert float(jnp.abs(updates['bn']['scale']).min()) > 0
+  assert float(jnp.abs(updates['a']['bias']).max()) == 0
 
 
 def test_pemn_train_fine_tunes_masks_from_a_dense_workdir_in_one_command(
