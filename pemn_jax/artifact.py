@@ -321,11 +321,7 @@ def export(
     'entries': entries,
   }
   if base is not None:
-    header['base'] = {
-      'format': base.format,
-      'fingerprint': base.fingerprint,
-      'values': int(base.num_values),
-    }
+    header['base'] = _base_section(base)
   blob = frame(header, b''.join(chunks))
   verified = _verify_blob(out_path, blob)  # never write a file the reader would refuse
   try:
@@ -333,6 +329,14 @@ def export(
   except OSError as e:
     raise ArtifactError(f'cannot write the artifact {out_path}: {e.strerror or e}') from None
   return _summary(verified, out_path)
+
+
+def _base_section(base) -> dict:
+  """A mask delta's ``base`` section: format, fingerprint, value count (and a torch layout)."""
+  out = {'format': base.format, 'fingerprint': base.fingerprint, 'values': int(base.num_values)}
+  if getattr(base, 'layout', 'flax') != 'flax':
+    out['layout'] = base.layout
+  return out
 
 
 def frame(header: dict, payload: bytes) -> bytes:
@@ -446,7 +450,7 @@ _HEADER_FIELDS = {
 }
 _OPTIONAL_FIELDS = {'frozen_fingerprint', 'input_shape', 'base'}
 _REQUIRED_FIELDS = _HEADER_FIELDS - _OPTIONAL_FIELDS
-_BASE_FIELDS = {'format', 'fingerprint', 'values'}
+_BASE_FIELDS = {'format', 'fingerprint', 'values'}  # and 'layout' when not 'flax'
 _BASE_FORMATS = ('workdir', 'orbax', 'flax', 'safetensors')  # pretrained.FORMATS
 _ENTRY_FIELDS = {
   'mask': {'kind', 'path', 'offset', 'length', 'shape', 'ones', 'codec'},
@@ -693,8 +697,12 @@ def _check_base_section(base: Any, version: int) -> None:
   if version < 2:
     raise _Invalid('a base section (a mask delta) needs format version 2')
   _obj(base, 'base')
-  if set(base) != _BASE_FIELDS:
-    raise _Invalid(f'base must have exactly the fields {sorted(_BASE_FIELDS)}, got {sorted(base)}')
+  if not _BASE_FIELDS <= set(base) <= _BASE_FIELDS | {'layout'}:
+    raise _Invalid(
+      f'base must have the fields {sorted(_BASE_FIELDS)} (and layout), got {sorted(base)}'
+    )
+  if base.get('layout', 'torch') != 'torch':
+    raise _Invalid(f"base.layout must be 'torch' when given, got {_short(base['layout'])}")
   if base['format'] not in _BASE_FORMATS:
     raise _Invalid(f'base.format must be one of {_BASE_FORMATS}, got {_short(base["format"])}')
   fp = base['fingerprint']
@@ -1236,8 +1244,9 @@ def _load_base(path: str, delta: dict, base: Any, base_format, base_name_map):
     loaded, shown = base, f'the given {base.format} base'
   else:
     fmt = base_format or delta['format']
+    layout = delta.get('layout', 'flax') if fmt == delta['format'] else 'flax'
     try:
-      loaded = pretrained.load_base(os.fspath(base), fmt, base_name_map)
+      loaded = pretrained.load_base(os.fspath(base), fmt, base_name_map, layout)
     except ValueError as e:
       raise ArtifactError(f'{path}: {e}') from None
     shown = f'the base {os.fspath(base)}'

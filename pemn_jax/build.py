@@ -117,6 +117,7 @@ def _check_base(config: ml_collections.ConfigDict) -> None:
   common.check_choice(m.base_format, 'model.base_format', pretrained.FORMATS)
   common.check_path(m.base_name_map, 'model.base_name_map')
   common.check_choice(m.base_unmasked, 'model.base_unmasked', pretrained.UNMASKED_CHOICES)
+  common.check_choice(m.base_layout, 'model.base_layout', pretrained.LAYOUTS)
   if m.base_name_map is not None and m.base_format != 'safetensors':
     raise ValueError(
       "model.base_name_map names safetensors tensors: it needs model.base_format='safetensors', "
@@ -380,7 +381,8 @@ def base_of(config: ml_collections.ConfigDict) -> pretrained.Base | None:
   m = config.model
   if not m.get('base_source'):
     return None
-  return pretrained.load_base(m.base_source, m.base_format, m.get('base_name_map'))
+  layout = m.get('base_layout', 'flax')
+  return pretrained.load_base(m.base_source, m.base_format, m.get('base_name_map'), layout)
 
 
 def frozen_fingerprint(frozen: dict) -> str:

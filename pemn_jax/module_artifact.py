@@ -396,11 +396,7 @@ def export_module(
     'entries': entries,
   }
   if base is not None:
-    header['base'] = {
-      'format': base.format,
-      'fingerprint': base.fingerprint,
-      'values': int(base.num_values),
-    }
+    header['base'] = artifact._base_section(base)
   blob = artifact.frame(header, b''.join(chunks))
   verified = artifact._verify_blob(path, blob)  # never write a file the reader would refuse
   try:

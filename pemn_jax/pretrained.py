@@ -18,7 +18,9 @@ variables (``('params', 'stem', 'kernel')``, ``('batch_stats', 'stem_bn', 'mean'
 * ``'flax'``: the same tree as ``flax.serialization.msgpack_serialize`` bytes;
 * ``'safetensors'``: one tensor per variable, named by its path (``'params/stem/kernel'``) or by
   a name map ``{variable path: tensor name}`` (``safetensors.numpy``: no torch or TF needed).
-  Values are in Flax layout (HWIO convs, (in, out) dense kernels).
+
+Kernels are read in Flax layout (HWIO convs, (in, out) dense kernels), or in PyTorch's
+(``layout='torch'``, ``model.base_layout``: OIHW, (out, in)), transposed on reading.
 
 Every value is cast to float32 (the model's dtype for every variable). ``Base.fingerprint`` is
 the sha256 of that tree (path, shape, dtype, bytes), so it does not depend on the format the
@@ -51,6 +53,9 @@ from flax import traverse_util
 from pemn_jax import layers
 
 FORMATS = ('workdir', 'orbax', 'flax', 'safetensors')
+# How a base's kernels are laid out: 'flax' (HWIO convs, (in, out) dense) or 'torch' (OIHW,
+# (out, in): transposed on reading, ``layers.to_flax_layout``; kernels of other ranks as they are)
+LAYOUTS = ('flax', 'torch')
 UNMASKED_CHOICES = ('train', 'freeze')
 # 'uniform': U(+-1/sqrt(fan_in)) (the paper's); 'magnitude': |w| of the frozen kernel (the first
 # mask keeps the largest weights); 'constant': 1/sqrt(fan_in) x (1 + U(+-CONSTANT_NOISE)).
@@ -74,11 +79,13 @@ class Base:
     tree: ``{(collection, *path): float32 array}`` in the dense model's names.
     fingerprint: sha256 hex digest of ``tree`` (``tree_fingerprint``).
     format: one of ``FORMATS``.
+    layout: one of ``LAYOUTS``: how the file laid its kernels out (``tree`` is in Flax layout).
   """
 
   tree: dict
   fingerprint: str
   format: str
+  layout: str = 'flax'
 
   @property
   def num_values(self) -> int:
@@ -114,27 +121,33 @@ def check_source(source: Any, fmt: Any, name_map: Any = None, field: str = 'mode
     )
 
 
-def load_base(source: str, fmt: str = 'workdir', name_map: str | dict | None = None) -> Base:
+def load_base(
+  source: str, fmt: str = 'workdir', name_map: str | dict | None = None, layout: str = 'flax'
+) -> Base:
   """Reads a base model (module docstring), cached by (path, format, map, size, mtime).
 
   Args:
     source: the path (a workdir or an orbax directory; a msgpack or safetensors file).
     fmt: one of ``FORMATS``.
     name_map: safetensors only: ``{variable path: tensor name}`` or a JSON file of it.
+    layout: the kernels' layout in the file (``LAYOUTS``); the tree is Flax's either way.
 
   Raises:
     BaseError: one line naming the path and what is wrong.
   """
   check_source(source, fmt, name_map)
+  if layout not in LAYOUTS:
+    raise BaseError(f'model.base_layout must be one of {LAYOUTS}, got {layout!r}')
   if isinstance(name_map, str):
     name_map = _read_name_map(name_map)
   st = os.stat(source)
   mapped = tuple(sorted(name_map.items())) if name_map else ()
-  return _load_cached(os.path.realpath(source), fmt, mapped, st.st_size, st.st_mtime_ns)
+  real = os.path.realpath(source)
+  return _load_cached(real, fmt, mapped, layout, st.st_size, st.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(source, fmt, mapped, size, mtime) -> Base:
+def _load_cached(source, fmt, mapped, layout, size, mtime) -> Base:
   del size, mtime  # cache key only: a changed file is read again
   reader = {
     'workdir': _read_workdir,
@@ -147,10 +160,12 @@ def _load_cached(source, fmt, mapped, size, mtime) -> Base:
     a = np.asarray(jax.device_get(leaf))
     if not (np.issubdtype(a.dtype, np.floating) or a.dtype == jnp.bfloat16):
       raise BaseError(f'base {source}: {"/".join(path)} is {a.dtype}, not a floating array')
+    if layout == 'torch' and path[-1] == 'kernel':
+      a = layers.to_flax_layout(a)
     tree[path] = np.ascontiguousarray(a.astype(np.float32))
   if not tree:
     raise BaseError(f'base {source} holds no arrays')
-  return Base(tree, tree_fingerprint(tree), fmt)
+  return Base(tree, tree_fingerprint(tree), fmt, layout)
 
 
 def from_variables(variables: dict, fmt: str = 'flax') -> Base:

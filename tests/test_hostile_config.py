@@ -74,6 +74,7 @@ BAD = {
   'model.base_format': ['bogus', '', 3, None, 'Flax'],
   'model.base_name_map': ['', 3, True, ['/tmp'], '/tmp/names.json'],  # not a safetensors base
   'model.base_unmasked': ['bogus', '', 3, None, True],
+  'model.base_layout': ['pytorch', '', 3, None, True],
   'strategy.name': ['bogus', '', 3, None],
   'strategy.rp_ratio': [INF, NAN, 0, -0.1, 1.5, '0.1', True, None, 10**400],
   'strategy.keep_fraction': [INF, NAN, 0, -0.1, 1.5, '0.5', True, None, 10**400],

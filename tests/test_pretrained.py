@@ -91,6 +91,26 @@ def test_every_format_loads_the_same_tree(dense, tmp_path):
     base = pretrained.load_base(source, fmt, mapping)
     assert base.fingerprint == ref.fingerprint, fmt
     assert base.format == fmt
+  # PyTorch layout ((out, in) dense, OIHW convs), transposed on reading: the same tree
+  torch_tree = _edited(
+    variables,
+    lambda f: f.update({k: layers.to_torch_layout(v) for k, v in f.items() if k[-1] == 'kernel'}),
+  )
+  torch_file = str(tmp_path / 'torch.safetensors')
+  pretrained.save_safetensors(torch_tree, torch_file)
+  torch_base = pretrained.load_base(torch_file, 'safetensors', layout='torch')
+  assert torch_base.fingerprint == ref.fingerprint and torch_base.layout == 'torch'
+  assert pretrained.load_base(torch_file, 'safetensors').fingerprint != ref.fingerprint
+  config = _masked(None, torch_file, **{'model.base_format': 'safetensors'})
+  with pytest.raises(ValueError, match=r"the base's params/block0_depthwise/kernel has shape"):
+    build.init_variables(build.build_model(config), config)
+  config = common.with_overrides(config, {'model.base_layout': 'torch'})
+  variables_torch = build.init_variables(build.build_model(config), config)
+  path = str(tmp_path / 'torch_delta.pemn')
+  artifact.export(config, variables_torch, path, base=torch_base)
+  assert artifact.read(path)[0]['base']['layout'] == 'torch'
+  artifact.load(path, base=torch_file)  # the recorded layout: no flag needed
+  artifact.load(path, base=flax_file, base_format='flax')  # the same tree in Flax layout
   only = pretrained.load_base(params_only, 'flax')  # a params tree alone: no statistics
   assert all(k[0] == 'params' for k in only.tree)
   config = _masked(None, renamed, **{'model.base_format': 'safetensors'})  # the map not given
@@ -329,7 +349,8 @@ def test_a_file_naming_a_base_path_is_refused(dense, data_dir, tmp_path):
   for base, message in [
     ({'format': 'workdir', 'fingerprint': 'abc', 'values': 1}, 'base.fingerprint must be'),
     ({'format': '/etc', 'fingerprint': '0' * 64, 'values': 1}, 'base.format must be one of'),
-    ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 1, 'path': '/x'}, 'exactly the fields'),
+    ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 1, 'path': '/x'}, 'have the fields'),
+    ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 1, 'layout': 'x'}, 'base.layout must'),
     ({'format': 'flax', 'fingerprint': '0' * 64, 'values': 0}, 'base.values must be'),
   ]:
     header['base'] = base

@@ -75,6 +75,9 @@ def base_config() -> ml_collections.ConfigDict:
   # "stem.weight"}; a variable it does not name is read from the tensor of its own path
   # ("params/stem/kernel"). None: every tensor is named by its path. Values in Flax layout.
   c.model.base_name_map = config_dict.placeholder(str)
+  # how the base file lays its kernels out: 'flax' (HWIO convs, (in, out) dense kernels) or
+  # 'torch' (OIHW, (out, in): e.g. a safetensors file of a PyTorch model; transposed on reading)
+  c.model.base_layout = 'flax'
   # a masked model over a base: its other trainable leaves (BN scale/bias, biases) 'train' or
   # stay the base's ('freeze': only the scores learn; BN running statistics still update)
   c.model.base_unmasked = 'train'
