@@ -52,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.dtype = 'float32'  # compute dtype: float32 | bfloat16 (scores, BN, optimizer: fp32)
   c.model.conv_impl = 'auto'  # conv formulation: auto | xla | fast | native (pemn_jax.ops)
   # which native CPU kernels the steps may use (pemn_jax.native): 'auto' (all, where they
-  # apply), 'none' (pure XLA), or a comma list of depthwise, topk, gelu_bn. How a step runs,
+  # apply), 'none' (pure XLA), or a comma list of depthwise, topk, gelu_bn, gemm (the bf16
+  # matmuls through oneDNN / MKL, where installed and the CPU has bf16 hardware). How a step runs,
   # not which network: a run may resume with it changed.
   c.model.native_kernels = 'auto'
   c.model.input_shape = config_dict.placeholder(tuple)  # (H, W, C); None: the dataset's
