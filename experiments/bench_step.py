@@ -60,7 +60,7 @@ SMALL_CONFIG = os.path.join(REPO, 'pemn_jax', 'configs', 'demo.py')
 # The authors' PyTorch code, dense ConvMixer-256/8, batch 128, measured in other runs (not by
 # this script), per machine kind (a substring of the CPU model name): on 2-vCPU AMD EPYC (AVX2),
 # torch 2.13 CPU, fp32; on 2-core Intel Xeon (AVX-512, AMX), torch 2.14 CPU, fp32 and under
-# torch.autocast('cpu', torch.bfloat16) (issue 17, idle machine, 2 threads).
+# torch.autocast('cpu', torch.bfloat16) (idle machine, 2 threads, before the bf16 work here).
 REFERENCES = {  # step_s: the dense model; masked_step_s, bf16_step_s where measured
   'AMD EPYC': {
     'name': 'authors PyTorch (torch 2.13 CPU, oneDNN), dense ConvMixer-256/8, batch 128',
@@ -69,7 +69,7 @@ REFERENCES = {  # step_s: the dense model; masked_step_s, bf16_step_s where meas
   },
   'Intel(R) Xeon(R)': {
     'name': 'authors PyTorch (torch 2.14 CPU, oneDNN, 2 threads), dense ConvMixer-256/8, '
-    'batch 128 (issue 17)',
+    'batch 128 (measured before the bf16 work, another run)',
     'step_s': 3.84,
     'masked_step_s': 3.42,
     'bf16_step_s': 1.69,

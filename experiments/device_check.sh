@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The accelerator check (issue 17): one command that runs what makes sense on a GPU, on whatever
+# The accelerator check: one command that runs what makes sense on a GPU, on whatever
 # JAX backend the machine has (a GPU, or the CPU here), and writes every output under one folder.
 #
 #   bash experiments/device_check.sh [--quick] [--wheels DIR]   # the check

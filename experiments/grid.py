@@ -144,7 +144,7 @@ CIFAR_RESNET_BASE = {
 }
 
 
-# Masks over pretrained weights (issue 14). Every point of these grids that names a base starts
+# Masks over pretrained weights (mask fine-tuning, lottery jackpots). Every point of these grids that names a base starts
 # from the dense run of its seed of grid cifar_mft_bases (``BASE_RUN``: the cifar_convmixer
 # grid's Dense point, ConvMixer-128/4, 4 epochs, the CIFAR_BASE recipe), so that grid comes first:
 #   python -m experiments.grid run --grid cifar_mft_bases --cifar-npz P
@@ -250,7 +250,7 @@ GRIDS = {
   # Keep fraction against accuracy and .pemn file size on a small model: the demo's model and data.
   'embedded_keep': lambda: _grid({'train.progress': False}, 'demo.py', (0,), KEEP_POINTS),
   'embedded_dtype': lambda: _grid({'train.progress': False}, 'demo.py', (0,), DTYPE_POINTS),
-  # Issue 14 (masks over pretrained weights). The bases (BASE_RUN): cifar_convmixer's Dense runs
+  # Masks over pretrained weights. The bases (BASE_RUN): cifar_convmixer's Dense runs
   # again, in workdirs of their own (that grid's are not kept).
   'cifar_mft_bases': lambda: _grid(CIFAR_BASE, 'convmixer_cifar10.py', (0, 1), STRATEGY_POINTS[:1]),
   # Lottery jackpots: 2 epochs of
@@ -865,7 +865,7 @@ def do_pareto_report(args) -> int:
   return 0
 
 
-# Grids over a trained base (issue 14): their own report (``do_pretrained_report``).
+# Grids over a trained base: their own report (``do_pretrained_report``).
 PRETRAINED_GRIDS = ('cifar_lj', 'cifar_mft', 'cifar_mft_lr1e_3')
 
 

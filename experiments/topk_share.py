@@ -14,7 +14,7 @@ Two measurements, in one process:
   one function and timed by itself (the top-k work of one forward pass; with
   ``model.remat_blocks`` the backward recomputes it).
 
-The issue's target on the GPU: under 5 % of the step (a threshold by selection instead of
+The target on the GPU: under 5 % of the step (a threshold by selection instead of
 ``lax.top_k``'s sort if not).
 """
 
