@@ -144,9 +144,10 @@ CIFAR_RESNET_BASE = {
 }
 
 
-# Masks over pretrained weights (mask fine-tuning, lottery jackpots). Every point of these grids that names a base starts
-# from the dense run of its seed of grid cifar_mft_bases (``BASE_RUN``: the cifar_convmixer
-# grid's Dense point, ConvMixer-128/4, 4 epochs, the CIFAR_BASE recipe), so that grid comes first:
+# Masks over pretrained weights (mask fine-tuning, lottery jackpots). Every point of these grids
+# that names a base starts from the dense run of its seed of grid cifar_mft_bases (``BASE_RUN``:
+# the cifar_convmixer grid's Dense point, ConvMixer-128/4, 4 epochs, the CIFAR_BASE recipe), so
+# that grid comes first:
 #   python -m experiments.grid run --grid cifar_mft_bases --cifar-npz P
 # A value starting with WORKROOT is a path under the grid's --workroot (``resolve``). Every run
 # also evaluates its initial state (train.eval_at_start): a mask over the base with
