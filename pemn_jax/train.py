@@ -588,7 +588,9 @@ def export_workdir(workdir: str, out_path: str, best: bool = False, bn: str = 'f
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   if s.frozen is not None:
     variables[layers.FROZEN] = s.frozen
-  base = build.base_of(config)
+  # Only a masked model over a base is a mask delta; a dense run started from a base (the
+  # fine-tuning baselines) stores its own weights like any dense model.
+  base = build.base_of(config) if config.model.get('masked', True) else None
   return artifact.export(
     config,
     variables,

@@ -476,3 +476,20 @@ def test_a_module_mask_delta_reloads_bit_for_bit_and_only_over_its_base(tmp_path
   changed = _edited(trained, lambda f: f[('params', 'mid', 'kernel')].__imul__(2))
   with pytest.raises(artifact.ArtifactError, match='is not the base model this mask delta'):
     pemn.load_module(path, band, base=_save_flax(changed, tmp_path / 'o.msgpack'))
+
+
+def test_a_dense_fine_tuning_from_a_base_exports_its_own_weights(dense, data_dir, tmp_path):
+  # The fine-tuning baselines: a dense run started from the base is no mask delta; its file
+  # stores its weights and loads without the base.
+  workdir, _ = dense
+  run = str(tmp_path / 'ft')
+  over = {'model.masked': False, 'model.base_source': workdir, 'train.num_steps': 2}
+  train.train_and_evaluate(_config(data_dir, **over), run)
+  path = str(tmp_path / 'ft.pemn')
+  info = train.export_workdir(run, path)
+  assert 'base' not in artifact.read(path)[0]
+  _, model, variables, _ = artifact.load(path)
+  _, _, state, _ = train.restore_workdir(run)
+  want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, _x())
+  np.testing.assert_array_equal(np.asarray(model.apply(variables, _x())), np.asarray(want))
+  assert info['file_bytes'] > 0
