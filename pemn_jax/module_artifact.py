@@ -298,7 +298,6 @@ def export_module(
       f'the variables are not those of the module: {_difference(structure, given)}'
     )
   masked = _masked_layers(module, abstract, specs, kwargs)
-  params = traverse_util.flatten_dict(variables.get('params', {}))
   regenerated = {(layers.FROZEN, *layer, 'kernel') for layer in masked}
   flat = {}
   for collection, tree in variables.items():
@@ -343,67 +342,19 @@ def export_module(
       'impl': str(jax.random.key_impl(frozen_key)),
       'data': [int(x) for x in np.asarray(jax.random.key_data(frozen_key))],
     }
-  entries, chunks, offset = [], [], 0
-
-  def add(kind, entry_path, data: bytes, **meta):
-    nonlocal offset
-    entries.append(
-      {'kind': kind, 'path': list(entry_path), 'offset': offset, 'length': len(data), **meta}
-    )
-    chunks.append(data)
-    offset += len(data)
-
-  for layer, (keep, score_abs) in masked.items():
-    scores = params[(*layer, 'scores')]
-    mask = np.asarray(jax.device_get(masking.score_mask(scores, keep, score_abs))).astype(bool)
-    data = codec.encode_mask(mask)
-    add(
-      'mask',
-      (*layer, 'scores'),
-      data,
-      shape=list(mask.shape),
-      ones=int(mask.sum()),
-      codec=['packbits', 'rans'][data[0] & 0x0F],
-    )
-  for p, leaf in flat.items():
-    if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
-      continue
-    a = np.asarray(jax.device_get(leaf))
-    add(
-      'array',
-      p,
-      np.ascontiguousarray(a).astype(a.dtype.newbyteorder('<')).tobytes(),
-      shape=list(a.shape),
-      dtype=a.dtype.name,
-    )
-  header = {
-    'format_version': artifact.FORMAT_VERSION,
-    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-    'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
-    'step': int(step),
-    'key': key,
-    'frozen_fingerprint': fingerprint,
-    'module': {
-      'class': f'{type(module).__module__}.{type(module).__qualname__}'[:256],
-      'inputs': [{'shape': list(s.shape), 'dtype': s.dtype.name} for s in specs],
-      'call_kwargs': kwargs,
-      'structure': structure,
-      'structure_fingerprint': _fingerprint(structure),
-      'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
-      'init': init_mode if regenerated else 'jit',
-      'framework': 'linen',
-    },
-    'entries': entries,
+  entries, payload = _payload(masked, flat, regenerated)
+  module_section = {
+    'class': _class_name(module),
+    'inputs': [{'shape': list(s.shape), 'dtype': s.dtype.name} for s in specs],
+    'call_kwargs': kwargs,
+    'structure': structure,
+    'structure_fingerprint': _fingerprint(structure),
+    'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
+    'init': init_mode if regenerated else 'jit',
+    'framework': 'linen',
   }
-  if base is not None:
-    header['base'] = artifact._base_section(base)
-  blob = artifact.frame(header, b''.join(chunks))
-  verified = artifact._verify_blob(path, blob)  # never write a file the reader would refuse
-  try:
-    fileio.atomic_write(path, blob)
-  except OSError as e:
-    raise ArtifactError(f'cannot write the artifact {path}: {e.strerror or e}') from None
-  return artifact._summary(verified, path)
+  extra = {'base': artifact._base_section(base)} if base is not None else {}
+  return _write(path, step, key, fingerprint, module_section, entries, payload, **extra)
 
 
 def _regenerate(module, specs, kwargs, frozen_key, mode: str) -> dict:
@@ -415,6 +366,68 @@ def _regenerate(module, specs, kwargs, frozen_key, mode: str) -> dict:
     for p, leaf in traverse_util.flatten_dict(tree).items():
       out[(collection, *p)] = np.asarray(jax.device_get(leaf))
   return out
+
+
+def _class_name(module) -> str:
+  return f'{type(module).__module__}.{type(module).__qualname__}'[:256]
+
+
+def _payload(masked: dict, values: dict, regenerated: set) -> tuple[list[dict], bytes]:
+  """(entries, payload) of a module file: each masked layer's mask (``masked``: ``{layer:
+  (keep_fraction, score_abs)}``, coded by ``codec``), then every other variable of ``values``
+  (``{(collection, *path): array}``) as a little-endian array, except the ``regenerated``
+  frozen kernels and the masked layers' scores."""
+  entries, chunks, offset = [], [], 0
+
+  def add(kind, entry_path, data: bytes, **meta):
+    nonlocal offset
+    entries.append(
+      {'kind': kind, 'path': list(entry_path), 'offset': offset, 'length': len(data), **meta}
+    )
+    chunks.append(data)
+    offset += len(data)
+
+  for layer, (keep, score_abs) in masked.items():
+    scores = values[('params', *layer, 'scores')]
+    mask = np.asarray(jax.device_get(masking.score_mask(scores, keep, score_abs))).astype(bool)
+    data = codec.encode_mask(mask)
+    add(
+      'mask',
+      (*layer, 'scores'),
+      data,
+      shape=list(mask.shape),
+      ones=int(mask.sum()),
+      codec=['packbits', 'rans'][data[0] & 0x0F],
+    )
+  for p, leaf in values.items():
+    if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
+      continue
+    a = np.asarray(jax.device_get(leaf))
+    add('array', p, artifact._le_bytes(a), shape=list(a.shape), dtype=a.dtype.name)
+  return entries, b''.join(chunks)
+
+
+def _write(path, step, key, fingerprint, module_section, entries, payload, **extra) -> dict:
+  """Frames a module file, verifies its bytes as a reader would, writes it atomically and
+  returns ``inspect``'s summary."""
+  header = {
+    'format_version': artifact.FORMAT_VERSION,
+    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
+    'step': int(step),
+    'key': key,
+    'frozen_fingerprint': fingerprint,
+    'module': module_section,
+    'entries': entries,
+    **extra,
+  }
+  blob = artifact.frame(header, payload)
+  verified = artifact._verify_blob(path, blob)  # never write a file the reader would refuse
+  try:
+    fileio.atomic_write(path, blob)
+  except OSError as e:
+    raise ArtifactError(f'cannot write the artifact {path}: {e.strerror or e}') from None
+  return artifact._summary(verified, path)
 
 
 def _difference(want: list, got: list) -> str:
@@ -765,59 +778,20 @@ def _export_nnx(path: str, model, step: int) -> dict:
   masked = _nnx_masked(model)
   structure = _nnx_structure(variables)
   regenerated = {(layers.FROZEN, *m, 'kernel') for m in masked} & set(variables)
-  entries, chunks, offset = [], [], 0
-
-  def add(kind, entry_path, data: bytes, **meta):
-    nonlocal offset
-    entries.append(
-      {'kind': kind, 'path': list(entry_path), 'offset': offset, 'length': len(data), **meta}
-    )
-    chunks.append(data)
-    offset += len(data)
-
-  for layer, (keep, score_abs) in masked.items():
-    scores = variables[('params', *layer, 'scores')].get_value()
-    mask = np.asarray(jax.device_get(masking.score_mask(scores, keep, score_abs))).astype(bool)
-    data = codec.encode_mask(mask)
-    add(
-      'mask',
-      (*layer, 'scores'),
-      data,
-      shape=list(mask.shape),
-      ones=int(mask.sum()),
-      codec=['packbits', 'rans'][data[0] & 0x0F],
-    )
-  for p, var in variables.items():
-    if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
-      continue
-    a = np.asarray(jax.device_get(var.get_value()))
-    add('array', p, artifact._le_bytes(a), shape=list(a.shape), dtype=a.dtype.name)
-  header = {
-    'format_version': artifact.FORMAT_VERSION,
-    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
-    'versions': {'jax': jax.__version__, 'flax': flax.__version__, 'numpy': np.__version__},
-    'step': int(step),
-    'key': None,
-    'frozen_fingerprint': _nnx_fingerprint(variables, masked),
-    'module': {
-      'class': f'{type(model).__module__}.{type(model).__qualname__}'[:256],
-      'inputs': [],
-      'call_kwargs': {},
-      'structure': structure,
-      'structure_fingerprint': _fingerprint(structure),
-      'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
-      'init': 'construct',
-      'framework': 'nnx',
-    },
-    'entries': entries,
+  values = {p: var.get_value() for p, var in variables.items()}
+  entries, payload = _payload(masked, values, regenerated)
+  module_section = {
+    'class': _class_name(model),
+    'inputs': [],
+    'call_kwargs': {},
+    'structure': structure,
+    'structure_fingerprint': _fingerprint(structure),
+    'masked_layers': {'/'.join(k): v[0] for k, v in masked.items()},
+    'init': 'construct',
+    'framework': 'nnx',
   }
-  blob = artifact.frame(header, b''.join(chunks))
-  verified = artifact._verify_blob(path, blob)
-  try:
-    fileio.atomic_write(path, blob)
-  except OSError as e:
-    raise ArtifactError(f'cannot write the artifact {path}: {e.strerror or e}') from None
-  return artifact._summary(verified, path)
+  fingerprint = _nnx_fingerprint(variables, masked)
+  return _write(path, step, None, fingerprint, module_section, entries, payload)
 
 
 def _load_nnx(path: str, v, model):
