@@ -103,11 +103,13 @@ from pemn_jax.configs import common
 from pemn_jax.models import REGISTRY
 
 MAGIC = b'PEMNJAX\n'
-# Version 2 added folded BatchNorm ('bn' entries), learned 1-bit kernels ('binary' entries) and
+# Version 2 added folded BatchNorm ('bn' entries), learned 1-bit kernels ('binary' entries),
+# mask deltas (a 'base' section; their 'base' entries are leaves left as the base's, no bytes) and
 # module files (``module_artifact``). A file is written with the lowest version that holds it,
 # so a file without any of these is still version 1, readable by every pemn-jax.
 FORMAT_VERSION = 2
-_V2_KINDS = ('bn', 'binary')
+_V2_KINDS = ('bn', 'binary', 'base')
+_ARRAY_KINDS = ('array', 'base')  # an ordinary variable: its bytes, or the base's value
 # How ``export`` stores BatchNorm: 'full' (scale, bias, running mean and variance in float32:
 # bit-exact) or folded into one scale and one shift per channel at inference, in float32,
 # float16 or bfloat16 (``fold_batch_norm``).
@@ -291,6 +293,9 @@ def export(
         )
         continue
       a = np.asarray(jax.device_get(leaf))
+      if base is not None and _is_base_value(base, (collection, *path), a):
+        add('base', (collection, *path), b'', shape=list(a.shape), dtype=a.dtype.name)
+        continue
       add(
         'array',
         (collection, *path),
@@ -329,6 +334,26 @@ def export(
   except OSError as e:
     raise ArtifactError(f'cannot write the artifact {out_path}: {e.strerror or e}') from None
   return _summary(verified, out_path)
+
+
+def _is_base_value(base, path: tuple[str, ...], a: np.ndarray) -> bool:
+  """Whether leaf ``path`` (``(collection, *path)``) of a mask delta is still the base's value,
+  bit for bit in its own dtype: it is then stored as a 'base' entry (no bytes)."""
+  b = base.tree.get(path)
+  if b is None or tuple(b.shape) != a.shape:
+    return False
+  return np.asarray(b).astype(a.dtype).tobytes() == np.ascontiguousarray(a).tobytes()
+
+
+def _base_value(path: str, base, entry: dict) -> jax.Array:
+  """The value a 'base' entry stands for: the base's leaf of that path, in the entry's dtype."""
+  b = base.tree.get(tuple(entry['path']))
+  if b is None or list(b.shape) != list(entry['shape']):
+    raise ArtifactError(
+      f'{path}: the base has no {"/".join(entry["path"])} of shape {tuple(entry["shape"])}, '
+      "which the file leaves as the base's"
+    )
+  return jnp.asarray(np.asarray(b).astype(np.dtype(jnp.dtype(entry['dtype']))))
 
 
 def _base_section(base) -> dict:
@@ -459,6 +484,7 @@ _ENTRY_FIELDS = {
   # version 2
   'bn': {'kind', 'path', 'offset', 'length', 'shape', 'dtype', 'epsilon'},
   'binary': {'kind', 'path', 'offset', 'length', 'shape'},
+  'base': {'kind', 'path', 'offset', 'length', 'shape', 'dtype'},  # a mask delta's: no bytes
 }
 _CODECS = {'packbits': codec.METHOD_PACKBITS, 'rans': codec.METHOD_RANS}
 _MAX_NESTING = 8  # of the config's sections (the defaults nest 3 deep)
@@ -686,11 +712,11 @@ def _check_schema(header: Any, version: int, payload_len: int) -> None:
   if 'base' in header:
     _check_base_section(header['base'], version)
   if module_file:
-    _check_entries(header['entries'], payload_len, version)
+    _check_entries(header['entries'], payload_len, version, 'base' in header)
     module_artifact.check_header(header)
     return
   _check_config(header['config'])
-  _check_entries(header['entries'], payload_len, version)
+  _check_entries(header['entries'], payload_len, version, 'base' in header)
 
 
 def _check_base_section(base: Any, version: int) -> None:
@@ -748,7 +774,7 @@ def _check_config(config: Any) -> None:
   _int(bs, 'config.train.eval_batch_size', 1, MAX_EVAL_BATCH)
 
 
-def _check_entries(entries: Any, payload_len: int, version: int) -> None:
+def _check_entries(entries: Any, payload_len: int, version: int, delta: bool) -> None:
   _list(entries, 'entries', MAX_ENTRIES)
   offset, seen = 0, set()
   kinds = tuple(k for k in _ENTRY_FIELDS if version >= 2 or k not in _V2_KINDS)
@@ -785,8 +811,14 @@ def _check_entries(entries: Any, payload_len: int, version: int) -> None:
       raise _Invalid(f'{where}.codec must be one of {tuple(_CODECS)}, got {_short(e["codec"])}')
     if kind == 'sparse':
       _int(e['positions_length'], f'{where}.positions_length', 0, length)
-    if kind in ('sparse', 'array'):
+    if kind in ('sparse', 'array', 'base'):
       _str(e['dtype'], f'{where}.dtype', 32)
+    if kind == 'base' and length:
+      raise _Invalid(f"{where} (base) is {length} bytes; the base's value is stored as none")
+    if kind == 'base' and not delta:
+      raise _Invalid(
+        f"{where} is a 'base' entry (a leaf left as the base's): it needs a base section"
+      )
     if kind == 'bn':
       if len(shape) != 1 or e['dtype'] not in _BN_DTYPES.values():
         raise _Invalid(
@@ -1025,6 +1057,8 @@ def _plan(header: dict, config, abstract: dict, payload: bytes):
         'describes'
       )
     kind, leaf, count = expected.pop(full)
+    if kind == 'array' and e['kind'] == 'base':
+      kind = 'base'  # a leaf left as the base's (a mask delta)
     if e['kind'] != kind:
       raise _Invalid(f'{name} is stored as a {e["kind"]} but the model needs a {kind}')
     shape = tuple(leaf.shape)
@@ -1056,8 +1090,8 @@ def _plan(header: dict, config, abstract: dict, payload: bytes):
     else:
       dtype = np.dtype(leaf.dtype)
       if e['dtype'] != dtype.name:
-        raise _Invalid(f"array {name} has dtype {e['dtype']}, the model's is {dtype.name}")
-      if e['length'] != n * dtype.itemsize:
+        raise _Invalid(f"{kind} {name} has dtype {e['dtype']}, the model's is {dtype.name}")
+      if kind == 'array' and e['length'] != n * dtype.itemsize:
         raise _Invalid(
           f'array {name} is {e["length"]} bytes; shape {shape} of {dtype.name} needs '
           f'{n * dtype.itemsize}'
@@ -1191,6 +1225,8 @@ def load(
       w[nz] = np.frombuffer(data[e['positions_length'] :], dtype='<f4')
       flat[tuple(e['path'])] = jnp.asarray(w)
       sparse_positions[tuple(e['path'][1:])] = nz
+    elif e['kind'] == 'base':
+      flat[tuple(e['path'])] = _base_value(path, loaded_base, e)
     else:
       dtype = np.dtype(leaf.dtype)
       a = np.frombuffer(data, dtype=dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)
@@ -1475,7 +1511,7 @@ def _mask_fields(masks: list) -> dict:
 
 def _norm_fields(entries: list) -> dict:
   """How the normalisation layers are stored: BatchNorm in full or folded, and their bytes."""
-  arrays = {tuple(e['path']): e for e in entries if e['kind'] == 'array'}
+  arrays = {tuple(e['path']): e for e in entries if e['kind'] in _ARRAY_KINDS}
   folded = [e for e in entries if e['kind'] == 'bn']
   kernel_owners = {tuple(e['path'][1:-1]) for e in entries if e['kind'] in ('binary', 'sparse')}
   kernel_owners |= {p[1:-1] for p in arrays if p[-1] == 'kernel'}
@@ -1509,7 +1545,7 @@ def _module_summary(v: _Verified, path: str) -> dict:
   header, mod = v.header, v.header['module']
   entries = header['entries']
   masks = [e for e in entries if e['kind'] == 'mask']
-  arrays = [e for e in entries if e['kind'] == 'array']
+  arrays = [e for e in entries if e['kind'] in _ARRAY_KINDS]
   info = {
     'path': path,
     'file_bytes': v.file_bytes,
@@ -1538,7 +1574,7 @@ def _module_summary(v: _Verified, path: str) -> dict:
     info['dense_fp32_bytes'] + 4 * info['norm_values']
   ) / v.file_bytes
   if 'base' in header:
-    info.update(_delta_fields(header['base'], info, v.file_bytes))
+    info.update(_delta_fields(header, info, v.file_bytes))
   return info
 
 
@@ -1548,7 +1584,7 @@ def _summary(v: _Verified, path: str) -> dict:
   header, file_bytes = v.header, v.file_bytes
   cfg = v.config.to_dict()  # completed: fields the file lacks read as their defaults
   masks = [e for e in header['entries'] if e['kind'] == 'mask']
-  arrays = [e for e in header['entries'] if e['kind'] == 'array']
+  arrays = [e for e in header['entries'] if e['kind'] in _ARRAY_KINDS]
   masked_weights = sum(int(np.prod(e['shape'])) for e in masks)
   sparse_entries = [e for e in header['entries'] if e['kind'] == 'sparse']
   binary_entries = [e for e in header['entries'] if e['kind'] == 'binary']
@@ -1598,21 +1634,26 @@ def _summary(v: _Verified, path: str) -> dict:
     info['paper_bytes'] = rep.paper_bits / 8
     info['paper_bytes_with_bn'] = rep.paper_bits_with_bn / 8
   if 'base' in header:
-    info.update(_delta_fields(header['base'], info, file_bytes))
+    info.update(_delta_fields(header, info, file_bytes))
   return info
 
 
-def _delta_fields(base: dict, info: dict, file_bytes: int) -> dict:
+def _delta_fields(header: dict, info: dict, file_bytes: int) -> dict:
   """A mask delta's size against its base model and a LoRA adapter (accounting only).
 
   The base is counted as float32 values (``base.values``: every leaf of it, BN included). The
   LoRA adapter has as many trainable parameters as the masks have scores (one per masked
-  weight), stored in float32, plus the same other arrays the delta stores (``other_bytes``).
+  weight), stored in float32, plus the same other arrays the delta stores (``other_bytes``; the
+  leaves left as the base's, ``from_base_values``, are stored by neither).
   """
+  base = header['base']
   base_bytes = 4 * base['values']
   lora_bytes = 4 * info['masked_weights'] + info['other_bytes']
+  from_base = [e for e in header['entries'] if e['kind'] == 'base']
   return {
     'base': dict(base),
+    'from_base_leaves': len(from_base),
+    'from_base_values': sum(math.prod(e['shape']) for e in from_base),
     'base_fp32_bytes': base_bytes,
     'ratio_vs_base_fp32': base_bytes / file_bytes,
     'lora_equal_params_fp32_bytes': lora_bytes,
@@ -1645,6 +1686,11 @@ def format_inspect(info: dict) -> str:
       f'  mask delta over a {b["format"]} base model (fingerprint {b["fingerprint"][:16]}..., '
       f"{b['values']:,} values): its weights are the base's, not stored; load with --base"
     )
+    if info.get('from_base_leaves'):
+      lines.append(
+        f'  {info["from_base_leaves"]} other leaves ({info["from_base_values"]:,} values) '
+        "left as the base's: not stored either"
+      )
   elif info['masked']:
     lines.append(
       f'  key {info["key"]["impl"]} {info["key"]["data"]} (the random values are '

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -107,7 +108,45 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   strategies.validate(s.name, s.rp_ratio)
   common.check_bool(s.score_abs, 'strategy.score_abs')
   common.check_choice(s.score_init, 'strategy.score_init', pretrained.SCORE_INITS)
+  _check_masked_layers(config)
   _check_base(config)
+
+
+def _check_masked_layers(config: ml_collections.ConfigDict) -> None:
+  """``strategy.masked_layers``: None or a regular expression, for a masked model (whether it
+  matches a layer is checked at init, ``check_masked_layers``)."""
+  only = config.strategy.get('masked_layers')
+  if only is None:
+    return
+  if not isinstance(only, str) or not only:
+    raise ValueError(
+      'strategy.masked_layers must be a regular expression over layer paths (e.g. '
+      f"'block[23]_.*') or None, got {common.show(only)}"
+    )
+  try:
+    re.compile(only)
+  except re.error as e:
+    raise ValueError(f'strategy.masked_layers {only!r} is not a regular expression: {e}') from None
+  if not config.model.masked:
+    raise ValueError(
+      'strategy.masked_layers chooses the layers a masked model masks: set model.masked=True '
+      'with it, or leave it None'
+    )
+
+
+def check_masked_layers(config: ml_collections.ConfigDict, model: nn.Module, shape) -> None:
+  """Raises ValueError if ``strategy.masked_layers`` matches none of the model's layers, naming
+  the layer paths it can match (read off abstract inits: no array is made)."""
+  only = config.strategy.get('masked_layers')
+  if only is None or not config.model.masked or kernel_order(model, shape):
+    return
+  every = config.copy_and_resolve_references()
+  every.strategy.masked_layers = None
+  names = ['/'.join(p[:-1]) for p in kernel_order(build_model(every), shape)]
+  raise ValueError(
+    f'strategy.masked_layers {only!r} matches no layer of this {config.model.name}; its layer '
+    f'paths are {", ".join(names)}'
+  )
 
 
 def _check_base(config: ml_collections.ConfigDict) -> None:
@@ -208,8 +247,9 @@ def check_data(
   model section is not consulted.
 
   Raises:
-    ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data, or a
-      patch or kernel does not fit its images (``check_input_shape``).
+    ValueError: ``model.num_classes`` or ``model.input_shape`` disagree with the data, a
+      patch or kernel does not fit its images (``check_input_shape``), or
+      ``strategy.masked_layers`` matches no layer (``check_masked_layers``).
   """
   image_shape = tuple(image_shape)
   if model is not None:
@@ -235,6 +275,8 @@ def check_data(
       f"data.name={config.data.name!r}; leave model.input_shape unset to take the data's"
     )
   check_input_shape(config, image_shape)
+  if config.strategy.get('masked_layers') is not None:
+    check_masked_layers(config, build_model(config), image_shape)
   return image_shape
 
 
@@ -258,7 +300,9 @@ def layer_classes(config: ml_collections.ConfigDict) -> dict:
   m, s = config.model, config.strategy
   impl = m.conv_impl
   if m.masked:
-    masked = dict(keep_fraction=s.keep_fraction, score_abs=s.score_abs)
+    masked = dict(
+      keep_fraction=s.keep_fraction, score_abs=s.score_abs, masked_layers=s.get('masked_layers')
+    )
     conv = functools.partial(layers.MaskedConv, conv_impl=impl, **masked)
     dense = functools.partial(layers.MaskedDense, **masked)
   elif m.sparsity_method:
@@ -352,6 +396,7 @@ def init_variables(
   """
   shape = tuple(shape or input_shape(config))
   check_input_shape(config, shape)
+  check_masked_layers(config, model, shape)
   abstract, order = _abstract_init(model, shape)
   check_model_size(config, abstract)  # before a byte of it is drawn
   s = config.strategy

@@ -25,6 +25,7 @@ definition builds both by injecting the layer classes. Use them like any Linen l
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -175,7 +176,12 @@ def _trainable_kernel(module: nn.Module, shape) -> jax.Array:
 
 
 def _masked_kernel(module: nn.Module, shape) -> jax.Array:
-  """Frozen random kernel x straight-through top-k mask of the module's trainable scores."""
+  """Frozen random kernel x straight-through top-k mask of the module's trainable scores; an
+  ordinary trainable kernel where ``module.masked_layers`` (a pattern) does not match the
+  module's path."""
+  only = module.masked_layers
+  if only is not None and not re.fullmatch(only, '/'.join(module.path)):
+    return _trainable_kernel(module, shape)
   masking.validate_keep_fraction(module.keep_fraction)
   frozen = module.variable(
     FROZEN, 'kernel', lambda: kaiming_normal_frozen(module.make_rng(FROZEN), shape)
@@ -276,6 +282,7 @@ class MaskedDense(DenseBase):
 
   keep_fraction: float = 0.5
   score_abs: bool = True
+  masked_layers: str | None = None  # a pattern: masked only if it fullmatches the path
 
   def effective_kernel(self, shape):
     return _masked_kernel(self, shape)
@@ -286,6 +293,7 @@ class MaskedConv(ConvBase):
 
   keep_fraction: float = 0.5
   score_abs: bool = True
+  masked_layers: str | None = None  # a pattern: masked only if it fullmatches the path
 
   def effective_kernel(self, shape):
     return _masked_kernel(self, shape)

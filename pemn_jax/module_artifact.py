@@ -342,7 +342,7 @@ def export_module(
       'impl': str(jax.random.key_impl(frozen_key)),
       'data': [int(x) for x in np.asarray(jax.random.key_data(frozen_key))],
     }
-  entries, payload = _payload(masked, flat, regenerated)
+  entries, payload = _payload(masked, flat, regenerated, base)
   module_section = {
     'class': _class_name(module),
     'inputs': [{'shape': list(s.shape), 'dtype': s.dtype.name} for s in specs],
@@ -372,11 +372,12 @@ def _class_name(module) -> str:
   return f'{type(module).__module__}.{type(module).__qualname__}'[:256]
 
 
-def _payload(masked: dict, values: dict, regenerated: set) -> tuple[list[dict], bytes]:
+def _payload(masked: dict, values: dict, regenerated: set, base=None) -> tuple[list[dict], bytes]:
   """(entries, payload) of a module file: each masked layer's mask (``masked``: ``{layer:
   (keep_fraction, score_abs)}``, coded by ``codec``), then every other variable of ``values``
   (``{(collection, *path): array}``) as a little-endian array, except the ``regenerated``
-  frozen kernels and the masked layers' scores."""
+  frozen kernels and the masked layers' scores; in a mask delta (``base``), a variable still
+  the base's value is a 'base' entry (no bytes)."""
   entries, chunks, offset = [], [], 0
 
   def add(kind, entry_path, data: bytes, **meta):
@@ -403,7 +404,9 @@ def _payload(masked: dict, values: dict, regenerated: set) -> tuple[list[dict], 
     if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
       continue
     a = np.asarray(jax.device_get(leaf))
-    add('array', p, artifact._le_bytes(a), shape=list(a.shape), dtype=a.dtype.name)
+    kind = 'base' if base is not None and artifact._is_base_value(base, p, a) else 'array'
+    data = artifact._le_bytes(a) if kind == 'array' else b''
+    add(kind, p, data, shape=list(a.shape), dtype=a.dtype.name)
   return entries, b''.join(chunks)
 
 
@@ -531,13 +534,13 @@ def check_header(header: dict) -> None:
   for i, e in enumerate(header['entries']):
     name = '/'.join(e['path'])
     full = ('params', *e['path']) if e['kind'] == 'mask' else tuple(e['path'])
-    if e['kind'] not in ('mask', 'array'):
+    if e['kind'] not in ('mask', 'array', 'base'):
       raise _Invalid(f'entries[{i}] is a {e["kind"]}, which a module file does not store')
     if full not in seen:
       raise _Invalid(f'the file stores {e["kind"]} {name}, which module.structure does not list')
     if e['kind'] == 'mask' and full[1:-1] not in masked:
       raise _Invalid(f'mask {name} is of a layer module.masked_layers does not list')
-    if e['kind'] == 'array' and (
+    if e['kind'] in ('array', 'base') and (
       full in regenerated or (full[0] == 'params' and full[1:-1] in masked and full[-1] == 'scores')
     ):
       raise _Invalid(f"{name} is stored as an array, but it is a masked layer's")
@@ -546,10 +549,11 @@ def check_header(header: dict) -> None:
       raise _Invalid(
         f'{e["kind"]} {name} has shape {tuple(e["shape"])}, the structure says {shape}'
       )
-    if e['kind'] == 'array':
+    if e['kind'] in ('array', 'base'):
       if e['dtype'] != dtype:
-        raise _Invalid(f'array {name} has dtype {e["dtype"]}, the structure says {dtype}')
-      if e['length'] != math.prod(shape) * np.dtype(jnp.dtype(dtype)).itemsize:
+        raise _Invalid(f'{e["kind"]} {name} has dtype {e["dtype"]}, the structure says {dtype}')
+      size = math.prod(shape) * np.dtype(jnp.dtype(dtype)).itemsize
+      if e['kind'] == 'array' and e['length'] != size:
         raise _Invalid(f'array {name} is {e["length"]} bytes, not what {shape} {dtype} needs')
     stored.add(full)
   for full in seen:
@@ -661,6 +665,8 @@ def load_module(path: str, module, base=None, base_format=None, base_name_map=No
           f'(keep_fraction {keep}) in that layer: the module and the file disagree'
         )
       flat[('params', *e['path'])] = artifact._decode(path, name, data, shape, e['ones'])
+    elif e['kind'] == 'base':
+      flat[tuple(e['path'])] = artifact._base_value(path, loaded_base, e)
     else:
       dtype = np.dtype(jnp.dtype(e['dtype']))
       a = np.frombuffer(data, dtype=dtype.newbyteorder('<') if dtype.itemsize > 1 else dtype)

@@ -46,9 +46,10 @@ def summarize(
     A JSON-ready dict: ``layers`` (path, Flax shape, PyTorch shape, size), ``masked_weights``,
     ``unique_values`` (random values the strategy stores), ``distinct_values_present``
     (``np.unique`` over the regenerated weights; can be a few lower, as float32 normal draws
-    occasionally collide), ``norm_values``, ``trainable_params`` and ``storage``; for a sparse
-    baseline ``sparsity``, ``csr_bits`` and ``csr_ratio``, for 1-bit weights ``binary_bits``
-    and ``binary_ratio`` (vs dense fp32, BN excluded).
+    occasionally collide), ``norm_values``, ``trainable_params`` and ``storage`` (for a
+    masked model also ``unmasked_weights``, the kernels of the layers ``strategy.masked_layers``
+    leaves out); for a sparse baseline ``sparsity``, ``csr_bits`` and ``csr_ratio``, for 1-bit
+    weights ``binary_bits`` and ``binary_ratio`` (vs dense fp32, BN excluded).
   """
   model = build.build_model(config)
   shape = build.input_shape(config)
@@ -82,7 +83,14 @@ def summarize(
     'trainable_params': int(sum(np.prod(x.shape) for x in jax.tree.leaves(variables['params']))),
   }
   if masked:
-    rep = storage.report(shapes, nv, s.name, s.keep_fraction, s.rp_ratio)
+    # Layers strategy.masked_layers leaves unmasked are ordinary fp32 kernels: the report counts
+    # them with the normalisation values, 32 bits each (a mask delta over a base stores neither
+    # when they are the base's; its .pemn file, ``artifact.inspect``, is the measured size).
+    unmasked = build.trainable_kernel_order(model, shape)
+    out['unmasked_weights'] = int(
+      sum(np.prod(strategies.get_path(variables['params'], p).shape) for p in unmasked)
+    )
+    rep = storage.report(shapes, nv + out['unmasked_weights'], s.name, s.keep_fraction, s.rp_ratio)
     out['unique_values'] = strategies.stored_value_count(shapes, s.name, s.rp_ratio)
     if not abstract:
       out['distinct_values_present'] = strategies.unique_values(variables[layers.FROZEN])

@@ -80,6 +80,7 @@ BAD = {
   'strategy.keep_fraction': [INF, NAN, 0, -0.1, 1.5, '0.5', True, None, 10**400],
   'strategy.score_abs': BOOL_BAD,
   'strategy.score_init': ['bogus', '', 3, None, 'Magnitude'],
+  'strategy.masked_layers': ['', 3, True, 'block[', 'block9_.*'],  # block9: no such layer
   'data.name': ['', 3, ['fashion_mnist']],  # None: the default dataset
   'data.data_dir': ['', 3, True, ['/tmp'], 'a\x00b'],
   'data.source_dir': ['', 3, True, ['/tmp']],

@@ -322,9 +322,14 @@ def test_a_file_naming_a_base_path_is_refused(dense, data_dir, tmp_path):
   config = _masked(data_dir, workdir)
   model = build.build_model(config)
   variables = build.init_variables(model, config)
+  # every stored leaf moved off the base's value: all are arrays, none a 'base' entry (which
+  # would need the base section that the crafted file below drops)
+  trained = {c: jax.tree.map(lambda a: a + 1e-3, variables[c]) for c in ('params', 'batch_stats')}
+  variables = {**variables, **trained}
   path = str(tmp_path / 'd.pemn')
   artifact.export(config, variables, path, base=pretrained.load_base(workdir))
   header, payload = artifact.read(path)
+  assert not any(e['kind'] == 'base' for e in header['entries'])
   header['config']['model']['base_source'] = workdir
   crafted = str(tmp_path / 'crafted.pemn')
   with open(crafted, 'wb') as f:
@@ -466,6 +471,11 @@ def test_a_module_mask_delta_reloads_bit_for_bit_and_only_over_its_base(tmp_path
   info = pemn.export_module(path, band, variables, x[:1], base=base)
   header, _ = artifact.read(path)
   assert header['key'] is None and header['base']['fingerprint'] == base.fingerprint
+  untouched = {'/'.join(e['path']) for e in header['entries'] if e['kind'] == 'base'}
+  assert 'params/stem/kernel' in untouched and 'batch_stats/bn/mean' in untouched
+  assert all(e['length'] == 0 for e in header['entries'] if e['kind'] == 'base')
+  assert not any(e['kind'] == 'array' for e in header['entries'])  # no weight is stored
+  assert info['from_base_values'] == base.num_values - 8 * 8 * 9  # all but the band's kernel
   assert info['base_fp32_bytes'] == 4 * base.num_values
   assert 'mask delta over a flax base' in artifact.format_inspect(artifact.inspect(path))
   loaded = pemn.load_module(path, band, base=base_file)
@@ -493,3 +503,108 @@ def test_a_dense_fine_tuning_from_a_base_exports_its_own_weights(dense, data_dir
   want = model.apply({'params': state.params, 'batch_stats': state.batch_stats}, _x())
   np.testing.assert_array_equal(np.asarray(model.apply(variables, _x())), np.asarray(want))
   assert info['file_bytes'] > 0
+
+
+BAND = 'block1_.*'  # the smoke ConvMixer's second (last) block: its depthwise and pointwise convs
+
+
+def test_masked_layers_masks_a_band_and_leaves_the_rest_the_base(dense, data_dir):
+  workdir, variables = dense
+  over = {'strategy.masked_layers': BAND, 'strategy.keep_fraction': 1.0}
+  config = _masked(data_dir, workdir, **over)
+  model = build.build_model(config)
+  band = build.init_variables(model, config)
+  assert sorted(band[layers.FROZEN]) == ['block1_depthwise', 'block1_pointwise']
+  params = traverse_util.flatten_dict(band['params'])
+  assert ('stem', 'kernel') in params and ('block0_pointwise', 'kernel') in params
+  assert ('block1_pointwise', 'scores') in params and ('block1_pointwise', 'kernel') not in params
+  dense_model = build.build_model(_config(data_dir, **{'model.masked': False}))
+  np.testing.assert_array_equal(  # keep 1.0: the base network, bit for bit
+    np.asarray(model.apply(band, _x())), np.asarray(dense_model.apply(variables, _x()))
+  )
+
+
+@pytest.mark.parametrize(
+  'value, message',
+  [
+    ('block9_.*', r'matches no layer of this convmixer; its layer paths are stem, block0_depth'),
+    ('block[', 'is not a regular expression'),
+    ('', 'must be a regular expression'),
+  ],
+)
+def test_masked_layers_errors_name_the_field(data_dir, value, message):
+  config = _config(data_dir, **{'strategy.masked_layers': value})
+  with pytest.raises(ValueError, match=message) as e:
+    build.init_variables(build.build_model(config), config)
+  assert 'strategy.masked_layers' in str(e.value) and '\n' not in str(e.value)
+  dense_config = _config(data_dir, **{'strategy.masked_layers': 'stem', 'model.masked': False})
+  with pytest.raises(ValueError, match='strategy.masked_layers chooses the layers a masked'):
+    build.validate_config(dense_config)
+
+
+def test_band_fine_tuning_stores_only_the_band_and_reloads_bit_for_bit(dense, data_dir, tmp_path):
+  workdir, variables = dense
+  over = {
+    'strategy.masked_layers': BAND,
+    'strategy.keep_fraction': 0.9,
+    'strategy.score_init': 'magnitude',
+    'model.base_unmasked': 'freeze',
+  }
+  config = _masked(data_dir, workdir, **over)
+  run = str(tmp_path / 'band')
+  train.train_and_evaluate(config, run)
+  _, s, state, _ = train.restore_workdir(run)
+  trained = traverse_util.flatten_dict(jax.device_get(state.params))
+  base = traverse_util.flatten_dict(variables['params'])
+  for path, leaf in trained.items():
+    if path[-1] != 'scores':  # the layers outside the band, and BN: the base's
+      np.testing.assert_array_equal(leaf, base[path])
+  path = str(tmp_path / 'band.pemn')
+  info = train.export_workdir(run, path)
+  header, _ = artifact.read(path)
+  kinds = {'/'.join(e['path']): e['kind'] for e in header['entries']}
+  assert kinds['params/stem/kernel'] == kinds['params/head/kernel'] == 'base'
+  assert kinds['params/block0_pointwise/kernel'] == 'base'
+  assert kinds['batch_stats/stem_bn/mean'] == 'array'  # running statistics still update
+  assert {p for p, k in kinds.items() if k == 'mask'} == {
+    'block1_depthwise/scores',
+    'block1_pointwise/scores',
+  }
+  assert info['from_base_leaves'] == sum(k == 'base' for k in kinds.values()) > 0
+  assert 'left as the base' in artifact.format_inspect(info)
+  want = s.model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats, layers.FROZEN: s.frozen}, _x()
+  )
+  _, model, loaded, _ = artifact.load(path, base=workdir)
+  np.testing.assert_array_equal(np.asarray(model.apply(loaded, _x())), np.asarray(want))
+  changed = _edited(variables, lambda f: f[('params', 'stem', 'kernel')].__iadd__(1e-3))
+  other = _save_flax(changed, tmp_path / 'other.msgpack')
+  with pytest.raises(artifact.ArtifactError, match='is not the base model this mask delta'):
+    artifact.load(path, base=other, base_format='flax')
+  # 'base' entries without the base section that says which base: refused on reading
+  from tests.test_artifact_hostile import pack
+
+  header, payload = artifact.read(path)
+  del header['base']
+  crafted = tmp_path / 'no_base.pemn'
+  crafted.write_bytes(pack(header, payload))
+  with pytest.raises(artifact.ArtifactError, match='needs a base section'):
+    artifact.read(str(crafted))
+
+
+def test_masked_layers_over_random_weights_trains_the_other_layers(data_dir, tmp_path):
+  config = _config(data_dir, **{'strategy.masked_layers': 'block.*', 'strategy.name': 'mask'})
+  run = str(tmp_path / 'pemn_band')
+  train.train_and_evaluate(config, run)
+  _, s, state, _ = train.restore_workdir(run)
+  start = traverse_util.flatten_dict(build.init_variables(s.model, config)['params'])
+  got = traverse_util.flatten_dict(jax.device_get(state.params))
+  assert not np.array_equal(got[('stem', 'kernel')], start[('stem', 'kernel')])  # trained
+  assert sorted(s.frozen) == [f'block{i}_{k}' for i in (0, 1) for k in ('depthwise', 'pointwise')]
+  path = str(tmp_path / 'band.pemn')
+  train.export_workdir(run, path)
+  _, model, loaded, _ = artifact.load(path)
+  want = s.model.apply(
+    {'params': state.params, 'batch_stats': state.batch_stats, layers.FROZEN: s.frozen}, _x()
+  )
+  np.testing.assert_array_equal(np.asarray(model.apply(loaded, _x())), np.asarray(want))

@@ -94,6 +94,12 @@ def base_config() -> ml_collections.ConfigDict:
   # kernel: the first mask keeps the largest weights, magnitude pruning at the start) or
   # 'constant' (1/sqrt(fan_in) x (1 + U(+-1e-3)): all equal up to a small noise)
   c.strategy.score_init = 'uniform'
+  # which conv / dense layers a masked model masks: None (all of them) or a regular expression
+  # matched (re.fullmatch) against each layer's '/'-joined module path, e.g. 'block[23]_.*' (the
+  # depthwise and pointwise convs of ConvMixer blocks 2 and 3: a band of blocks, as mask
+  # fine-tuning masks). The other layers are ordinary trainable layers (over a base: the base's
+  # weights, frozen with model.base_unmasked='freeze')
+  c.strategy.masked_layers = config_dict.placeholder(str)
 
   c.data = ml_collections.ConfigDict()
   # our builders: fashion_mnist_embedded (shipped subset), fashion_mnist, fashion_mnist_local,
