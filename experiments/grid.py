@@ -188,6 +188,17 @@ MFT_POINTS = [
   ('Dense FT', {'model.masked': False, **OVER_BASE}),
   *[(f'MFT k={k:g}', {**MASK_OVER_BASE, 'strategy.keep_fraction': k}) for k in (0.9, 0.95, 0.99)],
 ]
+# Mask fine-tuning of a band of blocks (the method's own setting: a few selected layers masked,
+# the rest untouched): ConvMixer-128/4's last two blocks (their depthwise and pointwise convs),
+# the stem, the first blocks and the head left as the base's, unmasked and frozen.
+MFT_BAND = 'block[23]_.*'
+MFT_BAND_POINTS = [
+  (
+    f'MFT band k={k:g}',
+    {**MASK_OVER_BASE, 'strategy.masked_layers': MFT_BAND, 'strategy.keep_fraction': k},
+  )
+  for k in (0.9, 0.95, 0.99)
+]
 PRETRAINED_BASE = {**CIFAR_BASE, 'train.eval_at_start': True}
 
 
@@ -265,6 +276,17 @@ GRIDS = {
   # a tenth of it (scores of |w| ~ 0.05 move by ~lr per step: 0.01 may reshuffle the masks).
   'cifar_mft': lambda: _grid(
     {**PRETRAINED_BASE, 'train.num_epochs': 1}, 'convmixer_cifar10.py', (0, 1), MFT_POINTS
+  ),
+  'cifar_mft_band': lambda: _grid(
+    {**PRETRAINED_BASE, 'train.num_epochs': 1}, 'convmixer_cifar10.py', (0, 1), MFT_BAND_POINTS
+  ),
+  # bfloat16 compute against float32 on the cifar_convmixer recipe's Mask point (keep 0.5),
+  # one seed, both dtypes in one grid.
+  'cifar_dtype': lambda: _grid(
+    CIFAR_BASE,
+    'convmixer_cifar10.py',
+    (0,),
+    [(label, {'strategy.name': 'mask', **over}) for label, over in DTYPE_POINTS],
   ),
   'cifar_mft_lr1e_3': lambda: _grid(
     {**PRETRAINED_BASE, 'train.num_epochs': 1, 'train.peak_lr': 1e-3},
@@ -610,18 +632,8 @@ def do_report(args) -> int:
     '|---|---|---|---|---|---|---|---|',
     *rows,
     '',
-    '## Commands (one per run, exactly as executed; cwd = repository root)',
-    '',
-    *source_path_note(records),
+    *commands_section(args.grid, records),
   ]
-  for r in records:
-    md.append(
-      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
-    )
-  md.append('')
-  md.append(
-    f'Regenerate this file and the plot: `python -m experiments.grid report --grid {args.grid}`'
-  )
   out = os.path.join(args.results, args.grid)
   with open(os.path.join(out, 'README.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
@@ -810,21 +822,7 @@ def do_pareto_report(args) -> int:
       f'{p["full_bytes"]:,} |'
     )
   md += ['', '![accuracy vs bytes](accuracy_vs_bytes.png)', '']
-  md += ['## Commands (one per run, exactly as executed; cwd = repository root)', '']
-  md += source_path_note(records)
-  for r in records:
-    line = (
-      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
-    )
-    if r.get('rerecorded'):
-      line += f' (record recomputed {r["rerecorded"]["date"]})'
-    md.append(line)
-  md += [
-    '',
-    'The records were (re)computed from the workdirs with '
-    f'`python -m experiments.grid rerecord --grid {args.grid}`; regenerate this file and the '
-    f'plot: `python -m experiments.grid report --grid {args.grid}`',
-  ]
+  md += commands_section(args.grid, records)
   out = os.path.join(args.results, args.grid)
   with open(os.path.join(out, 'README.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
@@ -867,7 +865,7 @@ def do_pareto_report(args) -> int:
 
 
 # Grids over a trained base: their own report (``do_pretrained_report``).
-PRETRAINED_GRIDS = ('cifar_lj', 'cifar_mft', 'cifar_mft_lr1e_3')
+PRETRAINED_GRIDS = ('cifar_lj', 'cifar_mft', 'cifar_mft_band', 'cifar_mft_lr1e_3')
 
 
 def point_keep(overrides: dict) -> float:
@@ -877,6 +875,29 @@ def point_keep(overrides: dict) -> float:
   if overrides.get('model.sparsity_method'):
     return round(1.0 - float(overrides['model.sparsity']), 10)
   return 1.0
+
+
+def commands_section(grid: str, records: list) -> list[str]:
+  """A report's closing lines: each run's command as executed (with its date and wall time, and
+  when its record was recomputed by ``rerecord``), and how to regenerate the report."""
+  md = ['## Commands (one per run, exactly as executed; cwd = repository root)', '']
+  md += source_path_note(records)
+  for r in records:
+    line = (
+      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
+    )
+    if r.get('rerecorded'):
+      line += f' (record recomputed {r["rerecorded"]["date"]})'
+    md.append(line)
+  report = f'`python -m experiments.grid report --grid {grid}`'
+  if any(r.get('rerecorded') for r in records):
+    return md + [
+      '',
+      'The records were (re)computed from the workdirs with '
+      f'`python -m experiments.grid rerecord --grid {grid}`; regenerate this file and the '
+      f'plot: {report}',
+    ]
+  return md + ['', f'Regenerate this file and the plot: {report}']
 
 
 def pretrained_rows(grid: str, records: list) -> list[dict]:
@@ -986,16 +1007,7 @@ def do_pretrained_report(args) -> int:
       f'{num(row["lora_bytes"])} |'
     )
   md += ['', '![accuracy vs keep](accuracy_vs_keep.png)', '']
-  md += ['## Commands (one per run, exactly as executed; cwd = repository root)', '']
-  md += source_path_note(records)
-  for r in records:
-    md.append(
-      f'- `{r["run"]}` ({r["date"]}, {r["wall_seconds"]:.0f} s): `{shown_command(r["command"])}`'
-    )
-  md += [
-    '',
-    f'Regenerate this file and the plot: `python -m experiments.grid report --grid {args.grid}`',
-  ]
+  md += commands_section(args.grid, records)
   out = os.path.join(args.results, args.grid)
   with open(os.path.join(out, 'README.md'), 'w') as f:
     f.write('\n'.join(md) + '\n')
