@@ -632,11 +632,8 @@ def do_report(args) -> int:
     '|---|---|---|---|---|---|---|---|',
     *rows,
     '',
-    *commands_section(args.grid, records),
   ]
-  out = os.path.join(args.results, args.grid)
-  with open(os.path.join(out, 'README.md'), 'w') as f:
-    f.write('\n'.join(md) + '\n')
+  out = write_readme(args, md, records)
   import matplotlib
 
   matplotlib.use('Agg')
@@ -822,10 +819,7 @@ def do_pareto_report(args) -> int:
       f'{p["full_bytes"]:,} |'
     )
   md += ['', '![accuracy vs bytes](accuracy_vs_bytes.png)', '']
-  md += commands_section(args.grid, records)
-  out = os.path.join(args.results, args.grid)
-  with open(os.path.join(out, 'README.md'), 'w') as f:
-    f.write('\n'.join(md) + '\n')
+  out = write_readme(args, md, records)
   styles = {
     'Mask': dict(marker='*', color='#3b75af', s=90),
     'RP 1e-2': dict(marker='P', color='#6a3d9a', s=60),
@@ -875,6 +869,14 @@ def point_keep(overrides: dict) -> float:
   if overrides.get('model.sparsity_method'):
     return round(1.0 - float(overrides['model.sparsity']), 10)
   return 1.0
+
+
+def write_readme(args, md: list[str], records: list) -> str:
+  """Writes ``md`` and the commands section as the grid's README.md; returns its folder."""
+  out = os.path.join(args.results, args.grid)
+  with open(os.path.join(out, 'README.md'), 'w') as f:
+    f.write('\n'.join([*md, *commands_section(args.grid, records)]) + '\n')
+  return out
 
 
 def commands_section(grid: str, records: list) -> list[str]:
@@ -1007,10 +1009,7 @@ def do_pretrained_report(args) -> int:
       f'{num(row["lora_bytes"])} |'
     )
   md += ['', '![accuracy vs keep](accuracy_vs_keep.png)', '']
-  md += commands_section(args.grid, records)
-  out = os.path.join(args.results, args.grid)
-  with open(os.path.join(out, 'README.md'), 'w') as f:
-    f.write('\n'.join(md) + '\n')
+  out = write_readme(args, md, records)
   fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
   families = list(dict.fromkeys(row['family'] for row in rows))
   colours = plt.rcParams['axes.prop_cycle'].by_key()['color']

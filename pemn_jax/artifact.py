@@ -235,27 +235,11 @@ def export(
     fingerprint = _export_fingerprint(config, variables, frozen_key, fingerprint, input_shape)
   elif fingerprint != 'dense':  # what train.export_workdir records for a model without any
     fingerprint = None
-  entries, chunks, offset = [], [], 0
-
-  def add(kind, path, data: bytes, **meta):
-    nonlocal offset
-    entries.append(
-      {'kind': kind, 'path': list(path), 'offset': offset, 'length': len(data), **meta}
-    )
-    chunks.append(data)
-    offset += len(data)
-
+  items = _Payload()
+  add = items.add
   if masked:
     for path, mask in masks_of(config, variables['params']).items():
-      data = codec.encode_mask(mask)
-      add(
-        'mask',
-        path,
-        data,
-        shape=list(mask.shape),
-        ones=int(mask.sum()),
-        codec=['packbits', 'rans'][data[0] & 0x0F],
-      )
+      items.add_mask(path, mask)
   for module_path, channels in folded.items():
     scale, shift = fold_batch_norm(variables, module_path, layers.BN_EPSILON)
     dtype = _BN_DTYPES[bn]
@@ -307,6 +291,7 @@ def export(
   for field in ('base_source', 'base_name_map'):  # paths: a file never chooses what is read
     if field in recorded_config.get('model', {}):
       recorded_config['model'][field] = None
+  entries = items.entries
   header = {
     'format_version': 2 if base is not None or any(e['kind'] in _V2_KINDS for e in entries) else 1,
     'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
@@ -327,13 +312,39 @@ def export(
   }
   if base is not None:
     header['base'] = _base_section(base)
-  blob = frame(header, b''.join(chunks))
+  blob = frame(header, items.payload())
   verified = _verify_blob(out_path, blob)  # never write a file the reader would refuse
   try:
     fileio.atomic_write(out_path, blob)  # a failed write removes its temporary file
   except OSError as e:
     raise ArtifactError(f'cannot write the artifact {out_path}: {e.strerror or e}') from None
   return _summary(verified, out_path)
+
+
+class _Payload:
+  """A file's entries and payload, built item by item in payload order (each entry's offset
+  is where its bytes start)."""
+
+  def __init__(self):
+    self.entries: list[dict] = []
+    self._chunks: list[bytes] = []
+    self._offset = 0
+
+  def add(self, kind: str, path, data: bytes, **meta) -> None:
+    self.entries.append(
+      {'kind': kind, 'path': list(path), 'offset': self._offset, 'length': len(data), **meta}
+    )
+    self._chunks.append(data)
+    self._offset += len(data)
+
+  def add_mask(self, path, mask: np.ndarray) -> None:
+    """A boolean mask coded by ``codec`` (packbits or rANS, whichever is smaller)."""
+    data = codec.encode_mask(mask)
+    codec_name = ['packbits', 'rans'][data[0] & 0x0F]
+    self.add('mask', path, data, shape=list(mask.shape), ones=int(mask.sum()), codec=codec_name)
+
+  def payload(self) -> bytes:
+    return b''.join(self._chunks)
 
 
 def _is_base_value(base, path: tuple[str, ...], a: np.ndarray) -> bool:

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pemn_jax import artifact, build, codec, fileio, layers, masking
+from pemn_jax import artifact, build, fileio, layers, masking
 from pemn_jax.artifact import ArtifactError, _Invalid
 
 HEADER_FIELDS = {
@@ -378,36 +378,19 @@ def _payload(masked: dict, values: dict, regenerated: set, base=None) -> tuple[l
   (``{(collection, *path): array}``) as a little-endian array, except the ``regenerated``
   frozen kernels and the masked layers' scores; in a mask delta (``base``), a variable still
   the base's value is a 'base' entry (no bytes)."""
-  entries, chunks, offset = [], [], 0
-
-  def add(kind, entry_path, data: bytes, **meta):
-    nonlocal offset
-    entries.append(
-      {'kind': kind, 'path': list(entry_path), 'offset': offset, 'length': len(data), **meta}
-    )
-    chunks.append(data)
-    offset += len(data)
-
+  items = artifact._Payload()
   for layer, (keep, score_abs) in masked.items():
     scores = values[('params', *layer, 'scores')]
     mask = np.asarray(jax.device_get(masking.score_mask(scores, keep, score_abs))).astype(bool)
-    data = codec.encode_mask(mask)
-    add(
-      'mask',
-      (*layer, 'scores'),
-      data,
-      shape=list(mask.shape),
-      ones=int(mask.sum()),
-      codec=['packbits', 'rans'][data[0] & 0x0F],
-    )
+    items.add_mask((*layer, 'scores'), mask)
   for p, leaf in values.items():
     if p in regenerated or (p[0] == 'params' and p[1:-1] in masked and p[-1] == 'scores'):
       continue
     a = np.asarray(jax.device_get(leaf))
     kind = 'base' if base is not None and artifact._is_base_value(base, p, a) else 'array'
     data = artifact._le_bytes(a) if kind == 'array' else b''
-    add(kind, p, data, shape=list(a.shape), dtype=a.dtype.name)
-  return entries, b''.join(chunks)
+    items.add(kind, p, data, shape=list(a.shape), dtype=a.dtype.name)
+  return items.entries, items.payload()
 
 
 def _write(path, step, key, fingerprint, module_section, entries, payload, **extra) -> dict:

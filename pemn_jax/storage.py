@@ -112,20 +112,29 @@ def report(
     rp_ratio: r for random vector padding.
   """
   masking.validate_keep_fraction(keep_fraction)
-  p = sum(int(np.prod(s)) for s in shapes)
+  keeps = [keep_fraction] * len(shapes)
+  return _report(shapes, keeps, norm_values, strategy, rp_ratio, keep_fraction)
+
+
+def _report(shapes, keeps, norm_values: int, strategy: str, rp_ratio, keep_fraction=None):
+  """The ``StorageReport`` of masked layers ``shapes`` with keep fractions ``keeps`` (one per
+  layer); its ``keep_fraction`` is ``keep_fraction``, or if None the kept share of all weights."""
+  sizes = [int(np.prod(s)) for s in shapes]
+  p = sum(sizes)
+  kept = [masking.num_kept(n, k) for n, k in zip(sizes, keeps, strict=True)]
   stored = strategies.stored_value_count(shapes, strategy, rp_ratio)
   header = KEY_BITS + STRATEGY_BITS
   return StorageReport(
     strategy=strategy,
     rp_ratio=rp_ratio if strategy == 'random_vector_padding' else None,
-    keep_fraction=keep_fraction,
+    keep_fraction=sum(kept) / p if keep_fraction is None else keep_fraction,
     masked_weights=p,
     stored_values=stored,
     norm_values=norm_values,
     dense_fp32_bits=FLOAT_BITS * p,
     paper_bits=FLOAT_BITS * stored + p,
     key_only_bits=header + p,
-    entropy_bits=header + mask_entropy_bits(shapes, keep_fraction),
+    entropy_bits=header + sum(n * binary_entropy(m / n) for n, m in zip(sizes, kept)),
   )
 
 
@@ -174,26 +183,7 @@ def report_tree(
     for p, leaf in flat.items()
     if p[-1] == 'scale' and p[:-1] not in owners
   )
-  p = sum(int(np.prod(s)) for s in shapes)
-  kept = sum(masking.num_kept(int(np.prod(s)), k) for s, k in zip(shapes, keeps))
-  entropy = sum(
-    int(np.prod(s)) * binary_entropy(masking.num_kept(int(np.prod(s)), k) / int(np.prod(s)))
-    for s, k in zip(shapes, keeps)
-  )
-  stored = strategies.stored_value_count(shapes, strategy, rp_ratio)
-  header = KEY_BITS + STRATEGY_BITS
-  return StorageReport(
-    strategy=strategy,
-    rp_ratio=rp_ratio if strategy == 'random_vector_padding' else None,
-    keep_fraction=kept / p,
-    masked_weights=p,
-    stored_values=stored,
-    norm_values=norm,
-    dense_fp32_bits=FLOAT_BITS * p,
-    paper_bits=FLOAT_BITS * stored + p,
-    key_only_bits=header + p,
-    entropy_bits=header + entropy,
-  )
+  return _report(shapes, keeps, norm, strategy, rp_ratio)
 
 
 def csr_bits(
