@@ -15,8 +15,11 @@
 //                  gradient, as G partial sums over equal consecutive groups of the batch.
 //
 // XLA lowers both to per-tap reductions over the whole batch that stream memory several times;
-// here each work item holds one image's zero-padded channel block (VL channels) in a small local
-// buffer, and the KH*KW taps of that block stay in registers, so every input is read once.
+// here every input is read once. The forward's work item holds one image's zero-padded channel
+// block (VL channels) in a small local buffer, the block's KH*KW taps in registers and kQ
+// outputs' accumulators in flight; the kernel gradient's item (a group of images) copies each
+// image whole, zero-padded, into a local buffer, reading it in memory order, and accumulates
+// every channel block's KH*KW sums from that cached copy.
 // Work items are spread over XLA's intra-op thread pool.
 //
 // GELU -> BatchNorm in training (ConvMixer's "GELU, BN" after every conv), on x viewed as rows
@@ -166,6 +169,8 @@ void PadBlock(const Geometry& g, const T* x, int64_t img, int64_t c0, int lanes,
   }
 }
 
+constexpr int kQ = 8;  // outputs of a row computed together by FwdItem
+
 // KH, KW > 0: compile-time taps (fully unrolled, accumulators in registers); 0: runtime.
 template <int KH, int KW, typename T>
 void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb) {
@@ -185,7 +190,21 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
   const int64_t pw = g.pw();
   for (int64_t r = 0; r < g.oh; ++r) {
     T* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
-    for (int64_t s = 0; s < g.ow; ++s) {
+    // kQ outputs at once: kQ independent accumulator chains in flight (each output still sums
+    // its taps in the same order as the one-at-a-time tail below).
+    int64_t s = 0;
+    for (; s + kQ <= g.ow; s += kQ) {
+      vf acc[kQ] = {};
+      for (int64_t i = 0; i < kh; ++i) {
+        const vf* src = &buf[(r + i) * pw + s];
+        for (int64_t j = 0; j < kw; ++j) {
+          const vf tap = taps[i * kw + j];
+          for (int q = 0; q < kQ; ++q) acc[q] += src[q + j] * tap;
+        }
+      }
+      for (int q = 0; q < kQ; ++q) Store(out + (s + q) * g.c, acc[q], lanes);
+    }
+    for (; s < g.ow; ++s) {
       vf acc = {};
       for (int64_t i = 0; i < kh; ++i) {
         const vf* src = &buf[(r + i) * pw + s];
@@ -196,38 +215,78 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
   }
 }
 
-template <int KH, int KW, typename T>
-void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t group,
-               int64_t groups, int64_t cb) {
-  const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
-  const int64_t c0 = cb * VL;
-  const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
-  const int64_t per = g.n / groups;
-  thread_local std::vector<vf> buf;
-  std::vector<vf> acc_rt;
-  vf acc_ct[(KH ? KH : 1) * (KW ? KW : 1)];
-  vf* acc = acc_ct;
-  if (!KH || !KW) {
-    acc_rt.resize(kh * kw);
-    acc = acc_rt.data();
-  }
-  for (int64_t t = 0; t < kh * kw; ++t) acc[t] = vf{};
+// Copies rows [r0, r1) of image `img`'s zero-padded (ph, pw) grid, all channels, into `buf` as
+// float32: buf[((r - r0) * pw + s) * cp + c], cp = the channels rounded up to VL (the extra
+// channels zero). Reads x in memory order, a pixel's channels then the next pixel's: the image
+// streams in once, and the per-channel-block loops that follow read the buffer from cache.
+template <typename T>
+void PadImage(const Geometry& g, const T* x, int64_t img, int64_t r0, int64_t r1, int64_t cp,
+              std::vector<float>& buf) {
   const int64_t pw = g.pw();
-  for (int64_t img = group * per; img < (group + 1) * per; ++img) {
-    PadBlock(g, x, img, c0, lanes, buf);
-    for (int64_t r = 0; r < g.oh; ++r) {
-      const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c + c0;
-      for (int64_t s = 0; s < g.ow; ++s) {
-        const vf gv = Load(grow + s * g.c, lanes);
-        for (int64_t i = 0; i < kh; ++i) {
-          const vf* src = &buf[(r + i) * pw + s];
-          for (int64_t j = 0; j < kw; ++j) acc[i * kw + j] += src[j] * gv;
-        }
+  buf.resize((r1 - r0) * pw * cp);
+  float* out = buf.data();
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t src_r = r - g.pad_h;
+    for (int64_t s = 0; s < pw; ++s, out += cp) {
+      const int64_t src_s = s - g.pad_w;
+      if (src_r < 0 || src_r >= g.h || src_s < 0 || src_s >= g.w) {
+        std::memset(out, 0, cp * sizeof(float));
+        continue;
+      }
+      const T* px = x + ((img * g.h + src_r) * g.w + src_s) * g.c;
+      for (int64_t c0 = 0; c0 < cp; c0 += VL) {
+        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(VL, g.c - c0)));
+        Store(out + c0, lanes ? Load(px + c0, lanes) : vf{}, VL);
       }
     }
   }
-  float* out = dk + group * kh * kw * g.c + c0;
-  for (int64_t t = 0; t < kh * kw; ++t) Store(out + t * g.c, acc[t], lanes);
+}
+
+// The kernel gradient's partial sum over the images of `group`: each image padded whole into
+// the buffer, then for each output row and channel block the block's KH*KW accumulators (kept
+// per block in `acc`, in cache) take the row's products; dy is read in memory order.
+template <int KH, int KW, typename T>
+void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t group,
+               int64_t groups) {
+  const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw, taps = kh * kw;
+  const int64_t blocks = (g.c + VL - 1) / VL, cp = blocks * VL, pw = g.pw();
+  const int64_t per = g.n / groups;
+  thread_local std::vector<float> buf;
+  thread_local std::vector<vf> acc_all;
+  acc_all.assign(blocks * taps, vf{});
+  vf acc_ct[(KH ? KH : 1) * (KW ? KW : 1)];
+  std::vector<vf> acc_rt;
+  vf* acc = acc_ct;
+  if (!KH || !KW) {
+    acc_rt.resize(taps);
+    acc = acc_rt.data();
+  }
+  for (int64_t img = group * per; img < (group + 1) * per; ++img) {
+    PadImage(g, x, img, 0, g.ph(), cp, buf);
+    for (int64_t r = 0; r < g.oh; ++r) {
+      const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c;
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t c0 = b * VL;
+        const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
+        vf* saved = acc_all.data() + b * taps;
+        for (int64_t t = 0; t < taps; ++t) acc[t] = saved[t];
+        for (int64_t s = 0; s < g.ow; ++s) {
+          const vf gv = Load(grow + s * g.c + c0, lanes);
+          for (int64_t i = 0; i < kh; ++i) {
+            const float* src = buf.data() + ((r + i) * pw + s) * cp + c0;
+            for (int64_t j = 0; j < kw; ++j) acc[i * kw + j] += Load(src + j * cp, VL) * gv;
+          }
+        }
+        for (int64_t t = 0; t < taps; ++t) saved[t] = acc[t];
+      }
+    }
+  }
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c0 = b * VL;
+    const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
+    float* out = dk + group * taps * g.c + c0;
+    for (int64_t t = 0; t < taps; ++t) Store(out + t * g.c, acc_all[b * taps + t], lanes);
+  }
 }
 
 template <typename Fn>
@@ -308,14 +367,13 @@ ffi::Error DwKgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], kd[1], kd[2], pad_h, pad_w};
   const int64_t groups = kd[0];
-  const int64_t blocks = (g.c + VL - 1) / VL;
   float* kp = dk->typed_data();
   return ByType({x.element_type(), dy.element_type()}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
     const T* gp = In<T>(dy);
     Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-      ParallelFor(pool, groups * blocks, [&](int64_t item) {
-        KgradItem<KH, KW>(g, xp, gp, kp, item / blocks, groups, item % blocks);
+      ParallelFor(pool, groups, [&](int64_t group) {
+        KgradItem<KH, KW>(g, xp, gp, kp, group, groups);
       });
     });
     return ffi::Error::Success();
@@ -384,28 +442,43 @@ struct Rows {
   int lanes(int64_t b) const { return static_cast<int>(std::min<int64_t>(VL, c - b * VL)); }
 };
 
-// Runs fn(item, r0, r1, b, lanes) over every (item of kRowsPerItem rows, channel block) pair: rows
-// [r0, r1), channels [b * VL, b * VL + lanes). Items are spread over the pool.
+// Runs fn(o, b, lanes) on every channel block of every row: o = row * c + b * VL is the block's
+// offset, its channels [b * VL, b * VL + lanes). Items of kRowsPerItem rows are spread over the
+// pool; within one, rows and blocks go in memory order (a row's blocks, then the next row's),
+// which streams through memory twice as fast here as a block's rows at a stride of c would.
 template <typename BlockFn>
 void RowBlocks(ffi::ThreadPool& pool, const Rows& r, const BlockFn& fn) {
   ParallelFor(pool, r.items, [&](int64_t item) {
     const int64_t r0 = item * kRowsPerItem, r1 = std::min(r.m, r0 + kRowsPerItem);
-    for (int64_t b = 0; b < r.blocks; ++b) fn(item, r0, r1, b, r.lanes(b));
+    for (int64_t row = r0; row < r1; ++row) {
+      for (int64_t b = 0; b < r.blocks; ++b) fn(row * r.c + b * VL, b, r.lanes(b));
+    }
   });
 }
 
-// Per-channel sums of two row functions: sum_fn(r0, r1, b, lanes, s0, s1) adds its rows to s0
-// and s1 in float; the items' partial sums are added in double at the end (so the order, and
-// the result, do not depend on the threads).
+// Per-channel sums of two row functions: sum_fn(o, b, lanes, s0, s1) adds the block at offset o
+// to s0 and s1 in float, rows in order within an item (as RowBlocks walks them); the items'
+// partial sums are added in double at the end (so the order, and the result, do not depend on
+// the threads).
 template <typename SumFn>
 void ChannelSums(ffi::ThreadPool& pool, const Rows& r, float* out, const SumFn& sum_fn) {
   std::vector<float> part(r.items * 2 * r.c);
-  RowBlocks(pool, r, [&](int64_t item, int64_t r0, int64_t r1, int64_t b, int lanes) {
+  ParallelFor(pool, r.items, [&](int64_t item) {
+    const int64_t r0 = item * kRowsPerItem, r1 = std::min(r.m, r0 + kRowsPerItem);
+    thread_local std::vector<vf> acc;
+    acc.assign(2 * r.blocks, vf{});
+    vf* s0 = acc.data();
+    vf* s1 = acc.data() + r.blocks;
+    for (int64_t row = r0; row < r1; ++row) {
+      for (int64_t b = 0; b < r.blocks; ++b) {
+        sum_fn(row * r.c + b * VL, b, r.lanes(b), s0[b], s1[b]);
+      }
+    }
     float* p = part.data() + item * 2 * r.c;
-    vf s0 = {}, s1 = {};
-    sum_fn(r0, r1, b, lanes, s0, s1);
-    Store(p + b * VL, s0, lanes);
-    Store(p + r.c + b * VL, s1, lanes);
+    for (int64_t b = 0; b < r.blocks; ++b) {
+      Store(p + b * VL, s0[b], r.lanes(b));
+      Store(p + r.c + b * VL, s1[b], r.lanes(b));
+    }
   });
   for (int64_t k = 0; k < 2 * r.c; ++k) {
     double acc = 0.0;
@@ -429,14 +502,11 @@ ffi::Error GeluStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<f
   }
   return ByType({x.element_type()}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
-    ChannelSums(pool, r, out->typed_data(),
-                [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
-                  for (int64_t row = r0; row < r1; ++row) {
-                    const vf z = Gelu(Load(xp + row * r.c + b * VL, lanes), nullptr);
-                    s0 += z;
-                    s1 += z * z;
-                  }
-                });
+    ChannelSums(pool, r, out->typed_data(), [&](int64_t o, int64_t, int lanes, vf& s0, vf& s1) {
+      const vf z = Gelu(Load(xp + o, lanes), nullptr);
+      s0 += z;
+      s1 += z * z;
+    });
     return ffi::Error::Success();
   });
 }
@@ -449,12 +519,9 @@ ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F3
   return ByType({x.element_type(), y->element_type()}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
     T* yp = Out<T>(y);
-    RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
+    RowBlocks(pool, r, [&](int64_t o, int64_t b, int lanes) {
       const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + r.c + b * VL, lanes);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t o = row * r.c + b * VL;
-        Store(yp + o, Gelu(Load(xp + o, lanes), nullptr) * mul + shift, lanes);
-      }
+      Store(yp + o, Gelu(Load(xp + o, lanes), nullptr) * mul + shift, lanes);
     });
     return ffi::Error::Success();
   });
@@ -472,16 +539,12 @@ ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
   return ByType({x.element_type(), dy.element_type()}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
     const T* gp = In<T>(dy);
-    ChannelSums(pool, r, out->typed_data(),
-                [&](int64_t r0, int64_t r1, int64_t b, int lanes, vf& s0, vf& s1) {
-                  const vf mean = Load(cp + b * VL, lanes), rstd = Load(cp + r.c + b * VL, lanes);
-                  for (int64_t row = r0; row < r1; ++row) {
-                    const int64_t o = row * r.c + b * VL;
-                    const vf g = Load(gp + o, lanes);
-                    s0 += g;
-                    s1 += g * ((Gelu(Load(xp + o, lanes), nullptr) - mean) * rstd);
-                  }
-                });
+    ChannelSums(pool, r, out->typed_data(), [&](int64_t o, int64_t b, int lanes, vf& s0, vf& s1) {
+      const vf mean = Load(cp + b * VL, lanes), rstd = Load(cp + r.c + b * VL, lanes);
+      const vf g = Load(gp + o, lanes);
+      s0 += g;
+      s1 += g * ((Gelu(Load(xp + o, lanes), nullptr) - mean) * rstd);
+    });
     return ffi::Error::Success();
   });
 }
@@ -498,15 +561,12 @@ ffi::Error GeluBnBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
     const T* xp = In<T>(x);
     const T* gp = In<T>(dy);
     T* dp = Out<T>(dx);
-    RowBlocks(pool, r, [&](int64_t, int64_t r0, int64_t r1, int64_t b, int lanes) {
+    RowBlocks(pool, r, [&](int64_t o, int64_t b, int lanes) {
       const vf k = Load(cp + b * VL, lanes), c0 = Load(cp + r.c + b * VL, lanes),
                c1 = Load(cp + 2 * r.c + b * VL, lanes);
-      for (int64_t row = r0; row < r1; ++row) {
-        const int64_t o = row * r.c + b * VL;
-        vf d;
-        const vf z = Gelu(Load(xp + o, lanes), &d);
-        Store(dp + o, (k * Load(gp + o, lanes) + c0 + c1 * z) * d, lanes);
-      }
+      vf d;
+      const vf z = Gelu(Load(xp + o, lanes), &d);
+      Store(dp + o, (k * Load(gp + o, lanes) + c0 + c1 * z) * d, lanes);
     });
     return ffi::Error::Success();
   });

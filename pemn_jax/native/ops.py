@@ -238,10 +238,10 @@ def _ffi_fwd(x, kernel, pad_lo, out_hw):
 
 
 def _groups(n: int, c: int) -> int:
-  """Batch groups of the kernel gradient: its work items are (group, channel block) pairs, so
-  narrow layers get more groups (about 32 items in all, counting 8-channel blocks) and wide ones
-  a single group."""
-  want = max(1, 32 // -(-c // 8))
+  """Batch groups of the kernel gradient, its work items (one partial sum each, summed here): the
+  largest divisor of the batch up to 8, or up to 32 / (8-channel blocks) for narrow layers (their
+  items are small)."""
+  want = max(8, 32 // -(-c // 8))
   return max(d for d in range(1, min(n, want) + 1) if n % d == 0)
 
 
