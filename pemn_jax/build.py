@@ -132,6 +132,11 @@ def _check_masked_layers(config: ml_collections.ConfigDict) -> None:
       'strategy.masked_layers chooses the layers a masked model masks: set model.masked=True '
       'with it, or leave it None'
     )
+  if config.model.get('remat_blocks', 'none') != 'none':
+    raise ValueError(
+      'strategy.masked_layers makes the blocks differ, and model.remat_blocks scans identical '
+      f"blocks: set model.remat_blocks='none' with it (got {config.model.remat_blocks!r})"
+    )
 
 
 def check_masked_layers(config: ml_collections.ConfigDict, model: nn.Module, shape) -> None:

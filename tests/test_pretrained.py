@@ -540,6 +540,9 @@ def test_masked_layers_errors_name_the_field(data_dir, value, message):
   dense_config = _config(data_dir, **{'strategy.masked_layers': 'stem', 'model.masked': False})
   with pytest.raises(ValueError, match='strategy.masked_layers chooses the layers a masked'):
     build.validate_config(dense_config)
+  remat = _config(data_dir, **{'strategy.masked_layers': 'stem', 'model.remat_blocks': 'full'})
+  with pytest.raises(ValueError, match='model.remat_blocks scans identical blocks'):
+    build.validate_config(remat)
 
 
 def test_band_fine_tuning_stores_only_the_band_and_reloads_bit_for_bit(dense, data_dir, tmp_path):
