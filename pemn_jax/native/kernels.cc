@@ -215,17 +215,17 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
   }
 }
 
-// Copies rows [r0, r1) of image `img`'s zero-padded (ph, pw) grid, all channels, into `buf` as
-// float32: buf[((r - r0) * pw + s) * cp + c], cp = the channels rounded up to VL (the extra
-// channels zero). Reads x in memory order, a pixel's channels then the next pixel's: the image
-// streams in once, and the per-channel-block loops that follow read the buffer from cache.
+// Copies image `img`'s zero-padded (ph, pw) grid, all channels, into `buf` as float32:
+// buf[(r * pw + s) * cp + c], cp = the channels rounded up to VL (the extra channels zero, as
+// Load fills the lanes past the last channel with zeros). Reads x in memory order, a pixel's
+// channels then the next pixel's: the image streams in once, and the per-channel-block loops
+// that follow read the buffer from cache.
 template <typename T>
-void PadImage(const Geometry& g, const T* x, int64_t img, int64_t r0, int64_t r1, int64_t cp,
-              std::vector<float>& buf) {
-  const int64_t pw = g.pw();
-  buf.resize((r1 - r0) * pw * cp);
+void PadImage(const Geometry& g, const T* x, int64_t img, int64_t cp, std::vector<float>& buf) {
+  const int64_t ph = g.ph(), pw = g.pw();
+  buf.resize(ph * pw * cp);
   float* out = buf.data();
-  for (int64_t r = r0; r < r1; ++r) {
+  for (int64_t r = 0; r < ph; ++r) {
     const int64_t src_r = r - g.pad_h;
     for (int64_t s = 0; s < pw; ++s, out += cp) {
       const int64_t src_s = s - g.pad_w;
@@ -235,8 +235,7 @@ void PadImage(const Geometry& g, const T* x, int64_t img, int64_t r0, int64_t r1
       }
       const T* px = x + ((img * g.h + src_r) * g.w + src_s) * g.c;
       for (int64_t c0 = 0; c0 < cp; c0 += VL) {
-        const int lanes = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(VL, g.c - c0)));
-        Store(out + c0, lanes ? Load(px + c0, lanes) : vf{}, VL);
+        Store(out + c0, Load(px + c0, static_cast<int>(std::min<int64_t>(VL, g.c - c0))), VL);
       }
     }
   }
@@ -262,7 +261,7 @@ void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t gr
     acc = acc_rt.data();
   }
   for (int64_t img = group * per; img < (group + 1) * per; ++img) {
-    PadImage(g, x, img, 0, g.ph(), cp, buf);
+    PadImage(g, x, img, cp, buf);
     for (int64_t r = 0; r < g.oh; ++r) {
       const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c;
       for (int64_t b = 0; b < blocks; ++b) {
