@@ -139,11 +139,18 @@ def _check_masked_layers(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def check_masked_layers(config: ml_collections.ConfigDict, model: nn.Module, shape) -> None:
+def check_masked_layers(
+  config: ml_collections.ConfigDict, model: nn.Module, shape, order=None
+) -> None:
   """Raises ValueError if ``strategy.masked_layers`` matches none of the model's layers, naming
-  the layer paths it can match (read off abstract inits: no array is made)."""
+  the layer paths it can match (read off abstract inits: no array is made). ``order``: the
+  model's masked kernel paths (``kernel_order``), when the caller has them."""
   only = config.strategy.get('masked_layers')
-  if only is None or not config.model.masked or kernel_order(model, shape):
+  if only is None or not config.model.masked:
+    return
+  if order is None:
+    order = kernel_order(model, shape)
+  if order:
     return
   every = config.copy_and_resolve_references()
   every.strategy.masked_layers = None
@@ -401,8 +408,8 @@ def init_variables(
   """
   shape = tuple(shape or input_shape(config))
   check_input_shape(config, shape)
-  check_masked_layers(config, model, shape)
   abstract, order = _abstract_init(model, shape)
+  check_masked_layers(config, model, shape, order)
   check_model_size(config, abstract)  # before a byte of it is drawn
   s = config.strategy
   params_key, seed_frozen_key = model_keys(config.seed)

@@ -86,9 +86,10 @@ def summarize(
     # Layers strategy.masked_layers leaves unmasked are ordinary fp32 kernels: the report counts
     # them with the normalisation values, 32 bits each (a mask delta over a base stores neither
     # when they are the base's; its .pemn file, ``artifact.inspect``, is the measured size).
-    unmasked = build.trainable_kernel_order(model, shape)
-    out['unmasked_weights'] = int(
-      sum(np.prod(strategies.get_path(variables['params'], p).shape) for p in unmasked)
+    out['unmasked_weights'] = sum(
+      int(np.prod(leaf.shape))
+      for p, leaf in strategies.tree_items(variables['params'])
+      if p[-1] == 'kernel'
     )
     rep = storage.report(shapes, nv + out['unmasked_weights'], s.name, s.keep_fraction, s.rp_ratio)
     out['unique_values'] = strategies.stored_value_count(shapes, s.name, s.rp_ratio)
