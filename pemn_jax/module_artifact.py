@@ -617,21 +617,9 @@ def load_module(path: str, module, base=None, base_format=None, base_name_map=No
   )
   kwargs = dict(mod['call_kwargs'])
   abstract = _abstract_init(module, specs, kwargs)
-  structure = _structure(abstract)
-  if structure != mod['structure']:
-    cls = f'{type(module).__module__}.{type(module).__qualname__}'
-    raise ArtifactError(
-      f'{path} was exported from another module definition (file: {mod["class"]}, given: '
-      f'{cls}): {_difference_for_load(mod["structure"], structure)}'
-    )
+  _check_definition(path, mod, _structure(abstract), module, 'module')
   masked = _masked_layers(module, abstract, specs, kwargs)
-  recorded = {tuple(n.split('/')): k for n, k in mod['masked_layers'].items()}
-  if set(masked) != set(recorded):
-    diff = sorted(set(masked) ^ set(recorded))[0]
-    raise ArtifactError(
-      f'{path}: layer {"/".join(diff)} is masked in '
-      f'{"the module" if diff in masked else "the file"} only'
-    )
+  _check_masked(path, mod, masked, 'module')
   flat = {}
   for e in header['entries']:
     data = v.payload[e['offset'] : e['offset'] + e['length']]
@@ -690,6 +678,28 @@ def load_module(path: str, module, base=None, base_format=None, base_name_map=No
         f'wrote the file ({header["versions"]["jax"]}); refusing to use it'
       )
   return traverse_util.unflatten_dict(flat)
+
+
+def _check_definition(path: str, mod: dict, structure: list, obj, noun: str) -> None:
+  """Raises ArtifactError unless ``obj`` (the given module or model, its variable structure
+  ``structure``) is the definition the file's module section records."""
+  if structure != mod['structure']:
+    cls = f'{type(obj).__module__}.{type(obj).__qualname__}'
+    raise ArtifactError(
+      f'{path} was exported from another {noun} definition (file: {mod["class"]}, given: '
+      f'{cls}): {_difference_for_load(mod["structure"], structure)}'
+    )
+
+
+def _check_masked(path: str, mod: dict, masked: dict, noun: str) -> None:
+  """Raises ArtifactError unless the given module or model masks the layers the file does."""
+  recorded = {tuple(n.split('/')) for n in mod['masked_layers']}
+  if set(masked) != recorded:
+    diff = sorted(set(masked) ^ recorded)[0]
+    raise ArtifactError(
+      f'{path}: layer {"/".join(diff)} is masked in '
+      f'{f"the {noun}" if diff in masked else "the file"} only'
+    )
 
 
 def _difference_for_load(recorded: list, given: list) -> str:
@@ -786,18 +796,9 @@ def _export_nnx(path: str, model, step: int) -> dict:
 def _load_nnx(path: str, v, model):
   header, mod = v.header, v.header['module']
   variables = _nnx_variables(model)
-  structure = _nnx_structure(variables)
-  if structure != mod['structure']:
-    cls = f'{type(model).__module__}.{type(model).__qualname__}'
-    raise ArtifactError(
-      f'{path} was exported from another model definition (file: {mod["class"]}, given: '
-      f'{cls}): {_difference_for_load(mod["structure"], structure)}'
-    )
+  _check_definition(path, mod, _nnx_structure(variables), model, 'model')
   masked = _nnx_masked(model)
-  recorded = {tuple(n.split('/')): k for n, k in mod['masked_layers'].items()}
-  if set(masked) != set(recorded):
-    diff = sorted(set(masked) ^ set(recorded))[0]
-    raise ArtifactError(f'{path}: layer {"/".join(diff)} is masked in only one of file and model')
+  _check_masked(path, mod, masked, 'model')
   got = _nnx_fingerprint(variables, masked)
   if got != header['frozen_fingerprint']:
     raise ArtifactError(

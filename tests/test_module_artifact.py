@@ -17,7 +17,7 @@ import pytest
 from flax import traverse_util
 
 import pemn_jax as pemn
-from pemn_jax import artifact, layers, masking, storage
+from pemn_jax import artifact, layers, masking, module_artifact, storage
 
 RNGS = {'params': jax.random.key(0), 'frozen': jax.random.key(1)}
 
@@ -237,19 +237,7 @@ def test_nnx_model_round_trip_and_wrong_rngs(tmp_path):
     pemn.load_module(path, OurLayers())
 
 
-@pytest.mark.parametrize(
-  'field',
-  [
-    'class',
-    'inputs',
-    'call_kwargs',
-    'structure',
-    'structure_fingerprint',
-    'masked_layers',
-    'init',
-    'framework',
-  ],
-)
+@pytest.mark.parametrize('field', sorted(module_artifact.MODULE_FIELDS))
 def test_a_malformed_module_section_is_one_line_never_a_crash(field, tmp_path):
   module, x, _ = CASES['our_layers']()
   path = tmp_path / 'net.pemn'
