@@ -698,12 +698,8 @@ def do_report(args) -> int:
         )
     ax.set_xscale('log')
     xs_all = [p[0] for pts in fams.values() for p in pts]
-    if xs_all and max(xs_all) < 10 * min(xs_all):
-      # Less than a decade: no major (power-of-ten) tick would be labelled; zoom to the data
-      # and label the minor ticks in plain bytes instead.
+    if label_minor_bytes(ax, xs_all):  # less than a decade: zoom to the data too
       ax.set_xlim(min(xs_all) / 1.25, max(xs_all) * 1.25)
-      ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
-      ax.tick_params(axis='x', which='minor', labelsize=7)
     else:
       ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel('storage (bytes, log scale)')
@@ -871,6 +867,18 @@ def point_keep(overrides: dict) -> float:
   return 1.0
 
 
+def label_minor_bytes(ax, values) -> bool:
+  """On a log x axis over ``values`` spanning less than a decade, where no major (power-of-ten)
+  tick would be labelled, labels the minor ticks in plain bytes; returns whether it did."""
+  import matplotlib
+
+  if not values or max(values) >= 10 * min(values):
+    return False
+  ax.xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
+  ax.tick_params(axis='x', which='minor', labelsize=7)
+  return True
+
+
 def write_readme(args, md: list[str], records: list) -> str:
   """Writes ``md`` and the commands section as the grid's README.md; returns its folder."""
   out = os.path.join(args.results, args.grid)
@@ -1029,9 +1037,7 @@ def do_pretrained_report(args) -> int:
   axes[0].set_xlabel('keep fraction')
   axes[0].set_ylabel('final test accuracy (%)')
   axes[1].set_xscale('log')
-  if sizes and max(sizes) < 10 * min(sizes):
-    axes[1].xaxis.set_minor_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f'{v:,.0f}'))
-    axes[1].tick_params(axis='x', which='minor', labelsize=7)
+  label_minor_bytes(axes[1], sizes)
   axes[1].set_xlabel('.pemn file bytes (seed 0, log scale)')
   axes[0].legend(fontsize=7)
   fig.suptitle(f'{short_dataset(r0["dataset"])}: {args.grid}, masks over a trained model')
