@@ -1,4 +1,4 @@
-"""Where a train step's time goes: thread time per kind of op, from a ``jax.profiler`` trace.
+"""Where a train step's time goes: op time per kind of op, from a ``jax.profiler`` trace.
 
   python -m experiments.profile_step [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
                                      [--steps N] [--dtypes float32,bfloat16] [--json]
@@ -14,8 +14,8 @@ threads (the main thread and XLA's intra-op pool), grouped by kind:
     converts, residual adds, ...);
   * ``copy``: copies and transposes; ``other``: the rest.
 
-Thread time is summed over threads, so with two busy threads it is about twice the wall time;
-``busy_share`` is thread time / (wall x threads). Under load from other processes every op
+Op time is summed over the threads that ran the ops (``op_ms_total`` beside ``step_wall_ms``;
+``op_share`` is each kind's part of the total). Under load from other processes every op
 stretches, so compare the shares, not the times, between machines or runs; and time a step
 with ``experiments.bench_step``, not with this (tracing costs a little).
 """
