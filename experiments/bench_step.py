@@ -211,8 +211,9 @@ def native_calls(compiled) -> list[str]:
 
 
 def dot_flops(jaxpr) -> float:
-  """``2 M N K`` summed over every ``dot_general`` and ``conv_general_dilated`` of ``jaxpr``
-  (a ``ClosedJaxpr`` or ``Jaxpr``), sub-jaxprs included, a scan's body times its length."""
+  """``2 M N K`` summed over every ``dot_general``, ``conv_general_dilated`` and native bf16
+  GEMM call of ``jaxpr`` (a ``ClosedJaxpr`` or ``Jaxpr``), sub-jaxprs included, a scan's body
+  times its length."""
   import math
 
   jaxpr = getattr(jaxpr, 'jaxpr', jaxpr)
@@ -224,6 +225,11 @@ def dot_flops(jaxpr) -> float:
       (lc, _), _ = eqn.params['dimension_numbers']
       lhs = eqn.invars[0].aval
       total += 2.0 * math.prod(out.shape) * math.prod(lhs.shape[i] for i in lc)
+    elif name == 'ffi_call' and eqn.params['target_name'] == 'pemn_gemm_bf16':
+      # the native bf16 GEMM (model.native_kernels 'gemm'): op(a) (M, K) @ op(b) (K, N)
+      a = eqn.invars[0].aval
+      k = a.shape[0] if dict(eqn.params['attributes'])['trans_a'] else a.shape[1]
+      total += 2.0 * math.prod(out.shape) * k
     elif name == 'conv_general_dilated':
       rhs = eqn.invars[1].aval
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out features, in features, *spatial)
