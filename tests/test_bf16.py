@@ -85,11 +85,12 @@ def test_cpu_has_bf16_gemm_reads_cpu_flags():
 
 @cpu_only
 @pytest.mark.parametrize('pads', ['SAME', ((1, 3), (0, 2))], ids=['same', 'onesided'])
-def test_native_depthwise_bf16_matches_float32(pads):
+@pytest.mark.parametrize('channels', [19, 40])  # a work item's line of blocks: full, partial
+def test_native_depthwise_bf16_matches_float32(pads, channels):
   native.available() or pytest.skip(native.unavailable_reason())
-  x, kernel = _inputs((6, 9, 8, 19), (5, 5), seed=5)
+  x, kernel = _inputs((6, 9, 8, channels), (5, 5), seed=5)
   xb, kb = x.astype(BF16), kernel.astype(BF16)
-  cot = jax.random.normal(jax.random.key(6), (6, 9, 8, 19))
+  cot = jax.random.normal(jax.random.key(6), (6, 9, 8, channels))
   if pads != 'SAME':
     cot = jax.random.normal(jax.random.key(6), _reference(x, kernel, pads).shape)
 
@@ -103,7 +104,9 @@ def test_native_depthwise_bf16_matches_float32(pads):
   got = fn(xb, kb)
   assert [a.dtype for a in got] == [BF16] * 3
   ref32 = vjp(lambda x, k: _reference(x, k, pads), xb.astype(F32), kb.astype(F32))
-  xla16 = jax.jit(lambda x, k: vjp(lambda x, k: ops.conv(x, k, (1, 1), pads, 19, 'fast'), x, k))
+  xla16 = jax.jit(
+    lambda x, k: vjp(lambda x, k: ops.conv(x, k, (1, 1), pads, channels, 'fast'), x, k)
+  )
   ref16 = xla16(xb, kb)
   for a, b, c in zip(got, ref32, ref16, strict=True):
     _close(a, b, rel=1e-2)

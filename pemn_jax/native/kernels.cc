@@ -42,6 +42,7 @@
 // split over XLA's pool here; or oneDNN's dnnl_gemm_bf16bf16f32), loaded by Python at run time
 // where installed (AMX / AVX512-BF16). Without one the call fails (Python never uses it then).
 #include <algorithm>
+#include <immintrin.h>
 #include <initializer_list>
 #include <atomic>
 #include <condition_variable>
@@ -154,31 +155,44 @@ struct Geometry {
   int64_t pw() const { return ow + kw - 1; }
 };
 
-// Copies channels [c0, c0 + lanes) of image `img` into `buf` as a zero-padded (ph, pw) block.
+// Channel blocks of VL channels that one forward work item takes: as many as fill a 64-byte
+// cache line of T (one block of float32, two of bfloat16), so that no two items, which may run on
+// two threads at once, read or write parts of the same line.
 template <typename T>
-void PadBlock(const Geometry& g, const T* x, int64_t img, int64_t c0, int lanes,
-              std::vector<vf>& buf) {
-  const int64_t ph = g.ph(), pw = g.pw();
-  buf.assign(ph * pw, vf{});
+constexpr int64_t kLineBlocks = std::max<int64_t>(1, 64 / (VL * sizeof(T)));
+
+// Copies channel blocks [cb0, cb1) of image `img` into `buf`, each as a zero-padded (ph, pw)
+// block of its own (block cb0 + b at buf[b * ph * pw]), reading each pixel's channels once.
+template <typename T>
+void PadBlocks(const Geometry& g, const T* x, int64_t img, int64_t cb0, int64_t cb1,
+               std::vector<vf>& buf) {
+  const int64_t ph = g.ph(), pw = g.pw(), plane = ph * pw;
+  buf.assign((cb1 - cb0) * plane, vf{});
+  const int64_t s0 = std::max<int64_t>(0, g.pad_w), s1 = std::min<int64_t>(pw, g.w + g.pad_w);
   for (int64_t r = 0; r < ph; ++r) {
     const int64_t src_r = r - g.pad_h;
     if (src_r < 0 || src_r >= g.h) continue;
-    const int64_t s0 = std::max<int64_t>(0, g.pad_w), s1 = std::min<int64_t>(pw, g.w + g.pad_w);
-    const T* row = x + ((img * g.h + src_r) * g.w) * g.c + c0;
-    for (int64_t s = s0; s < s1; ++s) buf[r * pw + s] = Load(row + (s - g.pad_w) * g.c, lanes);
+    const T* row = x + ((img * g.h + src_r) * g.w) * g.c;
+    for (int64_t s = s0; s < s1; ++s) {
+      const T* px = row + (s - g.pad_w) * g.c;
+      for (int64_t cb = cb0; cb < cb1; ++cb) {
+        const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - cb * VL));
+        buf[(cb - cb0) * plane + r * pw + s] = Load(px + cb * VL, lanes);
+      }
+    }
   }
 }
 
 constexpr int kQ = 8;  // outputs of a row computed together by FwdItem
 
+// Channel blocks [cb0, cb1) of image `img` (kLineBlocks<T> of them, fewer at the end).
 // KH, KW > 0: compile-time taps (fully unrolled, accumulators in registers); 0: runtime.
 template <int KH, int KW, typename T>
-void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb) {
+void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb0,
+             int64_t cb1) {
   const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
-  const int64_t c0 = cb * VL;
-  const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
-  thread_local std::vector<vf> buf;
-  PadBlock(g, x, img, c0, lanes, buf);
+  thread_local std::vector<vf> bufs;
+  PadBlocks(g, x, img, cb0, cb1, bufs);
   std::vector<vf> taps_rt;
   vf taps_ct[(KH ? KH : 1) * (KW ? KW : 1)];
   vf* taps = taps_ct;
@@ -186,31 +200,36 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
     taps_rt.resize(kh * kw);
     taps = taps_rt.data();
   }
-  for (int64_t t = 0; t < kh * kw; ++t) taps[t] = Load(k + t * g.c + c0, lanes);
-  const int64_t pw = g.pw();
-  for (int64_t r = 0; r < g.oh; ++r) {
-    T* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
-    // kQ outputs at once: kQ independent accumulator chains in flight (each output still sums
-    // its taps in the same order as the one-at-a-time tail below).
-    int64_t s = 0;
-    for (; s + kQ <= g.ow; s += kQ) {
-      vf acc[kQ] = {};
-      for (int64_t i = 0; i < kh; ++i) {
-        const vf* src = &buf[(r + i) * pw + s];
-        for (int64_t j = 0; j < kw; ++j) {
-          const vf tap = taps[i * kw + j];
-          for (int q = 0; q < kQ; ++q) acc[q] += src[q + j] * tap;
+  const int64_t pw = g.pw(), plane = g.ph() * pw;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const int64_t c0 = cb * VL;
+    const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
+    const vf* buf = bufs.data() + (cb - cb0) * plane;
+    for (int64_t t = 0; t < kh * kw; ++t) taps[t] = Load(k + t * g.c + c0, lanes);
+    for (int64_t r = 0; r < g.oh; ++r) {
+      T* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
+      // kQ outputs at once: kQ independent accumulator chains in flight (each output still sums
+      // its taps in the same order as the one-at-a-time tail below).
+      int64_t s = 0;
+      for (; s + kQ <= g.ow; s += kQ) {
+        vf acc[kQ] = {};
+        for (int64_t i = 0; i < kh; ++i) {
+          const vf* src = &buf[(r + i) * pw + s];
+          for (int64_t j = 0; j < kw; ++j) {
+            const vf tap = taps[i * kw + j];
+            for (int q = 0; q < kQ; ++q) acc[q] += src[q + j] * tap;
+          }
         }
+        for (int q = 0; q < kQ; ++q) Store(out + (s + q) * g.c, acc[q], lanes);
       }
-      for (int q = 0; q < kQ; ++q) Store(out + (s + q) * g.c, acc[q], lanes);
-    }
-    for (; s < g.ow; ++s) {
-      vf acc = {};
-      for (int64_t i = 0; i < kh; ++i) {
-        const vf* src = &buf[(r + i) * pw + s];
-        for (int64_t j = 0; j < kw; ++j) acc += src[j] * taps[i * kw + j];
+      for (; s < g.ow; ++s) {
+        vf acc = {};
+        for (int64_t i = 0; i < kh; ++i) {
+          const vf* src = &buf[(r + i) * pw + s];
+          for (int64_t j = 0; j < kw; ++j) acc += src[j] * taps[i * kw + j];
+        }
+        Store(out + s * g.c, acc, lanes);
       }
-      Store(out + s * g.c, acc, lanes);
     }
   }
 }
@@ -346,8 +365,10 @@ ffi::Error DwFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> k
     const T* xp = In<T>(x);
     T* yp = Out<T>(y);
     Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-      ParallelFor(pool, g.n * blocks, [&](int64_t item) {
-        FwdItem<KH, KW>(g, xp, kp, yp, item / blocks, item % blocks);
+      const int64_t per = kLineBlocks<T>, groups = (blocks + per - 1) / per;
+      ParallelFor(pool, g.n * groups, [&](int64_t item) {
+        const int64_t cb0 = (item % groups) * per;
+        FwdItem<KH, KW>(g, xp, kp, yp, item / groups, cb0, std::min(blocks, cb0 + per));
       });
     });
     return ffi::Error::Success();
@@ -390,9 +411,18 @@ inline vf VExpNeg(vf x) {
   const vf lo = Splat(-87.0f);
   const vi under = x < lo;
   x = under ? lo : x;
-  vf fx = x * 1.44269504088896341f + 0.5f;
+  const vf fx = x * 1.44269504088896341f + 0.5f;
+#if defined(__AVX512F__)
+  // floor and the scaling by 2^fl in one instruction each (the same values as below).
+  __m512 fxr, flr;
+  std::memcpy(&fxr, &fx, sizeof(fxr));
+  flr = _mm512_roundscale_ps(fxr, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  vf fl;
+  std::memcpy(&fl, &flr, sizeof(fl));
+#else
   vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
   fl = fl - __builtin_convertvector((fl > fx) & 1, vf);  // floor
+#endif
   vf r = x - fl * 0.693359375f + fl * 2.12194440e-4f;
   vf p = Splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
@@ -401,10 +431,18 @@ inline vf VExpNeg(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
+#if defined(__AVX512F__)
+  __m512 pr;
+  std::memcpy(&pr, &p, sizeof(pr));
+  pr = _mm512_scalef_ps(pr, flr);
+  vf out;
+  std::memcpy(&out, &pr, sizeof(out));
+#else
   vi bits = (__builtin_convertvector(fl, vi) + 127) << 23;
   vf scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   vf out = p * scale;
+#endif
   return under ? Splat(0.0f) : out;
 }
 
