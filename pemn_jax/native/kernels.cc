@@ -161,25 +161,18 @@ struct Geometry {
 template <typename T>
 constexpr int64_t kLineBlocks = std::max<int64_t>(1, 64 / (VL * sizeof(T)));
 
-// Copies channel blocks [cb0, cb1) of image `img` into `buf`, each as a zero-padded (ph, pw)
-// block of its own (block cb0 + b at buf[b * ph * pw]), reading each pixel's channels once.
+// Copies channels [c0, c0 + lanes) of image `img` into `buf` as a zero-padded (ph, pw) block.
 template <typename T>
-void PadBlocks(const Geometry& g, const T* x, int64_t img, int64_t cb0, int64_t cb1,
-               std::vector<vf>& buf) {
-  const int64_t ph = g.ph(), pw = g.pw(), plane = ph * pw;
-  buf.assign((cb1 - cb0) * plane, vf{});
-  const int64_t s0 = std::max<int64_t>(0, g.pad_w), s1 = std::min<int64_t>(pw, g.w + g.pad_w);
+void PadBlock(const Geometry& g, const T* x, int64_t img, int64_t c0, int lanes,
+              std::vector<vf>& buf) {
+  const int64_t ph = g.ph(), pw = g.pw();
+  buf.assign(ph * pw, vf{});
   for (int64_t r = 0; r < ph; ++r) {
     const int64_t src_r = r - g.pad_h;
     if (src_r < 0 || src_r >= g.h) continue;
-    const T* row = x + ((img * g.h + src_r) * g.w) * g.c;
-    for (int64_t s = s0; s < s1; ++s) {
-      const T* px = row + (s - g.pad_w) * g.c;
-      for (int64_t cb = cb0; cb < cb1; ++cb) {
-        const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - cb * VL));
-        buf[(cb - cb0) * plane + r * pw + s] = Load(px + cb * VL, lanes);
-      }
-    }
+    const int64_t s0 = std::max<int64_t>(0, g.pad_w), s1 = std::min<int64_t>(pw, g.w + g.pad_w);
+    const T* row = x + ((img * g.h + src_r) * g.w) * g.c + c0;
+    for (int64_t s = s0; s < s1; ++s) buf[r * pw + s] = Load(row + (s - g.pad_w) * g.c, lanes);
   }
 }
 
@@ -191,8 +184,7 @@ template <int KH, int KW, typename T>
 void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb0,
              int64_t cb1) {
   const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw;
-  thread_local std::vector<vf> bufs;
-  PadBlocks(g, x, img, cb0, cb1, bufs);
+  thread_local std::vector<vf> buf;
   std::vector<vf> taps_rt;
   vf taps_ct[(KH ? KH : 1) * (KW ? KW : 1)];
   vf* taps = taps_ct;
@@ -200,11 +192,13 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
     taps_rt.resize(kh * kw);
     taps = taps_rt.data();
   }
-  const int64_t pw = g.pw(), plane = g.ph() * pw;
+  const int64_t pw = g.pw();
   for (int64_t cb = cb0; cb < cb1; ++cb) {
+    // The block's pixels share their cache lines with the item's other blocks: after the
+    // first block's copy, the others are read from L1.
     const int64_t c0 = cb * VL;
     const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
-    const vf* buf = bufs.data() + (cb - cb0) * plane;
+    PadBlock(g, x, img, c0, lanes, buf);
     for (int64_t t = 0; t < kh * kw; ++t) taps[t] = Load(k + t * g.c + c0, lanes);
     for (int64_t r = 0; r < g.oh; ++r) {
       T* out = y + ((img * g.oh + r) * g.ow) * g.c + c0;
