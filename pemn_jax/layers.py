@@ -128,14 +128,16 @@ class FusedGeluBatchNorm(nn.Module):
   Same variables as ``nn.BatchNorm`` (params ``scale``, ``bias``; batch_stats ``mean``,
   ``var``), same statistics (biased batch variance, ``E[z^2] - E[z]^2``), same running-average
   update and the same gradients; float32, or bfloat16 computed in float32 (statistics and
-  parameters float32, output bfloat16), only in training (``gelu_batch_norm`` decides).
+  parameters float32, output bfloat16), only in training (``gelu_batch_norm`` decides). With
+  ``residual`` (x's shape and dtype), returns ``residual + BatchNorm(gelu(x))`` from the same
+  pass (``native.gelu_batch_norm_add``: one rounding of the sum in bfloat16).
   """
 
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, residual=None):
     feat = (x.shape[-1],)
     ra_mean = self.variable('batch_stats', 'mean', lambda s: jnp.zeros(s, jnp.float32), feat)
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), feat)
@@ -146,6 +148,8 @@ class FusedGeluBatchNorm(nn.Module):
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    if residual is not None:
+      return native.gelu_batch_norm_add(x, residual, scale, bias, mean, var, self.epsilon)
     return native.gelu_batch_norm(x, scale, bias, mean, var, self.epsilon)
 
 
@@ -154,16 +158,20 @@ def gelu_batch_norm(train: bool, dtype: Dtype | None = None):
   a ConvMixer: in training, in float32 or bfloat16, where ``native.usable``, as
   ``FusedGeluBatchNorm`` (4 streaming passes instead of XLA's ~10 fusions and residuals);
   otherwise literally that. Both register the same variables under ``name``.
+  ``gelu_bn(name=...)(x, residual)`` adds ``residual`` to the result (in the fused kernel's
+  pass where it is used).
   """
 
   def make(name: str):
-    def apply(x):
+    def apply(x, residual=None):
       # The fused kernels return x's dtype: what Flax returns for dtype=x.dtype, or for None
       # with a float32 x (bfloat16 is computed in float32 inside them, native.DTYPES).
       same = x.dtype == (jnp.float32 if dtype is None else jnp.dtype(dtype))
-      if train and same and native.usable(x, feature='gelu_bn'):
-        return FusedGeluBatchNorm(name=name)(x)
-      return batch_norm(train, dtype)(name=name)(gelu(x))
+      others = () if residual is None else (residual,)
+      if train and same and native.usable(x, *others, feature='gelu_bn'):
+        return FusedGeluBatchNorm(name=name)(x, residual)
+      y = batch_norm(train, dtype)(name=name)(gelu(x))
+      return y if residual is None else residual + y
 
     return apply
 

@@ -283,6 +283,56 @@ def test_fused_gelu_batch_norm_matches_flax(shape):
   chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gelu_batch_norm_with_residual_matches_flax(dtype):
+  """``gelu_bn(x, residual)``: the fused add (``pemn_gelu_bn_add_fwd``) gives Flax's
+  ``residual + BatchNorm(gelu(x))``, and the same gradients for x, the residual, scale and
+  bias (bfloat16: the fused sum is rounded once, Flax's twice, so to bfloat16 rounding)."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  import flax.linen as nn
+
+  from pemn_jax import layers
+
+  class M(nn.Module):
+    @nn.compact
+    def __call__(self, x, r):
+      return layers.gelu_batch_norm(True, dtype)(name='bn')(x, r)
+
+  shape = (4, 5, 5, 40)
+  x = (1.5 * jax.random.normal(jax.random.key(0), shape) + 0.3).astype(dtype)
+  r = jax.random.normal(jax.random.key(1), shape).astype(dtype)
+  cot = jax.random.normal(jax.random.key(2), shape).astype(dtype)
+  v = M().init(jax.random.key(3), x, r)
+  params = {'bn': {'scale': 1 + 0.1 * jnp.arange(40.0), 'bias': 0.05 * jnp.arange(40.0)}}
+
+  def run(spec):
+    with native.kernels(spec):
+
+      def f(p, x, r):
+        vs = {'params': p, 'batch_stats': v['batch_stats']}
+        y, upd = M().apply(vs, x, r, mutable=['batch_stats'])
+        return jnp.sum((y * cot).astype(jnp.float32)), (y, upd)
+
+      fn = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+      return fn(params, x, r), fn.lower(params, x, r).as_text()
+
+  ((_, (y, upd)), g), text = run('auto')
+  ((_, (y_ref, upd_ref)), g_ref), text_ref = run('none')
+  assert 'pemn_gelu_bn_add_fwd' in text and 'pemn_gelu' not in text_ref
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  assert y.dtype == dtype and g[1].dtype == g[2].dtype == dtype
+  chex.assert_trees_all_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=tol, atol=tol)
+  chex.assert_trees_all_close(upd, upd_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(g[2], cot)  # the residual's gradient is the cotangent itself
+  big = 1e-4 if dtype == jnp.float32 else 5e-2
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a.astype(jnp.float32), g),
+    jax.tree.map(lambda a: a.astype(jnp.float32), g_ref),
+    rtol=big,
+    atol=big,
+  )
+
+
 def test_gelu_batch_norm_factory_paths():
   """Training float32 and bfloat16 take the fused kernels; eval, a dtype other than x's and
   float16 stay Flax."""

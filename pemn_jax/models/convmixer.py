@@ -29,8 +29,9 @@ BLOCK_LAYERS = ('depthwise', 'depthwise_bn', 'pointwise', 'pointwise_bn')
 
 def mixer_block(x, depthwise, depthwise_bn, pointwise, pointwise_bn):
   """Residual[depthwise conv, GELU, BN] -> pointwise conv, GELU, BN (the layers are callables;
-  each ``*_bn`` is GELU then BN, ``layers.gelu_batch_norm``)."""
-  x = x + depthwise_bn(depthwise(x))
+  each ``*_bn`` is GELU then BN, ``layers.gelu_batch_norm``, which takes the residual so that
+  the fused kernel adds it in its pass)."""
+  x = depthwise_bn(depthwise(x), x)
   return pointwise_bn(pointwise(x))
 
 

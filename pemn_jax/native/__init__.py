@@ -40,7 +40,8 @@ Two modules:
 * ``ops``: which kernel is used where (``FEATURES``, ``enabled``, ``usable``, ``topk_usable``;
   per-shard calls under a data-parallel mesh), the switch (``parse_kernels``, ``kernels``,
   ``kernels_from_env``) and the JAX ops with their VJPs (``depthwise``,
-  ``depthwise_kernel_grad``, ``topk_mask``, ``gelu_batch_stats``, ``gelu_batch_norm``).
+  ``depthwise_kernel_grad``, ``topk_mask``, ``gelu_batch_stats``, ``gelu_batch_norm``,
+  ``gelu_batch_norm_add``).
 
 Which kernels a run uses is the config field ``model.native_kernels``: ``'auto'`` (all, where
 usable: the default), ``'none'`` (pure XLA) or a subset of ``FEATURES``, applied while the step
@@ -65,6 +66,7 @@ from pemn_jax.native.ops import (
   depthwise_kernel_grad,
   enabled,
   gelu_batch_norm,
+  gelu_batch_norm_add,
   gelu_batch_stats,
   gemm_bf16,
   gemm_usable,
@@ -86,6 +88,7 @@ __all__ = [
   'depthwise_kernel_grad',
   'enabled',
   'gelu_batch_norm',
+  'gelu_batch_norm_add',
   'gelu_batch_stats',
   'gemm_available',
   'gemm_bf16',

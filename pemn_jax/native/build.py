@@ -53,6 +53,7 @@ TARGETS = {
   'pemn_topk_mask': 'PemnTopkMask',
   'pemn_gelu_stats': 'PemnGeluStats',
   'pemn_gelu_bn_fwd': 'PemnGeluBnFwd',
+  'pemn_gelu_bn_add_fwd': 'PemnGeluBnAddFwd',
   'pemn_gelu_bn_bstats': 'PemnGeluBnBwdStats',
   'pemn_gelu_bn_bwd': 'PemnGeluBnBwd',
   'pemn_gemm_bf16': 'PemnGemmBf16',

@@ -15,9 +15,10 @@
 //                  gradient, as G partial sums over equal consecutive groups of the batch.
 //
 // XLA lowers both to per-tap reductions over the whole batch that stream memory several times;
-// here every input is read once. The forward's work item holds one image's zero-padded channel
-// block (VL channels) in a small local buffer, the block's KH*KW taps in registers and kQ
-// outputs' accumulators in flight; the kernel gradient's item (a group of images) copies each
+// here every input is read once. The forward's work item is one image's channel blocks (VL
+// channels each) that share a 64-byte cache line (one block of float32, two of bfloat16): each
+// block in turn is zero-padded into a small local buffer, its KH*KW taps held in registers and
+// kQ outputs' accumulators kept in flight; the kernel gradient's item (a group of images) copies each
 // image whole, zero-padded, into a local buffer, reading it in memory order, and accumulates
 // every channel block's KH*KW sums from that cached copy.
 // Work items are spread over XLA's intra-op thread pool.
@@ -26,6 +27,7 @@
 // of C channels, in four streaming passes (z = gelu(x), exact erf form):
 //   pemn_gelu_stats:   [sum z, sum z^2] per channel                         -> f32[2, C]
 //   pemn_gelu_bn_fwd:  y = z * coef[0] + coef[1]  (coef: scale*rstd, bias - mean*scale*rstd)
+//                      (pemn_gelu_bn_add_fwd: the same plus a residual r, one rounding)
 //   pemn_gelu_bn_bstats: [sum dy, sum dy * (z - mean) * rstd] (coef: mean, rstd) -> f32[2, C]
 //   pemn_gelu_bn_bwd:  dx = (coef[0] * dy + coef[1] + coef[2] * z) * gelu'(x)
 // XLA computes the same with ~10 fusions and several full-size residuals per site; here only x
@@ -542,20 +544,41 @@ ffi::Error GeluStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<f
   });
 }
 
-ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
-                     ffi::Result<ffi::AnyBuffer> y) {
-  const Rows r(x);
-  if (auto e = CheckCoef(coef, 2, r.c); e.failure()) return e;
+// y = gelu(x) * coef[0] + coef[1], plus r (x's shape and dtype) where r != nullptr: the
+// residual add that follows a ConvMixer block's depthwise GELU+BN, in the same pass (in float32,
+// rounded once).
+ffi::Error GeluBnFwdImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x,
+                         const ffi::Buffer<ffi::F32>& coef, const ffi::AnyBuffer* r,
+                         ffi::Result<ffi::AnyBuffer>& y) {
+  const Rows rows(x);
+  if (auto e = CheckCoef(coef, 2, rows.c); e.failure()) return e;
+  if (r != nullptr && r->element_count() != x.element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "the residual has the wrong size");
+  }
   const float* cp = coef.typed_data();
-  return ByType({x.element_type(), y->element_type()}, [&]<typename T>(T) {
+  const ffi::DataType rt = r != nullptr ? r->element_type() : x.element_type();
+  return ByType({x.element_type(), y->element_type(), rt}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
+    const T* rp = r != nullptr ? In<T>(*r) : nullptr;
     T* yp = Out<T>(y);
-    RowBlocks(pool, r, [&](int64_t o, int64_t b, int lanes) {
-      const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + r.c + b * VL, lanes);
-      Store(yp + o, Gelu(Load(xp + o, lanes), nullptr) * mul + shift, lanes);
+    RowBlocks(pool, rows, [&](int64_t o, int64_t b, int lanes) {
+      const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + rows.c + b * VL, lanes);
+      vf out = Gelu(Load(xp + o, lanes), nullptr) * mul + shift;
+      if (rp != nullptr) out += Load(rp + o, lanes);
+      Store(yp + o, out, lanes);
     });
     return ffi::Error::Success();
   });
+}
+
+ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
+                     ffi::Result<ffi::AnyBuffer> y) {
+  return GeluBnFwdImpl(pool, x, coef, nullptr, y);
+}
+
+ffi::Error GeluBnAddFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
+                        ffi::AnyBuffer r, ffi::Result<ffi::AnyBuffer> y) {
+  return GeluBnFwdImpl(pool, x, coef, &r, y);
 }
 
 ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -727,6 +750,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGemmBf16, GemmBf16,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGeluStats, GeluStats, PEMN_POOL.Arg<PEMN_ANY>().Ret<PEMN_F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGeluBnFwd, GeluBnFwd,
                               PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PemnGeluBnAddFwd, GeluBnAddFwd,
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Arg<PEMN_ANY>().Ret<PEMN_ANY>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PemnGeluBnBwdStats, GeluBnBwdStats,
     PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_F32>());

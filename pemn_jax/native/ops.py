@@ -347,6 +347,32 @@ def _gelu_bn_bwd(epsilon, res, dy):
 gelu_batch_norm.defvjp(_gelu_bn_fwd, _gelu_bn_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def gelu_batch_norm_add(x, residual, scale, bias, mean, var, epsilon: float):
+  """``residual + gelu_batch_norm(x, scale, bias, mean, var, epsilon)`` in one pass (a
+  ConvMixer block's residual add), summed in float32 and rounded once to ``x``'s dtype (which
+  ``residual`` shares). The VJP is ``gelu_batch_norm``'s, and the cotangent itself for
+  ``residual``."""
+  rstd = jax.lax.rsqrt(var + epsilon)
+  mul = scale * rstd
+  coef = jnp.stack([mul, bias - mean * mul])
+  fwd = lambda x, r, coef: _call('pemn_gelu_bn_add_fwd', x.shape, x, coef, r, dtype=x.dtype)
+  return _per_shard(fwd, x, residual, coef, batch_args=1)
+
+
+def _gelu_bn_add_fwd(x, residual, scale, bias, mean, var, epsilon):
+  out = gelu_batch_norm_add(x, residual, scale, bias, mean, var, epsilon)
+  return out, (x, scale, mean, var)
+
+
+def _gelu_bn_add_bwd(epsilon, res, dy):
+  dx, dscale, dbias, dmean, dvar = _gelu_bn_bwd(epsilon, res, dy)
+  return dx, dy.astype(res[0].dtype), dscale, dbias, dmean, dvar
+
+
+gelu_batch_norm_add.defvjp(_gelu_bn_add_fwd, _gelu_bn_add_bwd)
+
+
 # ---- bfloat16 GEMM (a BLAS's, through the FFI) ----------------------------------------------
 
 
