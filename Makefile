@@ -1,4 +1,5 @@
-# pemn-jax: every target creates .venv from requirements.txt when it is missing or stale.
+# pemn-jax: every target creates .venv from requirements.txt (and requirements-gemm.txt) when it is
+# missing or stale.
 PYTHON ?= python3
 # Transparent huge pages for malloc: XLA:CPU re-allocates its step buffer every step (see
 # experiments/results/PERFORMANCE.md); the pemn command sets this by itself.
@@ -23,10 +24,13 @@ help:
 	@echo "make bench-input - host NumPy vs on-device JAX augmentation throughput (experiments.bench_input)"
 	@echo "make help        - this list"
 
-$(STAMP): requirements.txt pyproject.toml
+# requirements-gemm.txt: oneDNN's bf16 GEMM (x86-64 only; used where the CPU has AMX-BF16 or
+# AVX512-BF16, by model.dtype=bfloat16): installed here so that the tests and benchmarks cover it.
+$(STAMP): requirements.txt requirements-gemm.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements-gemm.txt
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
