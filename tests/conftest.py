@@ -16,6 +16,10 @@ the end, and the environment carries it to every subprocess the suite starts:
   cheaper (on 2 cores: test_train + test_artifact + test_steps 135 s -> 92 s, the op-level
   modules 98 s -> 91 s).
 
+``PEMN_TEST_MARCH=LEVEL`` (e.g. ``x86-64-v3``) builds the native kernels for that CPU level
+instead of ``-march=native``: ``test_native.py`` runs part of the suite so, to cover the 8-lane
+AVX2 code paths on a machine with AVX-512.
+
 Fixtures: ``data_dir`` (the embedded Fashion-MNIST subset prepared once into a temporary TFDS
 data dir) and ``pemn_cli`` (runs ``python -m pemn_jax.main ...`` on N host CPU devices).
 ``SLOW_TESTS`` below marks the heavy tests of modules that do not mark them themselves.
@@ -35,6 +39,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT = 300  # seconds: the longest a test's subprocess may run before it fails
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# Set, the session builds the native kernels with -march=VALUE instead of -march=native.
+MARCH_VARIABLE = 'PEMN_TEST_MARCH'
 
 # Environment variable -> its directory under the session's temporary directory.
 _CACHE_DIRS = {
@@ -165,6 +171,11 @@ def pytest_configure(config):
   jax.config.update('jax_compilation_cache_dir', env['JAX_COMPILATION_CACHE_DIR'])
   for name, value in _JAX_CACHE_FLAGS.items():
     jax.config.update(name, value)
+  march = os.environ.get(MARCH_VARIABLE)
+  if march:  # the native kernels built for another CPU level (test_native's AVX2 build test)
+    from pemn_jax.native import build
+
+    build.FLAGS = tuple(f'-march={march}' if f == '-march=native' else f for f in build.FLAGS)
 
 
 def pytest_unconfigure(config):

@@ -283,6 +283,30 @@ def test_fused_gelu_batch_norm_matches_flax(shape):
   chex.assert_trees_all_close(g, g_ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_kernels_built_for_avx2_pass_the_kernel_tests():
+  """The kernels' 8-lane code (AVX2 without AVX-512, the AMD kind's; no AVX512-BF16 rounding):
+  built with ``-march=x86-64-v3`` in a fresh pytest session (conftest's ``PEMN_TEST_MARCH``),
+  the depthwise, GELU+BN and bf16 kernel tests pass against the XLA formulations."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  with open('/proc/cpuinfo') as f:
+    'avx2' in f.read() or pytest.skip('the CPU has no AVX2')
+  import subprocess
+  import sys
+
+  from tests import conftest
+
+  select = 'depthwise or gelu or exactly or topk'
+  cmd = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-m', 'not slow']
+  cmd += ['-k', select, 'tests/test_native.py', 'tests/test_bf16.py']
+  env = dict(os.environ, **{conftest.MARCH_VARIABLE: 'x86-64-v3'})
+  run = subprocess.run(cmd, cwd=conftest.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+  assert ' passed' in run.stdout and ' skipped' not in run.stdout.splitlines()[-1], run.stdout[
+    -500:
+  ]
+
+
 def test_fused_gelu_values_against_the_exact_erf():
   """The kernels' GELU against ``x Phi(x)`` in float64 (``math.erfc``) across [-10, 10]: within
   2e-7 relative or 2.5e-7 absolute (XLA's own exact-form GELU: 3.8e-7 absolute; a rational erf
