@@ -8,6 +8,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/demo
+# extra flags for the demo, e.g. DEMO_FLAGS=--config.model.dtype=bfloat16
+DEMO_FLAGS ?=
 
 .PHONY: help demo test test-fast lint bench bench-remat bench-native bench-codec bench-input clean-demo
 
@@ -50,7 +52,7 @@ test-fast: $(STAMP)
 	XLA_FLAGS="--xla_backend_optimization_level=0 $$XLA_FLAGS" $(BIN)/python -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
-	$(BIN)/python -m experiments.demo --workdir $(WORKDIR)
+	$(BIN)/python -m experiments.demo --workdir $(WORKDIR) $(DEMO_FLAGS)
 
 clean-demo:
 	rm -rf $(WORKDIR)
