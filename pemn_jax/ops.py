@@ -245,11 +245,10 @@ def dot_bf16(x, w):
   what ``jnp.dot`` of two bfloat16 arrays and its autodiff emit, ~1.5x slower than float32
   (experiments/results/PERFORMANCE.md, attempt 36). This VJP keeps the forward and the input
   gradient in the fast form. Where ``native.gemm_usable`` (oneDNN or MKL installed, ``'gemm'``
-  in ``model.native_kernels``), all three products are that library's bfloat16 GEMM instead
-  (same float32 sums; XLA's weight-gradient product is the slow one).
+  in ``model.native_kernels``), the weight gradient is that library's bfloat16 GEMM (the same
+  float32 sums, ~10x XLA's product there); the forward and the input gradient stay XLA's, which
+  measured faster than the library's for them (PERFORMANCE.md, attempt 57).
   """
-  if native.gemm_usable(x):
-    return native.matmul_bf16(x, w).astype(x.dtype)
   return _dot_f32acc(x, w, ((1,), (0,))).astype(x.dtype)
 
 
@@ -260,12 +259,9 @@ def _dot_bf16_fwd(x, w):
 def _dot_bf16_bwd(res, g):
   x, w = res
   g = g.astype(x.dtype)
-  if native.gemm_usable(x):
-    return (
-      native.matmul_bf16_dx(g, w).astype(x.dtype),
-      native.matmul_bf16_dw(x, g).astype(w.dtype),
-    )
   dx = _dot_f32acc(g, w, ((1,), (1,))).astype(x.dtype)
+  if native.gemm_usable(x):
+    return dx, native.matmul_bf16_dw(x, g).astype(w.dtype)
   # The weight gradient contracts the long batch axis, where XLA:CPU's bfloat16 kernels are
   # slower than its float32 ones (attempt 36); bfloat16 products are exact in float32, so the
   # float32 product of the same inputs is the same sum.

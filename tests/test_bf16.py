@@ -187,8 +187,9 @@ def test_gemm_bf16_matches_xla(trans):
 
 @cpu_only
 def test_dot_bf16_takes_the_gemm_kernel_and_matches_xla():
-  """With 'gemm' on, dot_bf16's three products are the BLAS's; values and gradients equal the
-  XLA formulation's (kernels without 'gemm') up to the last bf16 rounding."""
+  """With 'gemm' on, dot_bf16's weight gradient is the BLAS's (the forward and input gradient
+  stay XLA's, faster there); values and gradients equal the XLA formulation's (kernels without
+  'gemm') up to the last bf16 rounding."""
   _need_gemm()
   x = jax.random.normal(jax.random.key(0), (200, 48)).astype(BF16)
   w = jax.random.normal(jax.random.key(1), (48, 24)).astype(BF16)
@@ -202,7 +203,7 @@ def test_dot_bf16_takes_the_gemm_kernel_and_matches_xla():
 
   got, text = run('auto')
   ref, text_ref = run('depthwise,topk,gelu_bn')
-  assert text.count('pemn_gemm_bf16') == 3 and 'pemn_gemm' not in text_ref
+  assert text.count('pemn_gemm_bf16') == 1 and 'pemn_gemm' not in text_ref
   for a, b in zip(got, ref, strict=True):
     assert a.dtype == BF16
     _close(a, b, rel=1e-2)
@@ -255,8 +256,8 @@ def test_native_kernels_read_and_write_bf16_exactly():
 @cpu_only
 @pytest.mark.slow
 def test_gemm_under_data_parallel_mesh(pemn_cli):
-  """Under the training loop's mesh (2 devices), dot_bf16's three library GEMMs run per batch
-  shard (the weight gradient psum-ed) and equal the XLA formulation's values and gradients."""
+  """Under the training loop's mesh (2 devices), dot_bf16's library GEMM (the weight gradient)
+  runs per batch shard, psum-ed, and equals the XLA formulation's values and gradients."""
   _need_gemm()
   import textwrap
 
@@ -284,5 +285,5 @@ def test_gemm_under_data_parallel_mesh(pemn_cli):
   proc = pemn_cli.python('-c', code, devices=2, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   devices, calls, calls_xla, diff = proc.stdout.split()
-  assert (devices, calls, calls_xla) == ('2', '3', '0')
+  assert (devices, calls, calls_xla) == ('2', '1', '0')
   assert float(diff) < 1e-2
