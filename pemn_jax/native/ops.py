@@ -304,11 +304,14 @@ def gelu_batch_norm(x, scale, bias, mean, var, epsilon: float):
   statistics are functions of ``x`` (as in Flax); ``mean`` and ``var`` get a zero cotangent, so
   pass them as computed from this ``x``.
   """
-  rstd = jax.lax.rsqrt(var + epsilon)
-  mul = scale * rstd
-  coef = jnp.stack([mul, bias - mean * mul])
   fwd = lambda x, coef: _call('pemn_gelu_bn_fwd', x.shape, x, coef, dtype=x.dtype)
-  return _per_shard(fwd, x, coef)
+  return _per_shard(fwd, x, _affine_coef(scale, bias, mean, var, epsilon))
+
+
+def _affine_coef(scale, bias, mean, var, epsilon):
+  """The forward passes' ``(2, C)`` coefficients: ``y = z * coef[0] + coef[1]`` is BatchNorm."""
+  mul = scale * jax.lax.rsqrt(var + epsilon)
+  return jnp.stack([mul, bias - mean * mul])
 
 
 def _gelu_bn_fwd(x, scale, bias, mean, var, epsilon):
@@ -353,11 +356,8 @@ def gelu_batch_norm_add(x, residual, scale, bias, mean, var, epsilon: float):
   ConvMixer block's residual add), summed in float32 and rounded once to ``x``'s dtype (which
   ``residual`` shares). The VJP is ``gelu_batch_norm``'s, and the cotangent itself for
   ``residual``."""
-  rstd = jax.lax.rsqrt(var + epsilon)
-  mul = scale * rstd
-  coef = jnp.stack([mul, bias - mean * mul])
   fwd = lambda x, r, coef: _call('pemn_gelu_bn_add_fwd', x.shape, x, coef, r, dtype=x.dtype)
-  return _per_shard(fwd, x, residual, coef, batch_args=1)
+  return _per_shard(fwd, x, residual, _affine_coef(scale, bias, mean, var, epsilon), batch_args=1)
 
 
 def _gelu_bn_add_fwd(x, residual, scale, bias, mean, var, epsilon):
@@ -377,7 +377,8 @@ gelu_batch_norm_add.defvjp(_gelu_bn_add_fwd, _gelu_bn_add_bwd)
 
 
 def gemm_usable(x) -> bool:
-  """Whether the bfloat16 products with batch-major 2-D ``x`` go to the library: ``'gemm'``
+  """Whether the weight gradient of a bfloat16 product with batch-major 2-D ``x`` goes to the
+  library (``matmul_bf16_dw``; the other products are faster in XLA): ``'gemm'``
   enabled, ``gemm_available()`` (MKL or oneDNN found, a CPU with AMX-BF16 or AVX512-BF16),
   bfloat16 ``x`` on the CPU backend, one device or a mesh that splits its rows over
   ``'data'``."""
@@ -386,16 +387,6 @@ def gemm_usable(x) -> bool:
   if not enabled('gemm') or not gemm_available():
     return False
   return jax.device_count() == 1 or _data_mesh(x.shape[0]) is not None
-
-
-def matmul_bf16(x, w):
-  """``x @ w`` in float32 (bfloat16 ``x (M, K)``, ``w (K, N)``), per 'data' shard of ``x``."""
-  return _per_shard(lambda x, w: gemm_bf16(x, w), x, w)
-
-
-def matmul_bf16_dx(g, w):
-  """``g @ w.T`` in float32 (``g (M, N)``, ``w (K, N)``): the input gradient, per shard."""
-  return _per_shard(lambda g, w: gemm_bf16(g, w, trans_b=True), g, w)
 
 
 def matmul_bf16_dw(x, g):
