@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pemn_jax import native
+from pemn_jax.native import build as native_build
 
 Padding = str | Sequence[tuple[int, int]]
 CONV_IMPLS = ('auto', 'xla', 'fast', 'native')
@@ -217,15 +218,7 @@ def depthwise_shift_add(
 @functools.cache
 def cpu_has_bf16_gemm() -> bool:
   """The CPU multiplies bfloat16 in hardware (AMX-BF16 or AVX512-BF16, /proc/cpuinfo)."""
-  try:
-    with open('/proc/cpuinfo') as f:
-      for ln in f:
-        if ln.startswith('flags'):
-          flags = set(ln.split(':', 1)[1].split())
-          return bool(flags & {'amx_bf16', 'avx512_bf16'})
-  except OSError:
-    pass
-  return False
+  return bool(native_build._cpu_flags() & set(native_build.BF16_GEMM_FLAGS))
 
 
 _F32 = jnp.float32

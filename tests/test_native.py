@@ -289,8 +289,9 @@ def test_kernels_built_for_avx2_pass_the_kernel_tests():
   built with ``-march=x86-64-v3`` in a fresh pytest session (conftest's ``PEMN_TEST_MARCH``),
   the depthwise, GELU+BN and bf16 kernel tests pass against the XLA formulations."""
   native.available() or pytest.skip(native.unavailable_reason())
-  with open('/proc/cpuinfo') as f:
-    'avx2' in f.read() or pytest.skip('the CPU has no AVX2')
+  from pemn_jax.native import build as native_build
+
+  'avx2' in native_build._cpu_flags() or pytest.skip('the CPU has no AVX2')
   import subprocess
   import sys
 
