@@ -899,7 +899,14 @@ def _build(header: dict) -> tuple[ml_collections.ConfigDict, nn.Module, tuple[in
   config = common.complete(ml_collections.ConfigDict(copy.deepcopy(header['config'])))
   m, s = config.model, config.strategy
   # Types first, so that build.validate_config compares only what it expects.
-  for field in ('name', 'dtype', 'conv_impl', 'native_kernels', 'remat_blocks'):
+  for field in (
+    'name',
+    'dtype',
+    'conv_impl',
+    'native_kernels',
+    'remat_blocks',
+    'gelu_bn_residuals',
+  ):
     _str(m[field], f'config.model.{field}')
   if m.sparsity_method is not None:
     _str(m.sparsity_method, 'config.model.sparsity_method')

@@ -60,6 +60,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       f'model.remat_blocks is implemented for model.name in {REMAT_MODELS} '
       f'(identical blocks), got {m.name!r}'
     )
+  common.check_choice(m.gelu_bn_residuals, 'model.gelu_bn_residuals', layers.GELU_BN_RESIDUALS)
   common.check_choice(m.dtype, 'model.dtype', DTYPES)
   common.check_choice(m.conv_impl, 'model.conv_impl', ops.CONV_IMPLS)
   if not isinstance(m.native_kernels, str):

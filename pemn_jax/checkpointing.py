@@ -58,7 +58,7 @@ IDENTITY_FIELDS = MODEL_FIELDS + RUN_FIELDS
 # (same variables, same values at every step the runs share).
 MAY_CHANGE_ON_RESUME = {
   # base_source / base_name_map: where the base is read from (its content is fingerprinted)
-  'model': ('remat_blocks', 'native_kernels', 'base_source', 'base_name_map'),
+  'model': ('remat_blocks', 'gelu_bn_residuals', 'native_kernels', 'base_source', 'base_name_map'),
   'data': ('data_dir', 'source_dir', 'source_path', 'prefetch'),
   'train': (
     'num_steps',

@@ -131,10 +131,15 @@ class FusedGeluBatchNorm(nn.Module):
   parameters float32, output bfloat16), only in training (``gelu_batch_norm`` decides). With
   ``residual`` (x's shape and dtype), returns ``residual + BatchNorm(gelu(x))`` from the same
   pass (``native.gelu_batch_norm_add``: one rounding of the sum in bfloat16).
+
+  ``save_gelu``: keep ``gelu(x)`` and ``gelu'(x)`` for the backward, the GELU evaluated once
+  (``native.gelu_batch_norm_saved``); else keep ``x`` and recompute it in every pass
+  (``native.gelu_batch_stats``, then ``native.gelu_batch_norm`` or ``gelu_batch_norm_add``).
   """
 
   momentum: float = BN_MOMENTUM
   epsilon: float = BN_EPSILON
+  save_gelu: bool = True
 
   @nn.compact
   def __call__(self, x, residual=None):
@@ -143,6 +148,13 @@ class FusedGeluBatchNorm(nn.Module):
     ra_var = self.variable('batch_stats', 'var', lambda s: jnp.ones(s, jnp.float32), feat)
     scale = self.param('scale', nn.initializers.ones, feat, jnp.float32)
     bias = self.param('bias', nn.initializers.zeros, feat, jnp.float32)
+    if self.save_gelu:
+      y, mean, var = native.gelu_batch_norm_saved(x, residual, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        mean, var = jax.lax.stop_gradient((mean, var))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+      return y
     # The statistics carry no gradient of their own: gelu_batch_norm's VJP includes theirs.
     mean, var = native.gelu_batch_stats(jax.lax.stop_gradient(x))
     if not self.is_initializing():
@@ -153,14 +165,24 @@ class FusedGeluBatchNorm(nn.Module):
     return native.gelu_batch_norm(x, scale, bias, mean, var, self.epsilon)
 
 
-def gelu_batch_norm(train: bool, dtype: Dtype | None = None):
+GELU_BN_RESIDUALS = ('gelu', 'input')
+
+
+def gelu_batch_norm(train: bool, dtype: Dtype | None = None, residuals: str = 'gelu'):
   """``gelu_bn(name=...)(x) = batch_norm(train, dtype)(name=...)(gelu(x))``, the "GELU, BN" of
   a ConvMixer: in training, in float32 or bfloat16, where ``native.usable``, as
   ``FusedGeluBatchNorm`` (4 streaming passes instead of XLA's ~10 fusions and residuals);
   otherwise literally that. Both register the same variables under ``name``.
   ``gelu_bn(name=...)(x, residual)`` adds ``residual`` to the result (in the fused kernel's
   pass where it is used).
+
+  ``residuals`` (one of ``GELU_BN_RESIDUALS``, ``model.gelu_bn_residuals``) is what the fused
+  form keeps for its backward: ``'gelu'``, ``gelu(x)`` and ``gelu'(x)`` (the GELU evaluated
+  once); ``'input'``, ``x`` alone (half the memory; the GELU recomputed in each of the four
+  passes).
   """
+  if residuals not in GELU_BN_RESIDUALS:
+    raise ValueError(f'residuals must be one of {GELU_BN_RESIDUALS}, got {residuals!r}')
 
   def make(name: str):
     def apply(x, residual=None):
@@ -169,7 +191,7 @@ def gelu_batch_norm(train: bool, dtype: Dtype | None = None):
       same = x.dtype == (jnp.float32 if dtype is None else jnp.dtype(dtype))
       others = () if residual is None else (residual,)
       if train and same and native.usable(x, *others, feature='gelu_bn'):
-        return FusedGeluBatchNorm(name=name)(x, residual)
+        return FusedGeluBatchNorm(name=name, save_gelu=residuals == 'gelu')(x, residual)
       y = batch_norm(train, dtype)(name=name)(gelu(x))
       return y if residual is None else residual + y
 

@@ -114,9 +114,11 @@ def test_native_depthwise_bf16_matches_float32(pads, channels):
 
 
 @cpu_only
-def test_fused_gelu_batch_norm_bf16_matches_flax():
+@pytest.mark.parametrize('save_gelu', [True, False], ids=['gelu', 'input'])
+def test_fused_gelu_batch_norm_bf16_matches_flax(save_gelu):
   """bf16 x: the fused kernels' output, gradients and running statistics match Flax's
-  BatchNorm(gelu(x), dtype=bf16) (statistics and parameters fp32 in both)."""
+  BatchNorm(gelu(x), dtype=bf16) (statistics and parameters fp32 in both), whichever
+  residuals the fused form keeps."""
   native.available() or pytest.skip(native.unavailable_reason())
   import flax.linen as nn
 
@@ -128,7 +130,7 @@ def test_fused_gelu_batch_norm_bf16_matches_flax():
     @nn.compact
     def __call__(self, x):
       if self.fused:
-        return layers.FusedGeluBatchNorm(name='bn')(x)
+        return layers.FusedGeluBatchNorm(name='bn', save_gelu=save_gelu)(x)
       return layers.batch_norm(True, BF16)(name='bn')(layers.gelu(x))
 
   shape = (8, 5, 5, 24)

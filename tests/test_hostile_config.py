@@ -70,6 +70,7 @@ BAD = {
   'model.native_kernels': ['bogus', 'topk,', '', 3, None, True],
   'model.input_shape': [(28, 28), (0, 28, 1), (28.0, 28, 1), 'abc', 28, (BIG, 28, 1), (32, 32, 3)],
   'model.remat_blocks': ['bogus', '', 3, True],
+  'model.gelu_bn_residuals': ['output', '', 3, None, True],
   'model.base_source': ['', 3, True, ['/tmp'], 'a\x00b', '/nonexistent/base'],
   'model.base_format': ['bogus', '', 3, None, 'Flax'],
   'model.base_name_map': ['', 3, True, ['/tmp'], '/tmp/names.json'],  # not a safetensors base

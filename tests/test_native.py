@@ -227,7 +227,7 @@ def test_masking_uses_native_topk_on_cpu():
   )
 
 
-def _gelu_bn_pair(x, train=True):
+def _gelu_bn_pair(x, train=True, save_gelu=True):
   """(fused, reference) apply functions of layers.gelu_batch_norm's two paths, same variables."""
   import flax.linen as nn
 
@@ -236,7 +236,7 @@ def _gelu_bn_pair(x, train=True):
   class Fused(nn.Module):
     @nn.compact
     def __call__(self, x):
-      return layers.FusedGeluBatchNorm(name='bn')(x)
+      return layers.FusedGeluBatchNorm(name='bn', save_gelu=save_gelu)(x)
 
   class Ref(nn.Module):
     @nn.compact
@@ -246,14 +246,16 @@ def _gelu_bn_pair(x, train=True):
   return Fused(), Ref()
 
 
+@pytest.mark.parametrize('save_gelu', [True, False], ids=['gelu', 'input'])
 @pytest.mark.parametrize(
   'shape', [(8, 5, 5, 24), (3, 7, 7, 19), (64, 300)], ids=['nhwc', 'odd-channels', 'rows']
 )
-def test_fused_gelu_batch_norm_matches_flax(shape):
+def test_fused_gelu_batch_norm_matches_flax(shape, save_gelu):
   """Output, gradients (x, scale, bias) and the running-statistics update equal Flax's
-  BatchNorm(gelu(x)) to float rounding, with the same variable tree."""
+  BatchNorm(gelu(x)) to float rounding, with the same variable tree, whichever residuals the
+  fused form keeps."""
   native.available() or pytest.skip(native.unavailable_reason())
-  fused, ref = _gelu_bn_pair(None)
+  fused, ref = _gelu_bn_pair(None, save_gelu=save_gelu)
   x = 1.5 * jax.random.normal(jax.random.key(0), shape) + 0.3
   v_ref = ref.init(jax.random.key(1), x)
   v = fused.init(jax.random.key(1), x)
@@ -333,11 +335,13 @@ def test_fused_gelu_values_against_the_exact_erf():
   assert special[3] == 0 and special[4] == 0
 
 
+@pytest.mark.parametrize('residuals', ['gelu', 'input'])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_gelu_batch_norm_with_residual_matches_flax(dtype):
-  """``gelu_bn(x, residual)``: the fused add (``pemn_gelu_bn_add_fwd``) gives Flax's
-  ``residual + BatchNorm(gelu(x))``, and the same gradients for x, the residual, scale and
-  bias (bfloat16: the fused sum is rounded once, Flax's twice, so to bfloat16 rounding)."""
+def test_gelu_batch_norm_with_residual_matches_flax(dtype, residuals):
+  """``gelu_bn(x, residual)``: the fused add (``pemn_bn_add_fwd`` on the stored GELU, or
+  ``pemn_gelu_bn_add_fwd``) gives Flax's ``residual + BatchNorm(gelu(x))``, and the same
+  gradients for x, the residual, scale and bias (bfloat16: the fused sum is rounded once,
+  Flax's twice, so to bfloat16 rounding)."""
   native.available() or pytest.skip(native.unavailable_reason())
   import flax.linen as nn
 
@@ -346,7 +350,7 @@ def test_gelu_batch_norm_with_residual_matches_flax(dtype):
   class M(nn.Module):
     @nn.compact
     def __call__(self, x, r):
-      return layers.gelu_batch_norm(True, dtype)(name='bn')(x, r)
+      return layers.gelu_batch_norm(True, dtype, residuals)(name='bn')(x, r)
 
   shape = (4, 5, 5, 40)
   x = (1.5 * jax.random.normal(jax.random.key(0), shape) + 0.3).astype(dtype)
@@ -368,7 +372,8 @@ def test_gelu_batch_norm_with_residual_matches_flax(dtype):
 
   ((_, (y, upd)), g), text = run('auto')
   ((_, (y_ref, upd_ref)), g_ref), text_ref = run('none')
-  assert 'pemn_gelu_bn_add_fwd' in text and 'pemn_gelu' not in text_ref
+  target = 'pemn_bn_add_fwd' if residuals == 'gelu' else 'pemn_gelu_bn_add_fwd'
+  assert target in text and 'pemn_gelu' not in text_ref and 'pemn_bn' not in text_ref
   tol = 1e-5 if dtype == jnp.float32 else 2e-2
   assert y.dtype == dtype and g[1].dtype == g[2].dtype == dtype
   chex.assert_trees_all_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=tol, atol=tol)
@@ -402,11 +407,85 @@ def test_gelu_batch_norm_factory_paths():
   x = jax.random.normal(jax.random.key(0), (4, 3, 3, 8))
   v = M(True).init(jax.random.key(0), x)
   hlo = lambda m, x: jax.jit(lambda x: m.apply(v, x, mutable=['batch_stats'])).lower(x).as_text()
-  assert 'pemn_gelu_bn_fwd' in hlo(M(True), x)
+  assert 'pemn_gelu_stats_save' in hlo(M(True), x) and 'pemn_bn_fwd' in hlo(M(True), x)
   assert 'pemn_gelu' not in jax.jit(lambda x: M(False).apply(v, x)).lower(x).as_text()
   assert 'pemn_gelu' not in hlo(M(True, jnp.bfloat16), x)  # x float32: Flax converts
-  assert 'pemn_gelu_bn_fwd' in hlo(M(True, jnp.bfloat16), x.astype(jnp.bfloat16))
+  assert 'pemn_gelu_stats_save' in hlo(M(True, jnp.bfloat16), x.astype(jnp.bfloat16))
   assert 'pemn_gelu' not in hlo(M(True, jnp.float16), x.astype(jnp.float16))
+  with pytest.raises(ValueError, match="residuals must be one of \\('gelu', 'input'\\)"):
+    layers.gelu_batch_norm(True, None, 'output')
+
+
+def _gelu_bn_reference(x, residual, scale, bias, epsilon=1e-5):
+  """(y, mean, var) of BatchNorm(gelu(x)) (+ residual) in XLA, the GELU rounded to x's dtype
+  first, statistics and arithmetic in float32."""
+  z = jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype).astype(jnp.float32)
+  axes = tuple(range(x.ndim - 1))
+  mean = z.mean(axes)
+  var = jnp.maximum((z * z).mean(axes) - mean * mean, 0.0)
+  y = (z - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+  if residual is not None:
+    y = y + residual.astype(jnp.float32)
+  return y.astype(x.dtype), mean, var
+
+
+@pytest.mark.parametrize('with_residual', [False, True], ids=['plain', 'residual'])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_gelu_batch_norm_saved_values_and_all_three_vjps(dtype, with_residual):
+  """``native.gelu_batch_norm_saved`` returns (y, mean, var) and differentiates all three
+  exactly: a loss on every output (the statistics' cotangents included) has XLA's gradients
+  for x, the residual, scale and bias; in float32 its y and gradients equal those of the
+  recomputing form (``gelu_batch_stats`` then ``gelu_batch_norm[_add]``) to float rounding
+  (the same kernel GELU: only XLA's fusion of the per-channel coefficients may differ)."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  keys = jax.random.split(jax.random.key(0), 7)
+  shape, c = (4, 5, 6, 40), 40
+  x = (1.5 * jax.random.normal(keys[0], shape) + 0.3).astype(dtype)
+  r = jax.random.normal(keys[1], shape).astype(dtype) if with_residual else None
+  scale = 1 + 0.1 * jax.random.normal(keys[2], (c,))
+  bias = 0.1 * jax.random.normal(keys[3], (c,))
+  w, wm, wv = (jax.random.normal(k, s) for k, s in zip(keys[4:], (shape, (c,), (c,))))
+
+  def loss(fn, with_stats=True):
+    def f(x, r, scale, bias):
+      y, mean, var = fn(x, r, scale, bias)
+      out = jnp.sum(y.astype(jnp.float32) * w)
+      return out + (jnp.sum(mean * wm) + jnp.sum(var * wv) if with_stats else 0.0)
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))
+
+  saved = lambda x, r, s, b: native.gelu_batch_norm_saved(x, r, s, b, 1e-5)
+  got = jax.jit(saved)(x, r, scale, bias)
+  want = jax.jit(_gelu_bn_reference)(x, r, scale, bias)
+  assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == jnp.float32
+  tol = 2e-5 if dtype == jnp.float32 else 2e-2
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda a: a.astype(jnp.float32), got),
+    jax.tree.map(lambda a: a.astype(jnp.float32), want),
+    rtol=tol,
+    atol=tol,
+  )
+  (_, g), (_, g_ref) = loss(saved)(x, r, scale, bias), loss(_gelu_bn_reference)(x, r, scale, bias)
+  for a, b in zip(g, g_ref):
+    if a is None:
+      assert b is None and r is None
+      continue
+    a, b = a.astype(jnp.float32), b.astype(jnp.float32)
+    big = 1e-4 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(a, b, rtol=big, atol=big * float(jnp.max(jnp.abs(b))))
+  if dtype == jnp.float32:
+
+    def recomputing(x, r, scale, bias):
+      mean, var = native.gelu_batch_stats(jax.lax.stop_gradient(x))
+      if r is None:
+        return native.gelu_batch_norm(x, scale, bias, mean, var, 1e-5), mean, var
+      return native.gelu_batch_norm_add(x, r, scale, bias, mean, var, 1e-5), mean, var
+
+    y_old = jax.jit(recomputing)(x, r, scale, bias)[0]
+    np.testing.assert_allclose(got[0], y_old, rtol=1e-6, atol=1e-6)
+    (_, g_saved) = loss(saved, with_stats=False)(x, r, scale, bias)
+    (_, g_old) = loss(recomputing, with_stats=False)(x, r, scale, bias)
+    chex.assert_trees_all_close(g_saved, g_old, rtol=2e-6, atol=2e-6)
 
 
 def test_native_off_switch_and_require(monkeypatch):
@@ -592,7 +671,8 @@ def test_kernels_spec_picks_the_native_sites(spec):
 
 
 @pytest.mark.slow
-def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli):
+@pytest.mark.parametrize('residuals', ['gelu', 'input'])
+def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli, residuals):
   """Per-shard kernels with psum-ed statistics equal the single-device computation."""
   native.available() or pytest.skip(native.unavailable_reason())
   code = textwrap.dedent(
@@ -604,7 +684,7 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli):
       class M(nn.Module):
         @nn.compact
         def __call__(self, x):
-          return layers.gelu_batch_norm(True)(name='bn')(x)
+          return layers.gelu_batch_norm(True, None, RESIDUALS)(name='bn')(x)
       x = jax.random.normal(jax.random.key(0), (16, 4, 4, 24)) + 0.5
       v = M().init(jax.random.key(1), x)
       cot = jax.random.normal(jax.random.key(2), x.shape)
@@ -619,10 +699,10 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli):
       (val1, upd1), grads1 = jax.jit(g)(v['params'], x)  # no mesh: plain Flax path
       err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
                 zip(jax.tree.leaves((upd, grads)), jax.tree.leaves((upd1, grads1))))
-      print('all-gather' in hlo, hlo.count('custom_call_target="pemn_gelu'), err,
-            abs(float(val - val1)))
+      calls = sum(hlo.count(f'custom_call_target="pemn_{k}') for k in ('gelu', 'bn'))
+      print('all-gather' in hlo, calls, err, abs(float(val - val1)))
   """
-  )
+  ).replace('RESIDUALS', repr(residuals))
   out = _stdout(pemn_cli.python('-c', code, devices=8, timeout=600))
   gathered, calls, err, dval = out.split()
   assert (gathered, calls) == ('False', '4')

@@ -60,6 +60,12 @@ def base_config() -> ml_collections.ConfigDict:
   # ConvMixer / ViT blocks as one rematerialised scan in training: none | save_convs | full
   # (less memory for some recomputation; same variables and values; pemn_jax.models.remat)
   c.model.remat_blocks = 'none'
+  # ConvMixer's fused GELU+BN kernels (native 'gelu_bn'): what each keeps for the backward,
+  # 'gelu' (gelu(x) and gelu'(x): the GELU evaluated once, the faster step) | 'input' (x alone:
+  # half that memory, the GELU recomputed in each of four passes; the only form before this
+  # field). How a step runs: same variables, in float32 the same values to float rounding, in
+  # bfloat16 one more rounding (of gelu(x)); a run may resume with it changed.
+  c.model.gelu_bn_residuals = 'gelu'
   # Masks over pretrained weights (mask fine-tuning, lottery jackpots; pemn_jax.pretrained):
   # the base model's weights instead of the random draw. None: random weights (PEMN). A path:
   # a masked model (strategy.name='mask') masks the base's kernels (its frozen collection) and

@@ -47,16 +47,18 @@ class _Block(nn.Module):
   conv: ModuleDef
   dtype: Any
   train: bool
+  gelu_bn_residuals: str = 'gelu'
 
   @nn.compact
   def __call__(self, x):
-    return mixer_block(
-      x, *_block_layers(self.conv, self.dim, self.kernel_size, self.dtype, self.train, prefix='')
+    block = _block_layers(
+      self.conv, self.dim, self.kernel_size, self.dtype, self.train, '', self.gelu_bn_residuals
     )
+    return mixer_block(x, *block)
 
 
-def _block_layers(conv, dim, k, dtype, train, prefix):
-  norm = layers.gelu_batch_norm(train, dtype)
+def _block_layers(conv, dim, k, dtype, train, prefix, gelu_bn_residuals):
+  norm = layers.gelu_batch_norm(train, dtype, gelu_bn_residuals)
   return (
     conv(
       dim, (k, k), padding='SAME', feature_group_count=dim, dtype=dtype, name=f'{prefix}depthwise'
@@ -84,6 +86,10 @@ class ConvMixer(nn.Module):
       'full'; see ``pemn_jax.models.remat``). Less training memory for some recomputation
       (measured in ``experiments/bench_remat.py``); same variables (the tree stays flat), same
       values.
+    gelu_bn_residuals: what each fused GELU+BN keeps for the backward, ``'gelu'`` (default:
+      ``gelu(x)`` and ``gelu'(x)``, the GELU evaluated once) or ``'input'`` (``x``: half that
+      memory, the GELU evaluated four times); ``layers.gelu_batch_norm``. Same variables; in
+      float32 the same values to float rounding.
   """
 
   dim: int = 256
@@ -95,10 +101,11 @@ class ConvMixer(nn.Module):
   dense: ModuleDef = layers.Dense
   dtype: Any = None
   remat_blocks: str = 'none'
+  gelu_bn_residuals: str = 'gelu'
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    gelu_norm = layers.gelu_batch_norm(train, self.dtype)
+    gelu_norm = layers.gelu_batch_norm(train, self.dtype, self.gelu_bn_residuals)
     p, k = self.patch_size, self.kernel_size
     x = self.conv(self.dim, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, name='stem')(
       x
@@ -106,7 +113,7 @@ class ConvMixer(nn.Module):
     x = gelu_norm(name='stem_bn')(x)
     remat.check(self.remat_blocks)
     if self.remat_blocks != 'none' and train and not self.is_initializing():
-      block = _Block(self.dim, k, self.conv, self.dtype, train)
+      block = _Block(self.dim, k, self.conv, self.dtype, train, self.gelu_bn_residuals)
       x = remat.scan_blocks(
         self,
         block,
@@ -118,9 +125,10 @@ class ConvMixer(nn.Module):
       )
     else:
       for i in range(self.depth):
-        x = mixer_block(
-          x, *_block_layers(self.conv, self.dim, k, self.dtype, train, prefix=f'block{i}_')
+        block = _block_layers(
+          self.conv, self.dim, k, self.dtype, train, f'block{i}_', self.gelu_bn_residuals
         )
+        x = mixer_block(x, *block)
     x = jnp.mean(x, axis=(1, 2))
     return self.dense(self.num_classes, dtype=self.dtype, name='head')(x).astype(jnp.float32)
 
@@ -132,6 +140,7 @@ def _build(m, layers_):
     kernel_size=m.kernel_size,
     patch_size=m.patch_size,
     remat_blocks=m.remat_blocks,
+    gelu_bn_residuals=m.gelu_bn_residuals,
     **layers_,
   )
 

@@ -56,6 +56,11 @@ TARGETS = {
   'pemn_gelu_bn_add_fwd': 'PemnGeluBnAddFwd',
   'pemn_gelu_bn_bstats': 'PemnGeluBnBwdStats',
   'pemn_gelu_bn_bwd': 'PemnGeluBnBwd',
+  'pemn_gelu_stats_save': 'PemnGeluStatsSave',
+  'pemn_bn_fwd': 'PemnBnFwd',
+  'pemn_bn_add_fwd': 'PemnBnAddFwd',
+  'pemn_bn_bstats': 'PemnBnBwdStats',
+  'pemn_bn_bwd_saved': 'PemnBnBwdSaved',
   'pemn_gemm_bf16': 'PemnGemmBf16',
 }
 # CPU flags under which a BLAS's bfloat16 GEMM runs in hardware (else MKL emulates it, slowly).

@@ -32,6 +32,13 @@
 //   pemn_gelu_bn_bwd:  dx = (coef[0] * dy + coef[1] + coef[2] * z) * gelu'(x)
 // XLA computes the same with ~10 fusions and several full-size residuals per site; here only x
 // is kept, and z and gelu'(x) are recomputed in each pass (vectorised exp, erfc).
+// The GELU is the passes' cost (compute-bound: ~4x a streaming pass of the same bytes), so the
+// same four passes also come in a form that evaluates it once, for twice the residuals:
+//   pemn_gelu_stats_save: the stats, and z and d = gelu'(x) stored in x's dtype (the stats are
+//                         those of the stored z)
+//   pemn_bn_fwd / pemn_bn_add_fwd / pemn_bn_bstats: the forward passes and the backward's stats
+//                         on the stored z
+//   pemn_bn_bwd_saved:    dx = (coef[0] * dy + coef[1] + coef[2] * z) * d
 //
 // Top-k mask: pemn_topk_mask: mask[i] = 1 for the `kept` largest entries of x (any shape, taken
 // flat), 0 elsewhere; the order and tie rule are those of XLA's TopK (a total order on floats,
@@ -53,6 +60,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -565,9 +573,48 @@ ffi::Error GeluStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<f
   });
 }
 
+// x's dtype's rounding of v: v itself in float32, the nearest bfloat16 (widened) in bfloat16.
+template <typename T>
+inline vf Rounded(vf v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    T tmp[VL];
+    Store(tmp, v, VL);
+    return Load(tmp, VL);
+  }
+}
+
+ffi::Error GeluStatsSave(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::ResultBuffer<ffi::F32> out,
+                         ffi::Result<ffi::AnyBuffer> z, ffi::Result<ffi::AnyBuffer> d) {
+  const Rows r(x);
+  if (out->element_count() != static_cast<size_t>(2 * r.c)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "stats must be (2, C)");
+  }
+  if (z->element_count() != x.element_count() || d->element_count() != x.element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "z and d must have x's size");
+  }
+  return ByType({x.element_type(), z->element_type(), d->element_type()}, [&]<typename T>(T) {
+    const T* xp = In<T>(x);
+    T* zp = Out<T>(z);
+    T* dp = Out<T>(d);
+    ChannelSums(pool, r, out->typed_data(), [&](int64_t o, int64_t, int lanes, vf& s0, vf& s1) {
+      vf dv;
+      const vf zv = Rounded<T>(Gelu(Load(xp + o, lanes), &dv));
+      Store(zp + o, zv, lanes);
+      Store(dp + o, dv, lanes);
+      s0 += zv;
+      s1 += zv * zv;
+    });
+    return ffi::Error::Success();
+  });
+}
+
 // y = gelu(x) * coef[0] + coef[1], plus r (x's shape and dtype) where r != nullptr: the
 // residual add that follows a ConvMixer block's depthwise GELU+BN, in the same pass (in float32,
 // rounded once).
+// kGelu false: x is the stored z (pemn_bn_fwd, pemn_bn_add_fwd), taken as it is.
+template <bool kGelu>
 ffi::Error GeluBnFwdImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x,
                          const ffi::Buffer<ffi::F32>& coef, const ffi::AnyBuffer* r,
                          ffi::Result<ffi::AnyBuffer>& y) {
@@ -584,7 +631,8 @@ ffi::Error GeluBnFwdImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x,
     T* yp = Out<T>(y);
     RowBlocks(pool, rows, [&](int64_t o, int64_t b, int lanes) {
       const vf mul = Load(cp + b * VL, lanes), shift = Load(cp + rows.c + b * VL, lanes);
-      vf out = Gelu(Load(xp + o, lanes), nullptr) * mul + shift;
+      const vf v = Load(xp + o, lanes);
+      vf out = (kGelu ? Gelu(v, nullptr) : v) * mul + shift;
       if (rp != nullptr) out += Load(rp + o, lanes);
       Store(yp + o, out, lanes);
     });
@@ -594,16 +642,29 @@ ffi::Error GeluBnFwdImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x,
 
 ffi::Error GeluBnFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
                      ffi::Result<ffi::AnyBuffer> y) {
-  return GeluBnFwdImpl(pool, x, coef, nullptr, y);
+  return GeluBnFwdImpl<true>(pool, x, coef, nullptr, y);
+}
+
+ffi::Error BnFwd(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::Buffer<ffi::F32> coef,
+                 ffi::Result<ffi::AnyBuffer> y) {
+  return GeluBnFwdImpl<false>(pool, z, coef, nullptr, y);
 }
 
 ffi::Error GeluBnAddFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> coef,
                         ffi::AnyBuffer r, ffi::Result<ffi::AnyBuffer> y) {
-  return GeluBnFwdImpl(pool, x, coef, &r, y);
+  return GeluBnFwdImpl<true>(pool, x, coef, &r, y);
 }
 
-ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
-                          ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> out) {
+ffi::Error BnAddFwd(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::Buffer<ffi::F32> coef,
+                    ffi::AnyBuffer r, ffi::Result<ffi::AnyBuffer> y) {
+  return GeluBnFwdImpl<false>(pool, z, coef, &r, y);
+}
+
+// kGelu false: x is the stored z (pemn_bn_bstats).
+template <bool kGelu>
+ffi::Error GeluBnBwdStatsImpl(ffi::ThreadPool& pool, const ffi::AnyBuffer& x,
+                              const ffi::AnyBuffer& dy, const ffi::Buffer<ffi::F32>& coef,
+                              ffi::ResultBuffer<ffi::F32>& out) {
   const Rows r(x);
   if (auto e = CheckCoef(coef, 2, r.c); e.failure()) return e;
   if (dy.element_count() != x.element_count() ||
@@ -618,10 +679,21 @@ ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer
       const vf mean = Load(cp + b * VL, lanes), rstd = Load(cp + r.c + b * VL, lanes);
       const vf g = Load(gp + o, lanes);
       s0 += g;
-      s1 += g * ((Gelu(Load(xp + o, lanes), nullptr) - mean) * rstd);
+      const vf v = Load(xp + o, lanes);
+      s1 += g * (((kGelu ? Gelu(v, nullptr) : v) - mean) * rstd);
     });
     return ffi::Error::Success();
   });
+}
+
+ffi::Error GeluBnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                          ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> out) {
+  return GeluBnBwdStatsImpl<true>(pool, x, dy, coef, out);
+}
+
+ffi::Error BnBwdStats(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer dy,
+                      ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> out) {
+  return GeluBnBwdStatsImpl<false>(pool, z, dy, coef, out);
 }
 
 ffi::Error GeluBnBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
@@ -642,6 +714,30 @@ ffi::Error GeluBnBwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
       vf d;
       const vf z = Gelu(Load(xp + o, lanes), &d);
       Store(dp + o, (k * Load(gp + o, lanes) + c0 + c1 * z) * d, lanes);
+    });
+    return ffi::Error::Success();
+  });
+}
+
+ffi::Error BnBwdSaved(ffi::ThreadPool pool, ffi::AnyBuffer z, ffi::AnyBuffer d, ffi::AnyBuffer dy,
+                      ffi::Buffer<ffi::F32> coef, ffi::Result<ffi::AnyBuffer> dx) {
+  const Rows r(z);
+  if (auto e = CheckCoef(coef, 3, r.c); e.failure()) return e;
+  if (dy.element_count() != z.element_count() || d.element_count() != z.element_count()) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "d or dy has the wrong size");
+  }
+  const float* cp = coef.typed_data();
+  const auto types = {z.element_type(), d.element_type(), dy.element_type(), dx->element_type()};
+  return ByType(types, [&]<typename T>(T) {
+    const T* zp = In<T>(z);
+    const T* derp = In<T>(d);
+    const T* gp = In<T>(dy);
+    T* dp = Out<T>(dx);
+    RowBlocks(pool, r, [&](int64_t o, int64_t b, int lanes) {
+      const vf k = Load(cp + b * VL, lanes), c0 = Load(cp + r.c + b * VL, lanes),
+               c1 = Load(cp + 2 * r.c + b * VL, lanes);
+      const vf g = Load(gp + o, lanes);
+      Store(dp + o, (k * g + c0 + c1 * Load(zp + o, lanes)) * Load(derp + o, lanes), lanes);
     });
     return ffi::Error::Success();
   });
@@ -780,6 +876,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     PemnGeluBnBwd, GeluBnBwd,
     PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PemnGeluStatsSave, GeluStatsSave,
+    PEMN_POOL.Arg<PEMN_ANY>().Ret<PEMN_F32>().Ret<PEMN_ANY>().Ret<PEMN_ANY>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnBnFwd, BnFwd,
+                              PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PemnBnAddFwd, BnAddFwd,
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Arg<PEMN_ANY>().Ret<PEMN_ANY>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PemnBnBwdStats, BnBwdStats,
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    PemnBnBwdSaved, BnBwdSaved,
+    PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDwFwd, DwFwd,
                               PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_F32>().Ret<PEMN_ANY>()
                                   .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));

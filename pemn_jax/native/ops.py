@@ -40,6 +40,7 @@ from collections.abc import Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from pemn_jax.native.build import (
@@ -193,15 +194,23 @@ def topk_usable(x) -> bool:
 def _per_shard(fn, x, *args, batch_args=0, reduce=False):
   """``fn(x, *args)`` on each 'data' shard of the current mesh (if any). The first
   ``batch_args`` of ``args`` are batch-major like ``x``, the rest replicated; ``reduce``: the
-  result is a sum over the batch (psum-ed, replicated), else batch-major."""
+  result is a sum over the batch (psum-ed, replicated), else batch-major; a tuple of bools
+  says it for each of ``fn``'s results (a tuple)."""
   mesh = _data_mesh(x.shape[0])
   if mesh is None:
     return fn(x, *args)
   specs = (P(DATA_AXIS),) * (1 + batch_args) + (P(),) * (len(args) - batch_args)
-  body = (lambda *a: jax.lax.psum(fn(*a), DATA_AXIS)) if reduce else fn
-  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=P() if reduce else P(DATA_AXIS))(
-    x, *args
-  )
+  if isinstance(reduce, tuple):
+    out_specs = tuple(P() if r else P(DATA_AXIS) for r in reduce)
+
+    def body(*a):
+      outs = fn(*a)
+      return tuple(jax.lax.psum(o, DATA_AXIS) if r else o for o, r in zip(outs, reduce))
+
+  else:
+    out_specs = P() if reduce else P(DATA_AXIS)
+    body = (lambda *a: jax.lax.psum(fn(*a), DATA_AXIS)) if reduce else fn
+  return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=out_specs)(x, *args)
 
 
 def _require() -> None:
@@ -371,6 +380,110 @@ def _gelu_bn_add_bwd(epsilon, res, dy):
 
 
 gelu_batch_norm_add.defvjp(_gelu_bn_add_fwd, _gelu_bn_add_bwd)
+
+
+# ---- GELU -> BatchNorm, the GELU evaluated once (training) ----------------------------------
+
+
+def _stats_save(x):
+  c = x.shape[-1]
+  _require()
+  out = (
+    jax.ShapeDtypeStruct((2, c), np.float32),
+    jax.ShapeDtypeStruct(x.shape, x.dtype),
+    jax.ShapeDtypeStruct(x.shape, x.dtype),
+  )
+  return jax.ffi.ffi_call('pemn_gelu_stats_save', out, vmap_method='sequential')(x)
+
+
+def _saved_forward(x, residual, scale, bias, epsilon):
+  c = x.shape[-1]
+  count = x.size // c
+  sums, z, d = _per_shard(_stats_save, x, reduce=(True, False, False))
+  mean = sums[0] / count
+  var = jnp.maximum(sums[1] / count - mean * mean, 0.0)
+  coef = _affine_coef(scale, bias, mean, var, epsilon)
+  if residual is None:
+    fwd = lambda z, coef: _call('pemn_bn_fwd', z.shape, z, coef, dtype=z.dtype)
+    y = _per_shard(fwd, z, coef)
+  else:
+    fwd = lambda z, r, coef: _call('pemn_bn_add_fwd', z.shape, z, coef, r, dtype=z.dtype)
+    y = _per_shard(fwd, z, residual, coef, batch_args=1)
+  return (y, mean, var), (z, d, scale, mean, var)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def gelu_batch_norm_saved(x, residual, scale, bias, epsilon: float):
+  """``(y, mean, var)``: ``y = BatchNorm(gelu(x))`` in training (plus ``residual`` unless it is
+  None, summed in float32 and rounded once), with the batch statistics ``(mean, var)`` of
+  ``gelu(x)`` that it used (float32; Flax's biased variance).
+
+  The same function as ``gelu_batch_stats`` then ``gelu_batch_norm`` (or
+  ``gelu_batch_norm_add``), but the GELU is evaluated once, in the statistics pass, which stores
+  ``z = gelu(x)`` and ``gelu'(x)`` in ``x``'s dtype; the other passes and the backward read them.
+  The residuals are those two arrays instead of ``x``: twice the memory, a quarter of the GELU
+  evaluations (the passes' cost). In bfloat16 the normalisation takes the stored (rounded) ``z``,
+  as an unfused bfloat16 GELU followed by BatchNorm does; in float32 the values are the
+  recomputing form's to float rounding (the same kernel GELU; XLA may fuse the few per-channel
+  coefficient operations differently). The VJP is exact for all three results (the statistics' cotangents enter the
+  same affine form as the normalisation's).
+  """
+  return _saved_forward(x, residual, scale, bias, epsilon)[0]
+
+
+def _gelu_bn_saved_fwd(x, residual, scale, bias, epsilon):
+  # symbolic_zeros: the primals come wrapped (CustomVJPPrimal), and the statistics' cotangents
+  # arrive as SymbolicZero where nothing uses them (a training step: the running averages),
+  # so that the backward is then exactly the recomputing form's.
+  x, residual, scale, bias = (a if a is None else a.value for a in (x, residual, scale, bias))
+  out, res = _saved_forward(x, residual, scale, bias, epsilon)
+  # The residual's cotangent is dy in its dtype, or None without one: a 0-size marker says which.
+  marker = None if residual is None else jnp.zeros((0,), residual.dtype)
+  return out, (*res, marker)
+
+
+def _gelu_bn_saved_bwd(epsilon, res, cotangents):
+  z, d, scale, mean, var, marker = res
+  dy, dmean, dvar = cotangents
+  if isinstance(dy, SymbolicZero):
+    dy = jnp.zeros(dy.shape, dy.dtype)
+  c = z.shape[-1]
+  count = z.size // c
+  rstd = jax.lax.rsqrt(var + epsilon)
+  dy = dy.astype(z.dtype)
+  sums = _per_shard(
+    lambda z, dy, coef: _call('pemn_bn_bstats', (2, c), z, dy, coef),
+    z,
+    dy,
+    jnp.stack([mean, rstd]),
+    batch_args=1,
+    reduce=True,
+  )
+  dbias, dscale = sums[0], sums[1]  # sum dy, sum dy * zhat
+  # dz = k dy + c0 + c1 z: the normalisation's part (as in _gelu_bn_bwd), plus the statistics'
+  # own (mean = sum z / m; var = sum z^2 / m - mean^2, no gradient where clipped at 0).
+  k = scale * rstd
+  c1 = -k * rstd * dscale / count
+  c0 = -k * dbias / count - c1 * mean
+  if not isinstance(dmean, SymbolicZero):
+    c0 = c0 + dmean / count
+  if not isinstance(dvar, SymbolicZero):
+    dvar = jnp.where(var > 0, dvar, 0.0)
+    c0 = c0 - 2 * dvar * mean / count
+    c1 = c1 + 2 * dvar / count
+  dx = _per_shard(
+    lambda z, d, dy, coef: _call('pemn_bn_bwd_saved', z.shape, z, d, dy, coef, dtype=z.dtype),
+    z,
+    d,
+    dy,
+    jnp.stack([k, c0, c1]),
+    batch_args=2,
+  )
+  dres = None if marker is None else dy.astype(marker.dtype)
+  return dx, dres, dscale, dbias
+
+
+gelu_batch_norm_saved.defvjp(_gelu_bn_saved_fwd, _gelu_bn_saved_bwd, symbolic_zeros=True)
 
 
 # ---- bfloat16 GEMM (a BLAS's, through the FFI) ----------------------------------------------
