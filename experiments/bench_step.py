@@ -424,7 +424,8 @@ def format_table(result: dict) -> str:
     peak_mod.summary(result['peak']),
     f'load average at the end {tuple(round(x, 1) for x in result["load_average"])} on '
     f'{result["nproc"]} cores; XLA_FLAGS={result["xla_flags"]!r} '
-    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} compiler options '
+    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} allocation cache '
+    f'{result.get("allocation_cache", "none")}, compiler options '
     f'{result["compiler_options"] or "none"}, remat {result["remat"]}',
   ]
   if result['rows'][0].get('overrides'):
@@ -524,7 +525,8 @@ def format_table_v1(result: dict) -> str:
     f'(median {result["matmul_median_flops"] / 1e9:.1f}; best of before/after the steps)',
     f'load average at the end {tuple(round(x, 1) for x in result["load_average"])} on '
     f'{result["nproc"]} cores; XLA_FLAGS={result["xla_flags"]!r} '
-    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} compiler options '
+    f'GLIBC_TUNABLES={result["glibc_tunables"]!r} allocation cache '
+    f'{result.get("allocation_cache", "none")}, compiler options '
     f'{result["compiler_options"] or "none"}, remat {result["remat"]}',
     'native kernels (pemn_jax.native: depthwise conv, top-k mask, GELU+BN): '
     + (
@@ -719,6 +721,7 @@ def main() -> int:
     'compiler_options': copts,
     'remat': args.remat,
     'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+    'allocation_cache': allocation_cache(),
     'load_average': os.getloadavg(),
   }
   for k in MAIN_KEYS:
@@ -761,6 +764,18 @@ def main() -> int:
   return 0
 
 
+def allocation_cache() -> str:
+  """Whether the process runs with pemn_jax's large-allocation cache preloaded
+  (``pemn_jax.native.process``; ``PEMN_JAX_ALLOC=0`` runs without it), and its counters."""
+  from pemn_jax.native import process
+
+  stats = process.allocator_stats()
+  if stats is None:
+    return 'none'
+  cap = os.environ.get('PEMN_ALLOC_CACHE_MB', 'default')
+  return f'pemn_jax alloc.cc (cap {cap} MB; {stats["reused"]} reused, {stats["mapped"]} mapped)'
+
+
 def peak_sizes(quick: bool = False) -> tuple[int, ...]:
   from experiments import peak as peak_mod
 
@@ -768,4 +783,7 @@ def peak_sizes(quick: bool = False) -> tuple[int, ...]:
 
 
 if __name__ == '__main__':
+  from pemn_jax.native import process
+
+  process.reexec_tuned('experiments.bench_step')  # huge pages and the allocation cache (process.py)
   sys.exit(main())

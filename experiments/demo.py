@@ -85,4 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  from pemn_jax.native import process
+
+  process.reexec_tuned('experiments.demo')  # huge pages and the allocation cache (process.py)
   sys.exit(main())

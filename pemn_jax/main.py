@@ -580,29 +580,13 @@ def _not_an_unretrieved_orbax_read(record) -> bool:
   return not (msg.startswith('Future exception was never retrieved') and 'async_deserialize' in msg)
 
 
-# XLA:CPU mallocs the step's whole scratch buffer every step; with glibc's default that is a
-# fresh mmap whose pages are faulted in and zeroed each time (~900K faults and 2.6 s of system
-# time per ConvMixer-256/8 step). Transparent huge pages for malloc cut the faults ~500x and
-# halve the demo's step time (experiments/results/PERFORMANCE.md). The tunable is read when the
-# process starts, so the command re-executes itself once with it set.
-MALLOC_TUNABLE = 'glibc.malloc.hugetlb=1'
-
-
-def _reexec_with_malloc_tunable() -> None:
-  import os
-
-  if sys.platform != 'linux' or 'GLIBC_TUNABLES' in os.environ or os.environ.get('PEMN_NO_REEXEC'):
-    return
-  env = dict(os.environ, GLIBC_TUNABLES=MALLOC_TUNABLE)
-  try:
-    os.execve(sys.executable, [sys.executable, '-m', 'pemn_jax.main', *sys.argv[1:]], env)
-  except OSError:
-    pass  # keep running without it
-
-
 def run():
   """Console-script entry point."""
-  _reexec_with_malloc_tunable()
+  # Huge pages for malloc and the large-allocation cache, read at process start: the command
+  # re-executes itself once with them (pemn_jax.native.process).
+  from pemn_jax.native import process
+
+  process.reexec_tuned('pemn_jax.main')
   import logging as std_logging
 
   _ignore_closed_loop_callbacks()

@@ -45,6 +45,9 @@ import jax
 from pemn_jax import fileio
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'kernels.cc')
+# The large-allocation cache, preloaded into a process at its start (pemn_jax.native.process).
+ALLOC_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'alloc.cc')
+ALLOC_FLAGS = ('-O2', '-std=c++20', '-shared', '-fPIC')
 FLAGS = ('-O3', '-march=native', '-std=c++20', '-shared', '-fPIC')
 # FFI target name -> the symbol kernels.cc exports for it.
 TARGETS = {
@@ -137,6 +140,39 @@ def _build(compiler: str, path: str) -> None:
   # cache dir shared by the machine's users must grant to all of them.
   os.chmod(path, 0o644)
   logging.info('pemn_jax.native: compiled %s in %.1f s', path, time.time() - t0)
+
+
+def allocator_path() -> str:
+  """The large-allocation cache (``alloc.cc``) compiled for this machine, from the cache or
+  built now (atomically, as the kernels are); raises RuntimeError why not (no compiler, a
+  failed build). Linux with glibc only: it interposes glibc's malloc."""
+  if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
+    raise RuntimeError('the allocation cache needs Linux with glibc')
+  compiler = os.environ.get('CXX') or 'g++'
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f'no C++ compiler: {compiler!r} is not on PATH (set $CXX)')
+  version = subprocess.run(
+    [compiler, '--version'], capture_output=True, text=True, timeout=30
+  ).stdout
+  h = hashlib.sha256()
+  with open(ALLOC_SOURCE, 'rb') as f:
+    h.update(f.read())
+  h.update((version + ' '.join(ALLOC_FLAGS) + platform.machine()).encode())
+  path = os.path.join(cache_dir(), f'alloc-{h.hexdigest()[:16]}.so')
+  if os.path.exists(path):
+    return path
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with tempfile.TemporaryDirectory(prefix='pemn_jax_build_') as tmpdir:
+    out = os.path.join(tmpdir, 'alloc.so')
+    cmd = [compiler, *ALLOC_FLAGS, ALLOC_SOURCE, '-o', out, '-ldl']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+      tail = ' | '.join(proc.stderr.strip().splitlines()[-3:])
+      raise RuntimeError(f'{" ".join(cmd)} failed: {tail}')
+    with open(out, 'rb') as f:
+      fileio.atomic_write(path, f.read())
+  os.chmod(path, 0o644)
+  return path
 
 
 def _load() -> None:

@@ -425,8 +425,8 @@ def gelu_batch_norm_saved(x, residual, scale, bias, epsilon: float):
   evaluations (the passes' cost). In bfloat16 the normalisation takes the stored (rounded) ``z``,
   as an unfused bfloat16 GELU followed by BatchNorm does; in float32 the values are the
   recomputing form's to float rounding (the same kernel GELU; XLA may fuse the few per-channel
-  coefficient operations differently). The VJP is exact for all three results (the statistics' cotangents enter the
-  same affine form as the normalisation's).
+  coefficient operations differently). The VJP is exact for all three results (the
+  statistics' cotangents enter the same affine form as the normalisation's).
   """
   return _saved_forward(x, residual, scale, bias, epsilon)[0]
 
