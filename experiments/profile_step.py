@@ -142,4 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
+  from pemn_jax.native import process
+
+  process.reexec_tuned('experiments.profile_step')  # huge pages and the allocation cache
   sys.exit(main())
