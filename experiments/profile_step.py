@@ -1,10 +1,11 @@
 """Where a train step's time goes: op time per kind of op, from a ``jax.profiler`` trace.
 
   python -m experiments.profile_step [--config PATH] [--config.FIELD=VALUE ...] [--batch-size N]
-                                     [--steps N] [--dtypes float32,bfloat16] [--json]
+                                     [--steps N] [--warmup N] [--dtypes float32,bfloat16] [--json]
 
 Builds the library's own train step as ``experiments.bench_step`` does (the masked
-ConvMixer-256/8 on synthetic CIFAR-shaped input, batch 128, by default), runs two warm-up steps,
+ConvMixer-256/8 on synthetic CIFAR-shaped input, batch 128, by default), runs ``--warmup`` steps
+(default 5: enough for the allocation cache of ``pemn_jax.native.process`` to hold its blocks),
 then traces ``--steps`` steps and sums the duration of every XLA op executed on the CPU's
 threads (the main thread and XLA's intra-op pool), grouped by kind:
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import datetime
 import glob
 import json
 import os
@@ -64,7 +66,7 @@ def kind_of(name: str, targets: dict[str, str]) -> str | None:
   return 'other'
 
 
-def profile(config, batch_size: int, steps: int) -> dict:
+def profile(config, batch_size: int, steps: int, warmup: int = 5) -> dict:
   """Traces ``steps`` steps of ``config``'s masked train step: op milliseconds per kind per
   step, summed over the threads that ran them (a native kernel's own helper tasks on XLA's pool
   are inside its event on the calling thread, so its time is the kernel's wall time)."""
@@ -74,9 +76,15 @@ def profile(config, batch_size: int, steps: int) -> dict:
     config, batch_size, masked=True, count_flops=False
   )
   targets = custom_call_targets(compiled.as_text())
-  for _ in range(2):  # warm-up
+  # Warm-up steps past the second are dispatched without waiting, as a training loop does: XLA
+  # may then allocate a step's scratch buffer before the last one is freed, so the allocation
+  # cache maps the two buffers it keeps now rather than during the trace (a new block's first
+  # touch costs seconds on some VMs).
+  for i in range(warmup):
     state, metrics = compiled(state, frozen, batch)
-    jax.block_until_ready((state, metrics))
+    if i < 2:
+      jax.block_until_ready((state, metrics))
+  jax.block_until_ready((state, metrics))
   with tempfile.TemporaryDirectory() as d:
     jax.profiler.start_trace(d)
     t0 = time.perf_counter()
@@ -127,14 +135,18 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument('--config', default=bench_step.DEFAULT_CONFIG)
   p.add_argument('--batch-size', type=int, default=128)
   p.add_argument('--steps', type=int, default=3)
+  p.add_argument('--warmup', type=int, default=5, help='untraced steps first (default 5)')
   p.add_argument('--dtypes', default='float32,bfloat16')
   p.add_argument('--json', action='store_true', help='print one JSON object')
   args, overrides = common.parse_args(p, argv)
   rows = []
   for dtype in args.dtypes.split(','):
     config = common.load_config(args.config, [*overrides, f'--config.model.dtype={dtype}'])
-    rows.append(profile(config, args.batch_size, args.steps))
+    rows.append(profile(config, args.batch_size, args.steps, args.warmup))
   out = {'rows': rows, 'machine': common.machine_line(common.machine()), 'config': args.config}
+  out['command'] = common.command_line('experiments.profile_step')
+  out['date'] = datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')
+  out['allocation_cache'] = bench_step.allocation_cache()
   out['machine_info'] = common.machine()
   out['batch_size'] = args.batch_size
   print(json.dumps(out, indent=2) if args.json else f'{out["machine"]}\n{format_table(rows)}')
