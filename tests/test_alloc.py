@@ -46,7 +46,8 @@ _C_API = """
   V, S = ctypes.c_void_p, ctypes.c_size_t
   for name, res, args in [('malloc', V, [S]), ('calloc', V, [S, S]), ('realloc', V, [V, S]),
                           ('free', None, [V]), ('aligned_alloc', V, [S, S]),
-                          ('malloc_usable_size', S, [V]), ('memset', V, [V, ctypes.c_int, S])]:
+                          ('memalign', V, [S, S]), ('malloc_usable_size', S, [V]),
+                          ('memset', V, [V, ctypes.c_int, S])]:
     f = getattr(libc, name); f.restype = res; f.argtypes = args
   MB = 1 << 20
   out = {'loaded': process.allocator_loaded()}
@@ -55,8 +56,9 @@ _C_API = """
 
 def test_large_blocks_are_reused_and_behave_as_malloc(alloc_path):
   """A freed large block serves the next request of its size (same address, no new mapping);
-  calloc of a reused block is zero; realloc keeps the bytes; aligned requests are aligned;
-  usable sizes cover the request; small requests still go to glibc (outside the cache)."""
+  calloc of a reused block is zero; realloc keeps the bytes; aligned requests are aligned (and
+  memalign keeps glibc's rules for other alignments); usable sizes cover the request; small
+  requests still go to glibc (outside the cache)."""
   code = (
     _C_API
     + """
@@ -74,6 +76,9 @@ def test_large_blocks_are_reused_and_behave_as_malloc(alloc_path):
   out['grown'] = e is not None
   f = libc.aligned_alloc(2 * MB, 10 * MB)
   out['aligned'] = f % (2 * MB) == 0
+  g = libc.memalign(48, 8 * MB)  # not a power of two: glibc's memalign serves it
+  out['memalign_any'] = g is not None
+  libc.free(g)
   small = libc.malloc(100)
   out['small_usable'] = libc.malloc_usable_size(small) >= 100
   for p in (d, e, f, small): libc.free(p)
@@ -85,6 +90,7 @@ def test_large_blocks_are_reused_and_behave_as_malloc(alloc_path):
   out = _run(alloc_path, code)
   assert out['loaded'] and out['same_address'] and out['usable'] and out['calloc_zero']
   assert out['realloc_kept'] and out['grown'] and out['aligned'] and out['small_usable']
+  assert out['memalign_any']
   assert out['reused'] >= 2 and out['live_bytes'] == 0 and out['to_glibc'] == 0
   assert out['cached_bytes'] > 0
 

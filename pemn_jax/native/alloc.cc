@@ -304,18 +304,14 @@ int posix_memalign(void** out, size_t align, size_t n) {
   return 0;
 }
 
-void* aligned_alloc(size_t align, size_t n) {
-  if (!IsPowerOfTwo(align)) {
-    errno = EINVAL;
-    return nullptr;
-  }
-  if (n >= kThreshold) {
+void* memalign(size_t align, size_t n) {
+  if (n >= kThreshold && IsPowerOfTwo(align)) {
     if (void* p = Allocate(n, align, false)) return p;
   }
-  return __libc_memalign(align, n);
+  return __libc_memalign(align, n);  // glibc's own rules for any other alignment
 }
 
-void* memalign(size_t align, size_t n) { return aligned_alloc(align, n); }
+void* aligned_alloc(size_t align, size_t n) { return memalign(align, n); }
 
 void* valloc(size_t n) { return aligned_alloc(kPage, n); }
 
