@@ -31,7 +31,7 @@ MARKER = 'PEMN_JAX_REEXECUTED'
 
 
 def allocator() -> str | None:
-  """The compiled cache library's path, or None (logged once) where it cannot be built."""
+  """The compiled cache library's path, or None (with a warning) where it cannot be built."""
   from pemn_jax.native import build
 
   try:
