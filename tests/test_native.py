@@ -379,12 +379,16 @@ def test_gelu_batch_norm_with_residual_matches_flax(dtype, residuals):
   chex.assert_trees_all_close(y.astype(jnp.float32), y_ref.astype(jnp.float32), rtol=tol, atol=tol)
   chex.assert_trees_all_close(upd, upd_ref, rtol=1e-4, atol=1e-4)
   np.testing.assert_array_equal(g[2], cot)  # the residual's gradient is the cotangent itself
-  big = 1e-4 if dtype == jnp.float32 else 5e-2
+  _assert_close_in_f32(g, g_ref, 1e-4 if dtype == jnp.float32 else 5e-2)
+
+
+def _assert_close_in_f32(got, want, tol):
+  """Two trees equal within ``tol`` (relative and absolute), compared in float32."""
   chex.assert_trees_all_close(
-    jax.tree.map(lambda a: a.astype(jnp.float32), g),
-    jax.tree.map(lambda a: a.astype(jnp.float32), g_ref),
-    rtol=big,
-    atol=big,
+    jax.tree.map(lambda a: a.astype(jnp.float32), got),
+    jax.tree.map(lambda a: a.astype(jnp.float32), want),
+    rtol=tol,
+    atol=tol,
   )
 
 
@@ -458,13 +462,7 @@ def test_gelu_batch_norm_saved_values_and_all_three_vjps(dtype, with_residual):
   got = jax.jit(saved)(x, r, scale, bias)
   want = jax.jit(_gelu_bn_reference)(x, r, scale, bias)
   assert got[0].dtype == dtype and got[1].dtype == got[2].dtype == jnp.float32
-  tol = 2e-5 if dtype == jnp.float32 else 2e-2
-  chex.assert_trees_all_close(
-    jax.tree.map(lambda a: a.astype(jnp.float32), got),
-    jax.tree.map(lambda a: a.astype(jnp.float32), want),
-    rtol=tol,
-    atol=tol,
-  )
+  _assert_close_in_f32(got, want, 2e-5 if dtype == jnp.float32 else 2e-2)
   (_, g), (_, g_ref) = loss(saved)(x, r, scale, bias), loss(_gelu_bn_reference)(x, r, scale, bias)
   for a, b in zip(g, g_ref):
     if a is None:

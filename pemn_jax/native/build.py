@@ -102,10 +102,19 @@ def _cpu_signature() -> str:
   return '\n'.join(lines) + platform.machine()
 
 
-def _library_path(compiler: str) -> str:
+def _compiler() -> tuple[str, str]:
+  """The C++ compiler (``$CXX``, else ``g++``) and its ``--version`` text; raises RuntimeError
+  when it is not on PATH."""
+  compiler = os.environ.get('CXX') or 'g++'
+  if shutil.which(compiler) is None:
+    raise RuntimeError(f'no C++ compiler: {compiler!r} is not on PATH (set $CXX)')
   version = subprocess.run(
     [compiler, '--version'], capture_output=True, text=True, timeout=30
   ).stdout
+  return compiler, version
+
+
+def _library_path(version: str) -> str:
   h = hashlib.sha256()
   with open(SOURCE, 'rb') as f:
     h.update(f.read())
@@ -148,12 +157,7 @@ def allocator_path() -> str:
   failed build). Linux with glibc only: it interposes glibc's malloc."""
   if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc':
     raise RuntimeError('the allocation cache needs Linux with glibc')
-  compiler = os.environ.get('CXX') or 'g++'
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f'no C++ compiler: {compiler!r} is not on PATH (set $CXX)')
-  version = subprocess.run(
-    [compiler, '--version'], capture_output=True, text=True, timeout=30
-  ).stdout
+  compiler, version = _compiler()
   h = hashlib.sha256()
   with open(ALLOC_SOURCE, 'rb') as f:
     h.update(f.read())
@@ -176,10 +180,8 @@ def allocator_path() -> str:
 
 
 def _load() -> None:
-  compiler = os.environ.get('CXX') or 'g++'
-  if shutil.which(compiler) is None:
-    raise RuntimeError(f'no C++ compiler: {compiler!r} is not on PATH (set $CXX)')
-  path = _library_path(compiler)
+  compiler, version = _compiler()
+  path = _library_path(version)
   if not os.path.exists(path):
     _build(compiler, path)
   lib = ctypes.CDLL(path)

@@ -327,15 +327,16 @@ def _gelu_bn_fwd(x, scale, bias, mean, var, epsilon):
   return gelu_batch_norm(x, scale, bias, mean, var, epsilon), (x, scale, mean, var)
 
 
-def _gelu_bn_bwd(epsilon, res, dy):
-  x, scale, mean, var = res
-  c = x.shape[-1]
-  count = x.size // c
+def _bn_grad_coef(bstats_target, a, dy, scale, mean, var, epsilon):
+  """BatchNorm's backward over z: ``(k, c0, c1, dscale, dbias)`` with ``dz = k dy + c0 + c1 z``,
+  from the backward statistics that ``bstats_target`` sums over ``a`` (x, whose GELU it takes,
+  or the stored z) and ``dy``."""
+  c = a.shape[-1]
+  count = a.size // c
   rstd = jax.lax.rsqrt(var + epsilon)
-  dy = dy.astype(x.dtype)
   sums = _per_shard(
-    lambda x, dy, coef: _call('pemn_gelu_bn_bstats', (2, c), x, dy, coef),
-    x,
+    lambda a, dy, coef: _call(bstats_target, (2, c), a, dy, coef),
+    a,
     dy,
     jnp.stack([mean, rstd]),
     batch_args=1,
@@ -346,6 +347,13 @@ def _gelu_bn_bwd(epsilon, res, dy):
   k = scale * rstd
   c1 = -k * rstd * dscale / count
   c0 = -k * dbias / count - c1 * mean
+  return k, c0, c1, dscale, dbias
+
+
+def _gelu_bn_bwd(epsilon, res, dy):
+  x, scale, mean, var = res
+  dy = dy.astype(x.dtype)
+  k, c0, c1, dscale, dbias = _bn_grad_coef('pemn_gelu_bn_bstats', x, dy, scale, mean, var, epsilon)
   dx = _per_shard(
     lambda x, dy, coef: _call('pemn_gelu_bn_bwd', x.shape, x, dy, coef, dtype=x.dtype),
     x,
@@ -447,24 +455,11 @@ def _gelu_bn_saved_bwd(epsilon, res, cotangents):
   dy, dmean, dvar = cotangents
   if isinstance(dy, SymbolicZero):
     dy = jnp.zeros(dy.shape, dy.dtype)
-  c = z.shape[-1]
-  count = z.size // c
-  rstd = jax.lax.rsqrt(var + epsilon)
+  count = z.size // z.shape[-1]
   dy = dy.astype(z.dtype)
-  sums = _per_shard(
-    lambda z, dy, coef: _call('pemn_bn_bstats', (2, c), z, dy, coef),
-    z,
-    dy,
-    jnp.stack([mean, rstd]),
-    batch_args=1,
-    reduce=True,
-  )
-  dbias, dscale = sums[0], sums[1]  # sum dy, sum dy * zhat
-  # dz = k dy + c0 + c1 z: the normalisation's part (as in _gelu_bn_bwd), plus the statistics'
-  # own (mean = sum z / m; var = sum z^2 / m - mean^2, no gradient where clipped at 0).
-  k = scale * rstd
-  c1 = -k * rstd * dscale / count
-  c0 = -k * dbias / count - c1 * mean
+  k, c0, c1, dscale, dbias = _bn_grad_coef('pemn_bn_bstats', z, dy, scale, mean, var, epsilon)
+  # dz = k dy + c0 + c1 z: the normalisation's part, plus the statistics' own (mean = sum z / m;
+  # var = sum z^2 / m - mean^2, no gradient where clipped at 0).
   if not isinstance(dmean, SymbolicZero):
     c0 = c0 + dmean / count
   if not isinstance(dvar, SymbolicZero):
