@@ -8,9 +8,12 @@ What XLA:CPU does slowly or wastefully in a PEMN training step, done here in C++
   kept entries, a linear-time selection (``std::nth_element``) finds the same set, with XLA's
   order and tie rule (ConvMixer-256/8: 18 masks, ~70 ms of a ~1 s step with TopK);
 * ConvMixer's "GELU, BatchNorm" in training (``layers.FusedGeluBatchNorm``): four streaming
-  passes (statistics, normalise; backward statistics, input gradient) that keep only the input
-  and recompute GELU, where XLA makes ~10 fusions and keeps several full-size residuals
-  (ConvMixer-256/8: XLA's temp buffer 2.8 -> 1.2 GB, same step time).
+  passes (statistics, normalise; backward statistics, input gradient), where XLA makes ~10
+  fusions and keeps several full-size residuals. By default the statistics pass stores
+  ``gelu(x)`` and ``gelu'(x)`` and the others read them (the GELU, the passes' cost, evaluated
+  once: ``gelu_batch_norm_saved``); ``model.gelu_bn_residuals='input'`` keeps only the input and
+  recomputes the GELU in each pass (``gelu_batch_stats``, ``gelu_batch_norm``; ConvMixer-256/8:
+  XLA's temp buffer 2.8 -> 1.2 GB against XLA's form, 1.7 GB with the stored GELU).
 
 * bfloat16 matrix products (``model.dtype=bfloat16``; the layers' ``pemn_jax.ops.dot_bf16``:
   forward, input and weight gradient) as a library's bf16 GEMM (oneDNN's
@@ -36,12 +39,16 @@ Two modules:
 * ``build``: compiles ``kernels.cc`` once per machine (``$CXX``, else ``g++``), caches the
   library (``$PEMN_JAX_CACHE_DIR``, default ``~/.cache/pemn_jax``), loads and registers it:
   ``available()``, ``unavailable_reason()``. Those two environment variables are the machine's
-  build settings and the only ones read.
+  build settings and the only ones read. It also builds ``alloc.cc`` (``allocator_path()``).
 * ``ops``: which kernel is used where (``FEATURES``, ``enabled``, ``usable``, ``topk_usable``;
   per-shard calls under a data-parallel mesh), the switch (``parse_kernels``, ``kernels``,
   ``kernels_from_env``) and the JAX ops with their VJPs (``depthwise``,
   ``depthwise_kernel_grad``, ``topk_mask``, ``gelu_batch_stats``, ``gelu_batch_norm``,
-  ``gelu_batch_norm_add``).
+  ``gelu_batch_norm_add``, ``gelu_batch_norm_saved``).
+
+A third, ``process``, is about the process rather than the step: it re-executes a command once
+with ``alloc.cc`` preloaded, a cache that keeps XLA's per-step scratch buffer mapped between
+steps (``reexec_tuned``; the ``pemn`` command and the benchmarks call it).
 
 Which kernels a run uses is the config field ``model.native_kernels``: ``'auto'`` (all, where
 usable: the default), ``'none'`` (pure XLA) or a subset of ``FEATURES``, applied while the step
