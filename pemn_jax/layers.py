@@ -150,19 +150,18 @@ class FusedGeluBatchNorm(nn.Module):
     bias = self.param('bias', nn.initializers.zeros, feat, jnp.float32)
     if self.save_gelu:
       y, mean, var = native.gelu_batch_norm_saved(x, residual, scale, bias, self.epsilon)
-      if not self.is_initializing():
-        mean, var = jax.lax.stop_gradient((mean, var))
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-      return y
-    # The statistics carry no gradient of their own: gelu_batch_norm's VJP includes theirs.
-    mean, var = native.gelu_batch_stats(jax.lax.stop_gradient(x))
+      mean, var = jax.lax.stop_gradient((mean, var))  # the running averages take no gradient
+    else:
+      # The statistics carry no gradient of their own: gelu_batch_norm's VJP includes theirs.
+      mean, var = native.gelu_batch_stats(jax.lax.stop_gradient(x))
+      if residual is not None:
+        y = native.gelu_batch_norm_add(x, residual, scale, bias, mean, var, self.epsilon)
+      else:
+        y = native.gelu_batch_norm(x, scale, bias, mean, var, self.epsilon)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    if residual is not None:
-      return native.gelu_batch_norm_add(x, residual, scale, bias, mean, var, self.epsilon)
-    return native.gelu_batch_norm(x, scale, bias, mean, var, self.epsilon)
+    return y
 
 
 GELU_BN_RESIDUALS = ('gelu', 'input')

@@ -125,18 +125,18 @@ def _library_path(version: str) -> str:
   return os.path.join(cache_dir(), f'kernels-{h.hexdigest()[:16]}.so')
 
 
-def _build(compiler: str, path: str) -> None:
-  """Compiles ``SOURCE`` to ``path``. The compiler writes into a private temporary directory;
-  the finished library then reaches ``path`` through ``fileio.atomic_write``, so other processes
-  see no file or a complete one, and a failed build leaves nothing in the cache."""
+def _build(path: str, commands: list[list[str]]) -> None:
+  """Compiles a library to ``path`` with the first of ``commands`` that succeeds (each a
+  compiler command line ending in ``-o``; the output file is appended). The compiler writes into
+  a private temporary directory; the finished library then reaches ``path`` through
+  ``fileio.atomic_write``, so other processes see no file or a complete one, and a failed build
+  leaves nothing in the cache."""
   os.makedirs(os.path.dirname(path), exist_ok=True)
   t0 = time.time()
   with tempfile.TemporaryDirectory(prefix='pemn_jax_build_') as tmpdir:
-    out = os.path.join(tmpdir, 'kernels.so')
-    # -march=native first; a compiler that lacks it gets the portable build (same code, the
-    # vector types then lower to the baseline instruction set).
-    for flags in (FLAGS, tuple(f for f in FLAGS if f != '-march=native')):
-      cmd = [compiler, *flags, '-I', jax.ffi.include_dir(), SOURCE, '-o', out]
+    out = os.path.join(tmpdir, os.path.basename(path))
+    for cmd in commands:
+      cmd = [*cmd, out]
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
       if proc.returncode == 0:
         break
@@ -163,19 +163,8 @@ def allocator_path() -> str:
     h.update(f.read())
   h.update((version + ' '.join(ALLOC_FLAGS) + platform.machine()).encode())
   path = os.path.join(cache_dir(), f'alloc-{h.hexdigest()[:16]}.so')
-  if os.path.exists(path):
-    return path
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.TemporaryDirectory(prefix='pemn_jax_build_') as tmpdir:
-    out = os.path.join(tmpdir, 'alloc.so')
-    cmd = [compiler, *ALLOC_FLAGS, ALLOC_SOURCE, '-o', out, '-ldl']
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-      tail = ' | '.join(proc.stderr.strip().splitlines()[-3:])
-      raise RuntimeError(f'{" ".join(cmd)} failed: {tail}')
-    with open(out, 'rb') as f:
-      fileio.atomic_write(path, f.read())
-  os.chmod(path, 0o644)
+  if not os.path.exists(path):
+    _build(path, [[compiler, *ALLOC_FLAGS, ALLOC_SOURCE, '-ldl', '-o']])
   return path
 
 
@@ -183,7 +172,11 @@ def _load() -> None:
   compiler, version = _compiler()
   path = _library_path(version)
   if not os.path.exists(path):
-    _build(compiler, path)
+    # -march=native first; a compiler that lacks it gets the portable build (same code, the
+    # vector types then lower to the baseline instruction set).
+    portable = tuple(f for f in FLAGS if f != '-march=native')
+    include = ['-I', jax.ffi.include_dir()]
+    _build(path, [[compiler, *flags, *include, SOURCE, '-o'] for flags in (FLAGS, portable)])
   lib = ctypes.CDLL(path)
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
