@@ -26,8 +26,11 @@ def alloc_path():
 
 
 def _run(alloc_path, code: str, **env) -> dict:
-  """Runs ``code`` in a fresh Python with the cache preloaded; returns its printed JSON."""
-  env = dict(os.environ, LD_PRELOAD=alloc_path, PEMN_NO_REEXEC='1', **env)
+  """Runs ``code`` in a fresh Python with the cache preloaded (none if ``alloc_path`` is None);
+  returns its printed JSON."""
+  env = dict(os.environ, PEMN_NO_REEXEC='1', **env)
+  if alloc_path is not None:
+    env['LD_PRELOAD'] = alloc_path
   proc = subprocess.run(
     [sys.executable, '-c', textwrap.dedent(code)],
     env=env,
@@ -124,16 +127,7 @@ def test_a_jitted_step_computes_the_same_under_the_cache(alloc_path):
     print(json.dumps({'sums': ys, 'stats': process.allocator_stats()}))
   """
   with_cache = _run(alloc_path, code)
-  without = json.loads(
-    subprocess.run(
-      [sys.executable, '-c', textwrap.dedent(code)],
-      env=dict(os.environ, PEMN_NO_REEXEC='1'),
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=True,
-    ).stdout.splitlines()[-1]
-  )
+  without = _run(None, code)
   assert with_cache['sums'] == without['sums'] and without['stats'] is None
   assert with_cache['stats']['reused'] >= 3
 

@@ -10,9 +10,10 @@ blocks mapped after ``free`` and serves the next step's buffers from them, so a 
 stops faulting (experiments/results/PERFORMANCE.md).
 
 Both are read when a process starts, so ``reexec_tuned`` re-executes the current command once
-with them set. The ``pemn`` command, ``experiments.demo`` and ``experiments.bench_step`` call it
-first. ``PEMN_NO_REEXEC=1`` keeps the process as it is; ``PEMN_JAX_ALLOC=0`` leaves the cache
-out (``PEMN_ALLOC_CACHE_MB`` caps the bytes it keeps, default a quarter of physical memory).
+with them set. The ``pemn`` command, ``experiments.demo``, ``experiments.bench_step`` and
+``experiments.profile_step`` call it first. ``PEMN_NO_REEXEC=1`` keeps the process as it is;
+``PEMN_JAX_ALLOC=0`` leaves the cache out (``PEMN_ALLOC_CACHE_MB`` caps the bytes it keeps,
+default a quarter of physical memory).
 A library user starts their own process so: ``LD_PRELOAD=$(python -c 'from pemn_jax.native
 import process; print(process.allocator())')``.
 """
