@@ -167,6 +167,16 @@ class FusedGeluBatchNorm(nn.Module):
 GELU_BN_RESIDUALS = ('gelu', 'input')
 
 
+def fork(x):
+  """``(x, x)`` for an activation that feeds two branches (a ConvMixer block's input: the
+  depthwise conv and the residual). In bfloat16 where ``native.usable`` (feature
+  ``'gelu_bn'``, the rest of the block's fused path), ``native.fork``, whose VJP sums the two
+  cotangents in one native pass; otherwise autodiff sums them. The same values either way."""
+  if x.dtype == jnp.bfloat16 and native.usable(x, feature='gelu_bn'):
+    return native.fork(x)
+  return x, x
+
+
 def gelu_batch_norm(train: bool, dtype: Dtype | None = None, residuals: str = 'gelu'):
   """``gelu_bn(name=...)(x) = batch_norm(train, dtype)(name=...)(gelu(x))``, the "GELU, BN" of
   a ConvMixer: in training, in float32 or bfloat16, where ``native.usable``, as

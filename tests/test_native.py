@@ -335,6 +335,29 @@ def test_fused_gelu_values_against_the_exact_erf():
   assert special[3] == 0 and special[4] == 0
 
 
+@pytest.mark.parametrize('channels', [256, 40])
+def test_bf16_stored_gelu_is_the_float32_one_rounded_on_every_bit_pattern(channels):
+  """The bfloat16 statistics pass stores ``gelu(x)`` and ``gelu'(x)`` exactly as the float32
+  pass computes them, rounded to bfloat16 as XLA rounds: on every one of the 2^16 bfloat16 bit
+  patterns (NaNs, infinities, denormals and both zeros included), full vectors and a partial
+  last block alike (NaN where XLA's rounding is NaN)."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  from pemn_jax.native import ops as native_ops
+
+  bits = np.arange(1 << 16, dtype=np.uint32)
+  bits = np.pad(bits, (0, -bits.size % channels))
+  x32 = (bits << 16).view(np.float32).reshape(-1, channels)
+  x16 = jnp.asarray(x32).astype(jnp.bfloat16)  # exact: every value is a bfloat16
+  _, z16, d16 = jax.jit(native_ops._stats_save)(x16)
+  _, z32, d32 = jax.jit(native_ops._stats_save)(jnp.asarray(x32))
+  for got, want in ((z16, z32), (d16, d32)):
+    want = np.asarray(want.astype(jnp.bfloat16)).view(np.uint16)
+    got = np.asarray(got).view(np.uint16)
+    nan = (want & 0x7FFF) > 0x7F80
+    assert np.array_equal((got & 0x7FFF) > 0x7F80, nan)
+    assert np.array_equal(got[~nan], want[~nan]), np.flatnonzero(got[~nan] != want[~nan])[:10]
+
+
 @pytest.mark.parametrize('residuals', ['gelu', 'input'])
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_gelu_batch_norm_with_residual_matches_flax(dtype, residuals):
@@ -705,3 +728,82 @@ def test_fused_gelu_batch_norm_under_data_parallel_mesh(pemn_cli, residuals):
   gathered, calls, err, dval = out.split()
   assert (gathered, calls) == ('False', '4')
   assert float(err) < 1e-4 and float(dval) < 1e-3
+
+
+@pytest.mark.parametrize('channels', [256, 40])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_native_add_and_fork_match_xla_bit_for_bit(dtype, channels):
+  """``native.add`` is XLA's ``a + b`` to the bit (summed in float32, rounded once), and
+  ``native.fork``'s VJP, which calls it, gives the gradient autodiff gives when ``x`` is simply
+  used twice: to the bit in bfloat16, to float rounding in float32 (where XLA may fuse the
+  sum with a product into one FMA)."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  keys = jax.random.split(jax.random.key(3), 4)
+  shape = (3, 5, 7, channels)
+  a, b, w1, w2 = (jax.random.normal(k, shape).astype(dtype) for k in keys)
+  np.testing.assert_array_equal(jax.jit(native.add)(a, b), jax.jit(jnp.add)(a, b))
+
+  def loss(split):
+    def f(x):
+      p, q = split(x)
+      return jnp.sum((p * w1).astype(jnp.float32)) + jnp.sum((jnp.sin(q) * w2).astype(jnp.float32))
+
+    return jax.jit(jax.grad(f))
+
+  got, want = loss(native.fork)(a), loss(lambda x: (x, x))(a)
+  assert got.dtype == dtype
+  if dtype == jnp.bfloat16:
+    np.testing.assert_array_equal(got, want)
+  else:
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  assert 'pemn_add' in jax.jit(jax.grad(lambda x: jnp.sum(native.fork(x)[1]))).lower(a).as_text()
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_convmixer_block_input_forks_natively_in_bf16_training(dtype):
+  """A bfloat16 ConvMixer's training gradient sums each block input's two cotangents in the
+  native add (``layers.fork``); float32 and the pure-XLA setting leave that sum to XLA."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  from pemn_jax.models.convmixer import ConvMixer
+
+  model = ConvMixer(dim=16, depth=2, kernel_size=3, patch_size=2, dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3), dtype)
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def grad_hlo(spec):
+    def loss(params):
+      out, _ = model.apply(
+        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
+      )
+      return jnp.sum(out)
+
+    with native.kernels(spec):
+      return jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+
+  assert ('pemn_add' in grad_hlo('auto')) == (dtype == jnp.bfloat16)
+  assert 'pemn_add' not in grad_hlo('none')
+
+
+def test_fork_under_data_parallel_mesh(pemn_cli):
+  """Under a data mesh the native add of ``fork``'s VJP runs per shard (no gather) and gives
+  the single-device gradient to the bit."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  code = textwrap.dedent(
+    """
+      import jax, jax.numpy as jnp
+      from pemn_jax import layers, steps
+      mesh, rep, batch = steps.mesh_and_shardings()
+      x = jax.random.normal(jax.random.key(0), (16, 4, 4, 24)).astype(jnp.bfloat16)
+      w = jax.random.normal(jax.random.key(1), x.shape).astype(jnp.bfloat16)
+      def f(x):
+        p, q = layers.fork(x)
+        return jnp.sum((p * w).astype(jnp.float32)) + jnp.sum(jnp.sin(q).astype(jnp.float32))
+      sharded = jax.jit(steps.in_mesh(jax.grad(f), mesh), in_shardings=(batch,))
+      hlo = sharded.lower(x).compile().as_text()
+      g = sharded(jax.device_put(x, batch))
+      g1 = jax.jit(jax.grad(lambda x: f(x)))(x)
+      print('all-gather' in hlo, 'pemn_add' in hlo, bool(jnp.all(g == g1)))
+  """
+  )
+  out = _stdout(pemn_cli.python('-c', code, devices=8, timeout=600))
+  assert out.split() == ['False', 'True', 'True']

@@ -30,8 +30,10 @@ BLOCK_LAYERS = ('depthwise', 'depthwise_bn', 'pointwise', 'pointwise_bn')
 def mixer_block(x, depthwise, depthwise_bn, pointwise, pointwise_bn):
   """Residual[depthwise conv, GELU, BN] -> pointwise conv, GELU, BN (the layers are callables;
   each ``*_bn`` is GELU then BN, ``layers.gelu_batch_norm``, which takes the residual so that
-  the fused kernel adds it in its pass)."""
-  x = depthwise_bn(depthwise(x), x)
+  the fused kernel adds it in its pass; ``layers.fork`` sums the input's two cotangents in one
+  native pass where it can)."""
+  x, skip = layers.fork(x)
+  x = depthwise_bn(depthwise(x), skip)
   return pointwise_bn(pointwise(x))
 
 

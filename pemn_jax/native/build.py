@@ -62,6 +62,7 @@ TARGETS = {
   'pemn_gelu_stats_save': 'PemnGeluStatsSave',
   'pemn_bn_fwd': 'PemnBnFwd',
   'pemn_bn_add_fwd': 'PemnBnAddFwd',
+  'pemn_add': 'PemnAdd',
   'pemn_bn_bstats': 'PemnBnBwdStats',
   'pemn_bn_bwd_saved': 'PemnBnBwdSaved',
   'pemn_gemm_bf16': 'PemnGemmBf16',
