@@ -772,9 +772,7 @@ def test_convmixer_block_input_forks_natively_in_bf16_training(dtype):
 
   def grad_hlo(spec):
     def loss(params):
-      out, _ = model.apply(
-        {**variables, 'params': params}, x, train=True, mutable=['batch_stats']
-      )
+      out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
       return jnp.sum(out)
 
     with native.kernels(spec):
