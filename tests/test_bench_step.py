@@ -43,3 +43,11 @@ def test_dot_flops_counts_a_scan_body_times_its_length():
 
   jaxpr = jax.make_jaxpr(f)(jnp.ones((4, 4)), jnp.ones((2, 4)))
   assert bench_step.dot_flops(jaxpr) == pytest.approx(3 * 2.0 * 2 * 4 * 4)
+
+
+def test_short_calls_names_every_native_target_by_its_feature():
+  from pemn_jax import native
+  from pemn_jax.native import build
+
+  assert bench_step.short_calls(sorted(build.TARGETS)) == ','.join(sorted(native.FEATURES))
+  assert bench_step.short_calls([]) == 'none'
