@@ -502,8 +502,14 @@ def format_table(result: dict) -> str:
 
 def short_calls(calls: list[str]) -> str:
   """The native kernels called, by ``pemn_jax.native.FEATURES`` name."""
-  names = {'dw': 'depthwise', 'topk': 'topk', 'gelu': 'gelu_bn', 'bn': 'gelu_bn', 'gemm': 'gemm'}
-  names['add'] = 'gelu_bn'  # layers.fork's sum, used with the fused GELU+BN path
+  names = {
+    'dw': 'depthwise',
+    'topk': 'topk',
+    'gelu': 'gelu_bn',
+    'bn': 'gelu_bn',
+    'add': 'gelu_bn',  # layers.fork's sum, used with the fused GELU+BN path
+    'gemm': 'gemm',
+  }
   got = {names.get(c.split('_')[1], c) for c in calls}
   return ','.join(sorted(got)) or 'none'
 
