@@ -68,6 +68,54 @@ def test_native_kernel_grad_groups(batch):
   chex.assert_trees_all_close(dk, vjp_ref(cot)[0], rtol=1e-5, atol=1e-4)
 
 
+def _sequential_kernel_grad(x, g, pad, kh, kw, groups, fused):
+  """Each group's ``dk`` summed one term at a time in (image, row, column) order, in float32:
+  each step one rounding of ``acc + x * g`` (``fused``, an FMA) or two (product, then sum)."""
+  n, h, w, c = x.shape
+  xp = np.zeros((n, g.shape[1] + kh - 1, g.shape[2] + kw - 1, c), np.float32)
+  rows, cols = min(h, xp.shape[1] - pad[0]), min(w, xp.shape[2] - pad[1])
+  xp[:, pad[0] : pad[0] + rows, pad[1] : pad[1] + cols] = x[:, :rows, :cols]
+  out = np.zeros((groups, kh, kw, c), np.float32)
+  per = n // groups
+  for img in range(n):
+    acc = out[img // per]
+    for r in range(g.shape[1]):
+      for s in range(g.shape[2]):
+        win, cot = xp[img, r : r + kh, s : s + kw], g[img, r, s]
+        if fused:  # the float64 product is exact, so one rounding but for a rare double one
+          acc[...] = (win.astype(np.float64) * cot + acc).astype(np.float32)
+        else:
+          acc[...] = acc + win * cot
+  return out
+
+
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize(
+  'shape, ksize',
+  [((4, 6, 11, 40), (5, 5)), ((2, 7, 7, 16), (3, 3)), ((3, 5, 6, 24), (3, 5)), ((2, 9, 9, 8), (9, 9))],
+  ids=['5x5-c40', '3x3', '3x5-runtime', '9x9'],
+)
+def test_depthwise_kernel_grad_sums_each_group_in_image_row_column_order(dtype, shape, ksize):
+  """The kernel gradient's partial sums take their terms in a fixed order, so its values do not
+  depend on how the work is split (channel blocks, output columns taken several at a time,
+  threads): each group's sum equals the one-term-at-a-time float32 loop to the bit. Widths that
+  leave a column tail, a partial channel block, the runtime tap count and 81 taps."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  kh, kw = ksize
+  pad = (kh // 2, kw // 2)
+  rng = np.random.default_rng(sum(shape))
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+  g = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+  groups = native.ops._groups(shape[0], shape[-1])
+  call = lambda x, g: native.ops._call(  # noqa: E731
+    'pemn_dw_kgrad', (groups, kh, kw, shape[-1]), x, g, pad_h=pad[0], pad_w=pad[1]
+  )
+  got = np.asarray(jax.jit(call)(x, g))
+  x32, g32 = (np.asarray(a.astype(jnp.float32)) for a in (x, g))
+  fused, plain = (_sequential_kernel_grad(x32, g32, pad, kh, kw, groups, f) for f in (True, False))
+  assert np.array_equal(got, fused) or np.array_equal(got, plain), np.abs(got - fused).max()
+
+
 def test_native_negative_pads_crop():
   """``native.depthwise`` reads x as zero outside, and negative leading pads crop."""
   native.available() or pytest.skip(native.unavailable_reason())

@@ -15,12 +15,12 @@
 //                  gradient, as G partial sums over equal consecutive groups of the batch.
 //
 // XLA lowers both to per-tap reductions over the whole batch that stream memory several times;
-// here every input is read once. The forward's work item is one image's channel blocks (VL
-// channels each) that share a 64-byte cache line (one block of float32, two of bfloat16): each
-// block in turn is zero-padded into a small local buffer, its KH*KW taps held in registers and
-// kQ outputs' accumulators kept in flight; the kernel gradient's item (a group of images) copies each
-// image whole, zero-padded, into a local buffer, reading it in memory order, and accumulates
-// every channel block's KH*KW sums from that cached copy.
+// here every input is read once. Both work on channel blocks (VL channels each) that share a
+// 64-byte cache line (one block of float32, two of bfloat16), each block in turn zero-padded into
+// a small local buffer that stays in L1. The forward's work item is one image's line of blocks,
+// its KH*KW taps held in registers and kQ outputs' accumulators kept in flight; the kernel
+// gradient's item is a line of blocks over a group of images, its KH*KW sums held in registers
+// while kKgradQ outputs' cotangents at a time meet the padded pixels they touch.
 // Work items are spread over XLA's intra-op thread pool.
 //
 // GELU -> BatchNorm in training (ConvMixer's "GELU, BN" after every conv), on x viewed as rows
@@ -261,44 +261,21 @@ void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, i
   }
 }
 
-// Copies image `img`'s zero-padded (ph, pw) grid, all channels, into `buf` as float32:
-// buf[(r * pw + s) * cp + c], cp = the channels rounded up to VL (the extra channels zero, as
-// Load fills the lanes past the last channel with zeros). Reads x in memory order, a pixel's
-// channels then the next pixel's: the image streams in once, and the per-channel-block loops
-// that follow read the buffer from cache.
-template <typename T>
-void PadImage(const Geometry& g, const T* x, int64_t img, int64_t cp, std::vector<float>& buf) {
-  const int64_t ph = g.ph(), pw = g.pw();
-  buf.resize(ph * pw * cp);
-  float* out = buf.data();
-  for (int64_t r = 0; r < ph; ++r) {
-    const int64_t src_r = r - g.pad_h;
-    for (int64_t s = 0; s < pw; ++s, out += cp) {
-      const int64_t src_s = s - g.pad_w;
-      if (src_r < 0 || src_r >= g.h || src_s < 0 || src_s >= g.w) {
-        std::memset(out, 0, cp * sizeof(float));
-        continue;
-      }
-      const T* px = x + ((img * g.h + src_r) * g.w + src_s) * g.c;
-      for (int64_t c0 = 0; c0 < cp; c0 += VL) {
-        Store(out + c0, Load(px + c0, static_cast<int>(std::min<int64_t>(VL, g.c - c0))), VL);
-      }
-    }
-  }
-}
+constexpr int kKgradQ = 4;  // outputs of a row whose products KgradItem takes together
 
-// The kernel gradient's partial sum over the images of `group`: each image padded whole into
-// the buffer, then for each output row and channel block the block's KH*KW accumulators (kept
-// per block in `acc`, in cache) take the row's products; dy is read in memory order.
+// The kernel gradient's partial sum over the images of `group`, for channel blocks [cb0, cb1):
+// each block of each image is zero-padded into a small local buffer (as the forward does), and
+// its KH*KW sums kept in registers while the image's rows stream past. kKgradQ outputs at a
+// time: each padded pixel is loaded once per kernel row and meets the cotangents of the outputs
+// it touches, so the loads are ~(kKgradQ + KW - 1) / (kKgradQ * KW) of the FMAs. Every sum
+// takes its terms in the order (image, row, column), as a one-output-at-a-time loop would.
 template <int KH, int KW, typename T>
 void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t group,
-               int64_t groups) {
+               int64_t groups, int64_t cb0, int64_t cb1) {
   const int64_t kh = KH ? KH : g.kh, kw = KW ? KW : g.kw, taps = kh * kw;
-  const int64_t blocks = (g.c + VL - 1) / VL, cp = blocks * VL, pw = g.pw();
-  const int64_t per = g.n / groups;
-  thread_local std::vector<float> buf;
-  thread_local std::vector<vf> acc_all;
-  acc_all.assign(blocks * taps, vf{});
+  const int64_t per = g.n / groups, pw = g.pw();
+  thread_local std::vector<vf> buf;
+  std::vector<vf> saved((cb1 - cb0) * taps, vf{});
   vf acc_ct[(KH ? KH : 1) * (KW ? KW : 1)];
   std::vector<vf> acc_rt;
   vf* acc = acc_ct;
@@ -307,30 +284,48 @@ void KgradItem(const Geometry& g, const T* x, const T* dy, float* dk, int64_t gr
     acc = acc_rt.data();
   }
   for (int64_t img = group * per; img < (group + 1) * per; ++img) {
-    PadImage(g, x, img, cp, buf);
-    for (int64_t r = 0; r < g.oh; ++r) {
-      const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c;
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t c0 = b * VL;
-        const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
-        vf* saved = acc_all.data() + b * taps;
-        for (int64_t t = 0; t < taps; ++t) acc[t] = saved[t];
-        for (int64_t s = 0; s < g.ow; ++s) {
-          const vf gv = Load(grow + s * g.c + c0, lanes);
+    for (int64_t cb = cb0; cb < cb1; ++cb) {
+      const int64_t c0 = cb * VL;
+      const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
+      PadBlock(g, x, img, c0, lanes, buf);
+      vf* keep = saved.data() + (cb - cb0) * taps;
+      for (int64_t t = 0; t < taps; ++t) acc[t] = keep[t];
+      for (int64_t r = 0; r < g.oh; ++r) {
+        const T* grow = dy + ((img * g.oh + r) * g.ow) * g.c + c0;
+        int64_t s = 0;
+        for (; s + kKgradQ <= g.ow; s += kKgradQ) {
+          vf gv[kKgradQ];
+          for (int q = 0; q < kKgradQ; ++q) gv[q] = Load(grow + (s + q) * g.c, lanes);
           for (int64_t i = 0; i < kh; ++i) {
-            const float* src = buf.data() + ((r + i) * pw + s) * cp + c0;
-            for (int64_t j = 0; j < kw; ++j) acc[i * kw + j] += Load(src + j * cp, VL) * gv;
+            const vf* src = &buf[(r + i) * pw + s];
+            vf* a = acc + i * kw;
+            // Pixel p of the row meets output q at tap j = p - q; for a fixed tap, q rises
+            // with p, so each sum takes its kKgradQ terms in column order.
+            for (int64_t p = 0; p < kKgradQ + kw - 1; ++p) {
+              const vf v = src[p];
+              for (int q = 0; q < kKgradQ; ++q) {
+                const int64_t j = p - q;
+                if (j >= 0 && j < kw) a[j] += v * gv[q];
+              }
+            }
           }
         }
-        for (int64_t t = 0; t < taps; ++t) saved[t] = acc[t];
+        for (; s < g.ow; ++s) {
+          const vf gv = Load(grow + s * g.c, lanes);
+          for (int64_t i = 0; i < kh; ++i) {
+            const vf* src = &buf[(r + i) * pw + s];
+            for (int64_t j = 0; j < kw; ++j) acc[i * kw + j] += src[j] * gv;
+          }
+        }
       }
+      for (int64_t t = 0; t < taps; ++t) keep[t] = acc[t];
     }
   }
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t c0 = b * VL;
+  for (int64_t cb = cb0; cb < cb1; ++cb) {
+    const int64_t c0 = cb * VL;
     const int lanes = static_cast<int>(std::min<int64_t>(VL, g.c - c0));
     float* out = dk + group * taps * g.c + c0;
-    for (int64_t t = 0; t < taps; ++t) Store(out + t * g.c, acc_all[b * taps + t], lanes);
+    for (int64_t t = 0; t < taps; ++t) Store(out + t * g.c, saved[(cb - cb0) * taps + t], lanes);
   }
 }
 
@@ -413,14 +408,17 @@ ffi::Error DwKgrad(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy,
                       "batch, group or channel sizes disagree");
   }
   const Geometry g{xd[0], xd[1], xd[2], xd[3], gd[1], gd[2], kd[1], kd[2], pad_h, pad_w};
-  const int64_t groups = kd[0];
+  const int64_t groups = kd[0], blocks = (g.c + VL - 1) / VL;
   float* kp = dk->typed_data();
   return ByType({x.element_type(), dy.element_type()}, [&]<typename T>(T) {
     const T* xp = In<T>(x);
     const T* gp = In<T>(dy);
     Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-      ParallelFor(pool, groups, [&](int64_t group) {
-        KgradItem<KH, KW>(g, xp, gp, kp, group, groups);
+      // Items: a batch group's channel blocks that share a cache line (as in the forward).
+      const int64_t per = kLineBlocks<T>, lines = (blocks + per - 1) / per;
+      ParallelFor(pool, groups * lines, [&](int64_t item) {
+        const int64_t cb0 = (item % lines) * per;
+        KgradItem<KH, KW>(g, xp, gp, kp, item / lines, groups, cb0, std::min(blocks, cb0 + per));
       });
     });
     return ffi::Error::Success();
