@@ -92,7 +92,12 @@ def _sequential_kernel_grad(x, g, pad, kh, kw, groups, fused):
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 @pytest.mark.parametrize(
   'shape, ksize',
-  [((4, 6, 11, 40), (5, 5)), ((2, 7, 7, 16), (3, 3)), ((3, 5, 6, 24), (3, 5)), ((2, 9, 9, 8), (9, 9))],
+  [
+    ((4, 6, 11, 40), (5, 5)),
+    ((2, 7, 7, 16), (3, 3)),
+    ((3, 5, 6, 24), (3, 5)),
+    ((2, 9, 9, 8), (9, 9)),
+  ],
   ids=['5x5-c40', '3x3', '3x5-runtime', '9x9'],
 )
 def test_depthwise_kernel_grad_sums_each_group_in_image_row_column_order(dtype, shape, ksize):
