@@ -230,6 +230,9 @@ def dot_flops(jaxpr) -> float:
       a = eqn.invars[0].aval
       k = a.shape[0] if dict(eqn.params['attributes'])['trans_a'] else a.shape[1]
       total += 2.0 * math.prod(out.shape) * k
+    elif name == 'ffi_call' and eqn.params['target_name'] == 'pemn_matmul_amx':
+      # the native AMX product (model.native_kernels 'amx'): a (M, K) @ op(b) (K, N)
+      total += 2.0 * math.prod(out.shape) * eqn.invars[0].aval.shape[1]
     elif name == 'conv_general_dilated':
       rhs = eqn.invars[1].aval
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out features, in features, *spatial)
@@ -509,6 +512,7 @@ def short_calls(calls: list[str]) -> str:
     'bn': 'gelu_bn',
     'add': 'gelu_bn',  # layers.fork's sum, used with the fused GELU+BN path
     'gemm': 'gemm',
+    'matmul': 'amx',
   }
   got = {names.get(c.split('_')[1], c) for c in calls}
   return ','.join(sorted(got)) or 'none'

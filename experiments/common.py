@@ -89,9 +89,14 @@ def machine() -> dict:
     'native_kernels': {
       'available': available,
       'reason': native.unavailable_reason(),
-      # 'gemm' is on only with a bf16 GEMM library behind it (oneDNN or MKL: gemm_library).
+      # 'gemm' is on only with a bf16 GEMM library behind it (oneDNN or MKL: gemm_library),
+      # 'amx' only on a CPU with AMX-BF16 (amx_available).
       'enabled': [
-        f for f in native.FEATURES if native.enabled(f) and (f != 'gemm' or gemm is not None)
+        f
+        for f in native.FEATURES
+        if native.enabled(f)
+        and (f != 'gemm' or gemm is not None)
+        and (f != 'amx' or native.amx_available())
       ]
       if available
       else [],

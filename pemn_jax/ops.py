@@ -240,9 +240,19 @@ def dot_bf16(x, w):
   gradient in the fast form. Where ``native.gemm_usable`` (oneDNN or MKL installed, ``'gemm'``
   in ``model.native_kernels``), the weight gradient is that library's bfloat16 GEMM (the same
   float32 sums, ~10x XLA's product there); the forward and the input gradient stay XLA's, which
-  measured faster than the library's for them (PERFORMANCE.md, attempt 57).
+  measured faster than the library's for them (PERFORMANCE.md, attempt 57), or, where
+  ``native.amx_usable`` (``'amx'``: a CPU with AMX-BF16, widths multiples of 32), run on AMX
+  tiles and round in cache (``native.matmul_amx``: XLA's values, without the float32 product
+  in memory; PERFORMANCE.md, attempt 66).
   """
-  return _dot_f32acc(x, w, ((1,), (0,))).astype(x.dtype)
+  return _product(x, w, trans_w=False)
+
+
+def _product(a, w, trans_w):
+  """``a @ w`` (``a @ w.T`` when ``trans_w``) in bfloat16 from float32 sums."""
+  if native.amx_usable(a, w, trans_b=trans_w):
+    return native.matmul_amx(a, w, trans_b=trans_w)
+  return _dot_f32acc(a, w, ((1,), (1,) if trans_w else (0,))).astype(a.dtype)
 
 
 def _dot_bf16_fwd(x, w):
@@ -252,7 +262,7 @@ def _dot_bf16_fwd(x, w):
 def _dot_bf16_bwd(res, g):
   x, w = res
   g = g.astype(x.dtype)
-  dx = _dot_f32acc(g, w, ((1,), (1,))).astype(x.dtype)
+  dx = _product(g, w, trans_w=True)
   if native.gemm_usable(x):
     return dx, native.matmul_bf16_dw(x, g).astype(w.dtype)
   # The weight gradient contracts the long batch axis, where XLA:CPU's bfloat16 kernels are

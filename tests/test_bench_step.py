@@ -19,6 +19,14 @@ def _gemm(a, b, trans_a: bool):
   )
 
 
+def _amx(a, b, trans_b: bool):
+  # the call native.matmul_amx makes (traced only)
+  n = b.shape[0] if trans_b else b.shape[1]
+  return jax.ffi.ffi_call('pemn_matmul_amx', jax.ShapeDtypeStruct((a.shape[0], n), a.dtype))(
+    a, b, trans_b=np.int64(trans_b)
+  )
+
+
 def test_dot_flops_counts_dots_convs_and_the_native_gemm():
   a = jnp.ones((6, 4), jnp.bfloat16)
   b = jnp.ones((4, 5), jnp.bfloat16)
@@ -30,11 +38,18 @@ def test_dot_flops_counts_dots_convs_and_the_native_gemm():
     conv = jax.lax.conv_general_dilated(
       x, k, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')
     )
-    return a @ b, _gemm(a, b, False), _gemm(at, b, True), conv
+    return (
+      a @ b,
+      _gemm(a, b, False),
+      _gemm(at, b, True),
+      _amx(a, b, False),
+      _amx(a, b.T, True),
+      conv,
+    )
 
   jaxpr = jax.make_jaxpr(f)(a, b, at, x, k)
   conv = 2.0 * (2 * 8 * 8 * 7) * (3 * 3 * 3)
-  assert bench_step.dot_flops(jaxpr) == pytest.approx(3 * 2.0 * 6 * 5 * 4 + conv)
+  assert bench_step.dot_flops(jaxpr) == pytest.approx(5 * 2.0 * 6 * 5 * 4 + conv)
 
 
 def test_dot_flops_counts_a_scan_body_times_its_length():

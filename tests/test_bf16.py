@@ -290,3 +290,150 @@ def test_gemm_under_data_parallel_mesh(pemn_cli):
   devices, calls, calls_xla, diff = proc.stdout.split()
   assert (devices, calls, calls_xla) == ('2', '1', '0')
   assert float(diff) < 1e-2
+
+
+# ---- bf16 products on AMX tiles (native feature 'amx'; where the CPU has AMX-BF16) ---------
+
+
+def _need_amx():
+  native.available() or pytest.skip(native.unavailable_reason())
+  native.amx_available() or pytest.skip('no AMX-BF16 here (or the OS refused the tile state)')
+
+
+@cpu_only
+@pytest.mark.parametrize('trans_b', [False, True], ids=['b', 'b.T'])
+@pytest.mark.parametrize(
+  'm, k, n', [(77, 64, 96), (300, 256, 256), (32, 32, 32), (5, 96, 64)], ids=str
+)
+def test_matmul_amx_equals_xlas_rounded_product(m, k, n, trans_b):
+  """``a @ op(b)`` on AMX tiles: row counts that leave a partial 32-row block (or are one),
+  widths of one and several 32-column tile pairs, both layouts of b. Against the float64
+  product it is within one bfloat16 rounding plus float32 summation error; against XLA's
+  float32-result dot converted to bfloat16 (what dot_bf16 computes without the kernel) it is
+  within one bfloat16 unit, and equal in almost every entry."""
+  _need_amx()
+  ka, kb = jax.random.split(jax.random.key(m + k + n))
+  a = jax.random.normal(ka, (m, k)).astype(BF16)
+  b = jax.random.normal(kb, (n, k) if trans_b else (k, n)).astype(BF16)
+  got = jax.jit(lambda a, b: native.matmul_amx(a, b, trans_b))(a, b)
+  assert got.dtype == BF16 and got.shape == (m, n)
+  bm = b.T if trans_b else b
+  xla = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=F32).astype(BF16))(a, bm)
+  exact = np.asarray(a, np.float64) @ np.asarray(bm, np.float64)
+  got32, xla32 = np.asarray(got, np.float32), np.asarray(xla, np.float32)
+  bound = 2.0**-8 * np.abs(exact) + 1e-6 * k * np.sqrt(k)
+  assert np.all(np.abs(got32 - exact) <= bound), np.max(np.abs(got32 - exact) - bound)
+  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(xla32), 1e-30))) - 7)
+  assert np.all(np.abs(got32 - xla32) <= ulp)
+  assert np.mean(got32 == xla32) > 0.99
+
+
+@cpu_only
+def test_matmul_amx_rejects_widths_it_does_not_tile():
+  """K or N not a multiple of 32: the kernel's error names the rule (amx_usable never sends
+  such a product; a direct call gets the error)."""
+  _need_amx()
+  a, b = jnp.ones((8, 48), BF16), jnp.ones((48, 32), BF16)
+  assert not native.amx_usable(a, b) and native.amx_usable(jnp.ones((8, 64), BF16), b[:32])
+  with pytest.raises(Exception, match='K and N must be multiples of 32'):
+    jax.block_until_ready(jax.jit(native.matmul_amx)(a, b))
+
+
+@cpu_only
+def test_dot_bf16_takes_the_amx_kernel_for_forward_and_input_gradient():
+  """With 'amx' on and widths of multiples of 32, dot_bf16's forward and input gradient are
+  the AMX kernel's (two calls), the weight gradient not; values and gradients equal the
+  formulation without it to one bfloat16 unit. A width that does not tile stays XLA's."""
+  _need_amx()
+  x = jax.random.normal(jax.random.key(0), (200, 64)).astype(BF16)
+  w = jax.random.normal(jax.random.key(1), (64, 96)).astype(BF16)
+  cot = jax.random.normal(jax.random.key(2), (200, 96)).astype(BF16)
+
+  def run(spec, x, w, cot):
+    with native.kernels(spec):
+      fn = jax.jit(lambda x, w: (lambda y, pull: (y, *pull(cot)))(*jax.vjp(ops.dot_bf16, x, w)))
+      return fn(x, w), fn.lower(x, w).as_text()
+
+  got, text = run('auto', x, w, cot)
+  ref, text_ref = run('depthwise,topk,gelu_bn,gemm', x, w, cot)
+  assert text.count('pemn_matmul_amx') == 2 and 'pemn_matmul_amx' not in text_ref
+  for a, b in zip(got, ref, strict=True):
+    assert a.dtype == BF16
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(b32), 1e-30))) - 7)
+    assert np.all(np.abs(a32 - b32) <= ulp)
+  _, text_odd = run('auto', x[:, :48], w[:48], cot)
+  assert 'pemn_matmul_amx' not in text_odd
+
+
+@cpu_only
+def test_amx_needs_the_tile_state(monkeypatch):
+  """Where the kernels were not built for AMX-BF16 (or Linux refused the tile state),
+  amx_usable is false and dot_bf16 traces XLA's dots; the kernel itself would fail."""
+  from pemn_jax.native import build as nbuild
+
+  native.available() or pytest.skip(native.unavailable_reason())
+  monkeypatch.setitem(nbuild._state, 'amx', False)
+  x, w = jnp.ones((64, 32), BF16), jnp.ones((32, 32), BF16)
+  assert not native.amx_usable(x, w)
+  assert 'pemn_matmul_amx' not in jax.jit(ops.dot_bf16).lower(x, w).as_text()
+  with pytest.raises(RuntimeError, match='pemn_matmul_amx is unavailable'):
+    native.matmul_amx(x, w)
+
+
+@cpu_only
+@pytest.mark.slow
+def test_amx_under_data_parallel_mesh(pemn_cli):
+  """Under the training loop's mesh (2 devices) the AMX products run per batch shard (no
+  gather), and the loss and gradients equal the formulation without them."""
+  _need_amx()
+  import textwrap
+
+  code = textwrap.dedent(
+    """
+      import jax, jax.numpy as jnp, numpy as np
+      from pemn_jax import ops, steps
+      mesh, rep, batch = steps.mesh_and_shardings()
+      x = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
+      w = jax.random.normal(jax.random.key(1), (32, 64)).astype(jnp.bfloat16)
+      loss = lambda x, w: jnp.sum(ops.dot_bf16(x, w).astype(jnp.float32) ** 2)
+      out = {}
+      for spec in ('auto', 'depthwise'):
+        f = jax.jit(steps.in_mesh(jax.value_and_grad(loss, (0, 1)), mesh, spec),
+                    in_shardings=(batch, rep))
+        text = f.lower(x, w).compile().as_text()
+        out[spec] = (text.count('pemn_matmul_amx'), 'all-gather' in text,
+                     f(jax.device_put(x, batch), jax.device_put(w, rep)))
+      diff = max(
+        float(np.max(np.abs(np.float32(a) - np.float32(b))) / np.max(np.abs(np.float32(b))))
+        for a, b in zip(jax.tree.leaves(out['auto'][2]), jax.tree.leaves(out['depthwise'][2]))
+      )
+      print(jax.device_count(), out['auto'][0] > 0, out['auto'][1], out['depthwise'][0], diff)
+  """
+  )
+  proc = pemn_cli.python('-c', code, devices=2, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  devices, calls, gathers, calls_xla, diff = proc.stdout.split()
+  assert (devices, calls, gathers, calls_xla) == ('2', 'True', 'False', '0')
+  assert float(diff) < 1e-2
+
+
+@cpu_only
+@pytest.mark.parametrize('dtype', [BF16, F32], ids=['bf16', 'fp32'])
+def test_convmixer_pointwise_products_run_on_amx_in_bf16_training(dtype):
+  """A bfloat16 ConvMixer of width 32 trains its pointwise layers on the AMX kernel (forward
+  and input gradient of each block's layer; the stem's 12-wide patches and the 10-class head do
+  not tile and stay XLA's); float32 never uses it."""
+  _need_amx()
+  from pemn_jax.models.convmixer import ConvMixer
+
+  model = ConvMixer(dim=32, depth=2, kernel_size=3, patch_size=2, dtype=dtype)
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 3), dtype)
+  variables = model.init(jax.random.key(1), x, train=False)
+
+  def loss(params):
+    out, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return jnp.sum(out)
+
+  text = jax.jit(jax.grad(loss)).lower(variables['params']).as_text()
+  assert text.count('pemn_matmul_amx') == (2 * 2 if dtype == BF16 else 0)

@@ -582,7 +582,7 @@ def test_native_off_switch_and_require(monkeypatch):
 @pytest.mark.parametrize(
   'spec, want',
   [
-    ('auto', {'depthwise', 'topk', 'gelu_bn', 'gemm'}),
+    ('auto', {'depthwise', 'topk', 'gelu_bn', 'gemm', 'amx'}),
     ('none', set()),
     ('depthwise,topk', {'depthwise', 'topk'}),
     (' gelu_bn , topk ', {'gelu_bn', 'topk'}),
@@ -669,11 +669,11 @@ def test_kernels_context_nests_and_restores(monkeypatch):
     ({'PEMN_JAX_NATIVE': 'False'}, 'none'),
     ({'PEMN_JAX_NATIVE': 'no'}, 'none'),
     ({'PEMN_JAX_NATIVE': ' OFF '}, 'none'),
-    ({'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}, 'depthwise,topk,gemm'),
-    ({'PEMN_JAX_NATIVE_OFF': 'topk, depthwise'}, 'gelu_bn,gemm'),
-    ({'PEMN_JAX_NATIVE_OFF': 'depthwise,topk,gelu_bn,gemm'}, 'none'),
+    ({'PEMN_JAX_NATIVE_OFF': 'gelu_bn'}, 'depthwise,topk,gemm,amx'),
+    ({'PEMN_JAX_NATIVE_OFF': 'topk, depthwise'}, 'gelu_bn,gemm,amx'),
+    ({'PEMN_JAX_NATIVE_OFF': 'depthwise,topk,gelu_bn,gemm,amx'}, 'none'),
     ({'PEMN_JAX_NATIVE': '0', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'none'),
-    ({'PEMN_JAX_NATIVE': '1', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'depthwise,gelu_bn,gemm'),
+    ({'PEMN_JAX_NATIVE': '1', 'PEMN_JAX_NATIVE_OFF': 'topk'}, 'depthwise,gelu_bn,gemm,amx'),
   ],
 )
 def test_kernels_from_env(env, want):

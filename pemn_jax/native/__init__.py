@@ -66,6 +66,7 @@ then fails with the reason when the library is unavailable.
 from __future__ import annotations
 
 from pemn_jax.native.build import (
+  amx_available,
   available,
   gemm_available,
   gemm_unavailable_reason,
@@ -74,6 +75,7 @@ from pemn_jax.native.build import (
 from pemn_jax.native.ops import (
   FEATURES,
   add,
+  amx_usable,
   depthwise,
   depthwise_kernel_grad,
   enabled,
@@ -86,6 +88,7 @@ from pemn_jax.native.ops import (
   gemm_usable,
   kernels,
   kernels_from_env,
+  matmul_amx,
   matmul_bf16_dw,
   parse_kernels,
   topk_mask,
@@ -96,6 +99,8 @@ from pemn_jax.native.ops import (
 __all__ = [
   'FEATURES',
   'add',
+  'amx_available',
+  'amx_usable',
   'available',
   'depthwise',
   'depthwise_kernel_grad',
@@ -111,6 +116,7 @@ __all__ = [
   'gemm_usable',
   'kernels',
   'kernels_from_env',
+  'matmul_amx',
   'matmul_bf16_dw',
   'parse_kernels',
   'topk_mask',

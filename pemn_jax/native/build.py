@@ -66,6 +66,7 @@ TARGETS = {
   'pemn_bn_bstats': 'PemnBnBwdStats',
   'pemn_bn_bwd_saved': 'PemnBnBwdSaved',
   'pemn_gemm_bf16': 'PemnGemmBf16',
+  'pemn_matmul_amx': 'PemnMatmulAmx',
 }
 # CPU flags under which a BLAS's bfloat16 GEMM runs in hardware (else MKL emulates it, slowly).
 BF16_GEMM_FLAGS = ('amx_bf16', 'avx512_bf16')
@@ -78,6 +79,7 @@ _state: dict = {
   'path': None,
   'gemm': None,  # the BLAS library behind pemn_gemm_bf16, or None
   'gemm_reason': 'not loaded yet',
+  'amx': False,  # pemn_matmul_amx can run: built for AMX-BF16 and granted the tile state
 }
 
 
@@ -182,6 +184,7 @@ def _load() -> None:
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform='cpu')
   _state['path'] = path
+  _state['amx'] = bool(lib.PemnAmxReady())
   try:
     _state['gemm'] = _load_gemm(lib)
     _state['gemm_reason'] = None
@@ -251,6 +254,12 @@ def gemm_available() -> bool:
   """True when ``pemn_gemm_bf16`` has a library behind it (MKL or oneDNN found, on a CPU with
   bf16 GEMMs)."""
   return available() and _state['gemm'] is not None
+
+
+def amx_available() -> bool:
+  """True when ``pemn_matmul_amx`` runs here: the kernels were built for a CPU with AMX-BF16
+  (``-march=native``) and Linux granted the process the tile state."""
+  return available() and _state['amx']
 
 
 def gemm_unavailable_reason() -> str | None:

@@ -66,6 +66,9 @@
 #include <utility>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -860,6 +863,163 @@ ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
+// ---- bfloat16 products on AMX tiles -------------------------------------------------------
+
+// pemn_matmul_amx: c = a @ op(b) in bfloat16 (a (M, K), op(b) (K, N): b itself, or b (N, K)
+// transposed when trans_b), the float32 sums of exact bfloat16 products rounded once, to
+// nearest even, as XLA's bfloat16 dot with a float32 result and its convert give (the sums'
+// order differs, so the float32 values may differ in the last bits). K and N multiples of 32.
+// A library's GEMM writes the float32 product and XLA's convert then reads it again: here each
+// 32-row block of c is summed in the tile registers, stored to a 32 KB buffer in L1 and rounded
+// from there, so only a and the bfloat16 c cross memory (a third of the bytes; c is written
+// with non-temporal stores, since the next op reads it from memory anyway). The tiles: 2 x 2
+// blocks of 16 x 16 float32 sums (16 rows by 32 bfloat16 of a, times 32 by 16 of b), b
+// repacked once per call into AMX's pair-interleaved layout. TDPBF16PS reads bfloat16
+// denormals as zero and flushes denormal sums (as XLA:CPU's threads do).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+constexpr bool kAmxBuilt = true;
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// b repacked: tile (nb, kb) holds op(b)[32 kb + 2 r + e][16 nb + n] at [r][2 n + e] (16 rows
+// of 64 bytes), the tiles of one 16-column block consecutive in kb.
+void PackAmx(const uint16_t* b, bool trans_b, int64_t k, int64_t n, uint16_t* out) {
+  for (int64_t nb = 0; nb < n / 16; ++nb) {
+    for (int64_t kb = 0; kb < k / 32; ++kb) {
+      uint16_t* tile = out + (nb * (k / 32) + kb) * 512;
+      for (int64_t r = 0; r < 16; ++r) {
+        for (int64_t j = 0; j < 16; ++j) {
+          for (int64_t e = 0; e < 2; ++e) {
+            const int64_t row = kb * 32 + 2 * r + e, col = nb * 16 + j;
+            tile[r * 32 + 2 * j + e] = trans_b ? b[col * k + row] : b[row * n + col];
+          }
+        }
+      }
+    }
+  }
+}
+
+// Rows [m0, m1) of c. Blocks of 32 rows; a last shorter block is copied zero-padded first.
+void AmxRows(const uint16_t* a, const uint16_t* packed, uint16_t* c, int64_t k, int64_t n,
+             int64_t m0, int64_t m1) {
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  thread_local std::vector<float> sums;
+  thread_local std::vector<uint16_t> tail;
+  sums.resize(32 * n);
+  const int64_t kbs = k / 32, stride = k * 2;
+  const bool aligned = reinterpret_cast<uintptr_t>(c) % 64 == 0;
+  for (int64_t mb = m0; mb < m1; mb += 32) {
+    const int64_t rows = std::min<int64_t>(32, m1 - mb);
+    const uint16_t* a0 = a + mb * k;
+    if (rows < 32) {
+      tail.assign(32 * k, 0);
+      std::memcpy(tail.data(), a0, rows * k * sizeof(uint16_t));
+      a0 = tail.data();
+    }
+    const uint16_t* a1 = a0 + 16 * k;
+    for (int64_t np = 0; np < n / 32; ++np) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      const uint16_t* b0 = packed + 2 * np * kbs * 512;
+      const uint16_t* b1 = b0 + kbs * 512;
+      for (int64_t kb = 0; kb < kbs; ++kb) {
+        _tile_loadd(4, a0 + kb * 32, stride);
+        _tile_loadd(5, a1 + kb * 32, stride);
+        _tile_loadd(6, b0 + kb * 512, 64);
+        _tile_loadd(7, b1 + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      float* s = sums.data() + np * 32;
+      _tile_stored(0, s, n * 4);
+      _tile_stored(1, s + 16, n * 4);
+      _tile_stored(2, s + 16 * n, n * 4);
+      _tile_stored(3, s + 16 * n + 16, n * 4);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* out = c + (mb + r) * n;
+      const float* s = sums.data() + r * n;
+      for (int64_t j = 0; j < n; j += 32) {
+        alignas(64) uint16_t h[32];
+        Store(h, Load(s + j, VL), VL);
+        Store(h + 16, Load(s + j + 16, VL), VL);
+        __m512i v;
+        std::memcpy(&v, h, sizeof(v));
+        if (aligned) {
+          _mm512_stream_si512(reinterpret_cast<__m512i*>(out + j), v);
+        } else {
+          _mm512_storeu_si512(out + j, v);
+        }
+      }
+    }
+  }
+  _mm_sfence();
+  _tile_release();
+}
+
+// Linux hands a process the AMX tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM).
+bool AmxPermitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return ok;
+}
+#else
+constexpr bool kAmxBuilt = false;
+bool AmxPermitted() { return false; }
+#endif
+
+ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                     ffi::Result<ffi::AnyBuffer> c, int64_t trans_b) {
+  if (!kAmxBuilt || !AmxPermitted()) {
+    return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
+                      "pemn_matmul_amx: no AMX-BF16 (not built for it, or refused by the OS)");
+  }
+  if (a.element_type() != ffi::DataType::BF16 || b.element_type() != ffi::DataType::BF16 ||
+      c->element_type() != ffi::DataType::BF16) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_matmul_amx takes bfloat16 only");
+  }
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_matmul_amx takes matrices");
+  }
+  const int64_t m = ad[0], k = ad[1];
+  const int64_t n = trans_b ? bd[0] : bd[1], kb = trans_b ? bd[1] : bd[0];
+  if (k != kb || cd[0] != m || cd[1] != n) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "pemn_matmul_amx: shapes disagree");
+  }
+  if (k % 32 != 0 || n % 32 != 0) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "pemn_matmul_amx: K and N must be multiples of 32");
+  }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  std::vector<uint16_t> packed(k * n);
+  PackAmx(static_cast<const uint16_t*>(b.untyped_data()), trans_b != 0, k, n, packed.data());
+  const auto* ap = static_cast<const uint16_t*>(a.untyped_data());
+  auto* cp = static_cast<uint16_t*>(c->untyped_data());
+  constexpr int64_t kRows = 256;  // rows of c per work item
+  ParallelFor(pool, (m + kRows - 1) / kRows, [&](int64_t item) {
+    AmxRows(ap, packed.data(), cp, k, n, item * kRows, std::min(m, (item + 1) * kRows));
+  });
+#endif
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Hands over the bf16 GEMM of kind 0 (MKL's CBLAS) or 1 (oneDNN), see above; null: none.
@@ -867,6 +1027,9 @@ extern "C" void PemnSetGemmBf16(void* fn, int kind) {
   gemm_kind.store(kind);
   gemm_fn.store(fn);
 }
+
+// 1 when pemn_matmul_amx can run here: built for AMX-BF16, and the OS grants the tile state.
+extern "C" int PemnAmxReady() { return AmxPermitted() ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnGemmBf16, GemmBf16,
                               ffi::Ffi::Bind()
@@ -917,6 +1080,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDwFwd, DwFwd,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnDwKgrad, DwKgrad,
                               PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Ret<PEMN_F32>()
                                   .Attr<int64_t>("pad_h").Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnMatmulAmx, MatmulAmx,
+                              PEMN_POOL.Arg<PEMN_ANY>().Arg<PEMN_ANY>().Ret<PEMN_ANY>()
+                                  .Attr<int64_t>("trans_b"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PemnTopkMask, TopkMask,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()

@@ -2,7 +2,7 @@
 
 Which kernels are on is a value, ``model.native_kernels``: ``'auto'`` (every kernel in
 ``FEATURES``, where usable: the default; ``'gemm'`` also needs MKL or oneDNN,
-``gemm_available``),
+``gemm_available``, and ``'amx'`` a CPU with AMX-BF16, ``amx_available``),
 ``'none'`` (pure XLA) or a comma-separated subset of ``FEATURES`` (``'depthwise,topk'``).
 ``parse_kernels`` validates it; ``kernels(spec)`` makes it
 the active set while a function is traced; ``enabled(feature)`` asks whether ``feature`` is in
@@ -44,13 +44,14 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec as P
 
 from pemn_jax.native.build import (
+  amx_available,
   available,
   gemm_available,
   gemm_unavailable_reason,
   unavailable_reason,
 )
 
-FEATURES = ('depthwise', 'topk', 'gelu_bn', 'gemm')
+FEATURES = ('depthwise', 'topk', 'gelu_bn', 'gemm', 'amx')
 DATA_AXIS = 'data'
 FIELD = 'model.native_kernels'
 
@@ -543,3 +544,35 @@ def gemm_bf16(a, b, trans_a: bool = False, trans_b: bool = False):
   return jax.ffi.ffi_call(
     'pemn_gemm_bf16', jax.ShapeDtypeStruct((m, n), np.float32), vmap_method='sequential'
   )(a, b, trans_a=np.int64(trans_a), trans_b=np.int64(trans_b))
+
+
+# ---- bfloat16 products on AMX tiles -------------------------------------------------------
+
+
+def amx_usable(a, b, trans_b: bool = False) -> bool:
+  """Whether ``matmul_amx(a, b, trans_b)`` applies: ``'amx'`` enabled and ``amx_available()``,
+  2-D bfloat16 operands on the CPU backend, the contracted and the output width multiples of
+  32, and one device or a mesh that splits ``a``'s rows over ``'data'``."""
+  if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16 or a.ndim != 2 or b.ndim != 2:
+    return False
+  if jax.default_backend() != 'cpu' or not enabled('amx') or not amx_available():
+    return False
+  n = b.shape[0] if trans_b else b.shape[1]
+  if a.shape[1] % 32 or n % 32:
+    return False
+  return jax.device_count() == 1 or _data_mesh(a.shape[0]) is not None
+
+
+def matmul_amx(a, b, trans_b: bool = False):
+  """``a @ op(b)`` in bfloat16 (``op(b)``: ``b``, or ``b.T`` when ``trans_b``) on AMX tiles:
+  the float32 sums of the exact bfloat16 products, rounded once (what XLA's bfloat16 dot with
+  a float32 result, then a convert, computes; the summation order differs). ``a``'s rows are
+  split over the 'data' shards of the current mesh, ``b`` replicated."""
+  if not amx_available():
+    raise RuntimeError('pemn_matmul_amx is unavailable: the kernels were not built for AMX-BF16')
+
+  def call(a, b):
+    n = b.shape[0] if trans_b else b.shape[1]
+    return _call('pemn_matmul_amx', (a.shape[0], n), a, b, dtype=a.dtype, trans_b=trans_b)
+
+  return _per_shard(call, a, b)
