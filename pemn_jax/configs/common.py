@@ -53,8 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.conv_impl = 'auto'  # conv formulation: auto | xla | fast | native (pemn_jax.ops)
   # which native CPU kernels the steps may use (pemn_jax.native): 'auto' (all, where they
   # apply), 'none' (pure XLA), or a comma list of depthwise, topk, gelu_bn, gemm (the bf16
-  # matmuls through oneDNN / MKL, where installed and the CPU has bf16 hardware). How a step runs,
-  # not which network: a run may resume with it changed.
+  # weight gradients through oneDNN / MKL, where installed and the CPU has bf16 hardware), amx
+  # (the other bf16 products on AMX tiles, where the CPU has AMX-BF16). How a step runs, not
+  # which network: a run may resume with it changed.
   c.model.native_kernels = 'auto'
   c.model.input_shape = config_dict.placeholder(tuple)  # (H, W, C); None: the dataset's
   # ConvMixer / ViT blocks as one rematerialised scan in training: none | save_convs | full

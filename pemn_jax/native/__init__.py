@@ -25,7 +25,12 @@ What XLA:CPU does slowly or wastefully in a PEMN training step, done here in C++
   installed (``requirements-gemm.txt``, or ``$DNNLROOT`` / ``$MKLROOT``) and the CPU has bf16
   GEMM hardware: ``gemm_available()``. XLA's own bf16 weight-gradient product is slower than its
   fp32 one; the library's is 3-5x faster (PERFORMANCE.md, attempt 38). Without a library the
-  products stay in XLA (feature ``'gemm'`` then does nothing).
+  products stay in XLA (feature ``'gemm'`` then does nothing). On a CPU with AMX-BF16 the
+  forward and input-gradient products (widths multiples of 32) run on AMX tiles in a loop of
+  this library's own (``matmul_amx``, feature ``'amx'``, ``amx_available()``): each 32-row block
+  of the product is summed in the tile registers and rounded to bf16 from L1, so the float32
+  product that XLA's dot writes and its convert reads back never crosses memory (ConvMixer-256:
+  6.1 -> 3.5 ms per product; PERFORMANCE.md, attempt 66).
 
 The conv and GELU+BN kernels take float32 or bfloat16 activations (``model.dtype``), read and
 written in that dtype and computed in float32 in registers: a bfloat16 step moves half the bytes
@@ -48,7 +53,8 @@ Two modules:
   per-shard calls under a data-parallel mesh), the switch (``parse_kernels``, ``kernels``,
   ``kernels_from_env``) and the JAX ops with their VJPs (``depthwise``,
   ``depthwise_kernel_grad``, ``topk_mask``, ``gelu_batch_stats``, ``gelu_batch_norm``,
-  ``gelu_batch_norm_add``, ``gelu_batch_norm_saved``, ``fork``, ``add``).
+  ``gelu_batch_norm_add``, ``gelu_batch_norm_saved``, ``fork``, ``add``, ``matmul_amx`` with
+  ``amx_usable``, ``matmul_bf16_dw`` with ``gemm_usable``).
 
 A third, ``process``, is about the process rather than the step: it re-executes a command once
 with ``alloc.cc`` preloaded, a cache that keeps XLA's per-step scratch buffer mapped between

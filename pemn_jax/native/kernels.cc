@@ -52,6 +52,11 @@
 // PemnSetGemmBf16 hands over (MKL's cblas_gemm_bf16bf16f32, single-threaded, the output's rows
 // split over XLA's pool here; or oneDNN's dnnl_gemm_bf16bf16f32), loaded by Python at run time
 // where installed (AMX / AVX512-BF16). Without one the call fails (Python never uses it then).
+//
+// bfloat16 product on AMX tiles: pemn_matmul_amx: c = a @ op(b) in bfloat16 (float32 sums of
+// the exact products, rounded once), the tile loop written here, so that each 32-row block of c
+// is rounded from L1 and no float32 product is written to memory. Built only where the compiler
+// targets AMX-BF16 (-march=native on such a CPU); PemnAmxReady says whether it can run.
 #include <algorithm>
 #include <immintrin.h>
 #include <initializer_list>
