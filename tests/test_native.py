@@ -121,6 +121,48 @@ def test_depthwise_kernel_grad_sums_each_group_in_image_row_column_order(dtype, 
   assert np.array_equal(got, fused) or np.array_equal(got, plain), np.abs(got - fused).max()
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+@pytest.mark.parametrize(
+  'shape, ksize',
+  [
+    ((2, 6, 19, 40), (5, 5)),
+    ((2, 7, 7, 16), (3, 3)),
+    ((3, 5, 12, 24), (3, 5)),
+    ((1, 9, 9, 8), (9, 9)),
+  ],
+  ids=['5x5-c40', '3x3', '3x5-runtime', '9x9'],
+)
+def test_depthwise_forward_sums_each_output_in_tap_order(dtype, shape, ksize):
+  """The forward's outputs take their taps in the order (kernel row, kernel column), however
+  many outputs of a row the kernel computes at once: each equals the one-tap-at-a-time float32
+  loop to the bit (widths that leave a column tail, a partial channel block, the runtime tap
+  count and 81 taps), then rounded to the dtype."""
+  native.available() or pytest.skip(native.unavailable_reason())
+  kh, kw = ksize
+  pad = (kh // 2, kw // 2)
+  rng = np.random.default_rng(sum(shape))
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
+  k = jnp.asarray(rng.standard_normal((kh, kw, 1, shape[-1])), jnp.float32)
+  got = np.asarray(jax.jit(lambda x, k: native.depthwise(x, k, pad, shape[1:3]))(x, k), np.float32)
+  x32 = np.asarray(x.astype(jnp.float32))
+  n, h, w, c = shape
+  xp = np.zeros((n, h + kh - 1, w + kw - 1, c), np.float32)
+  xp[:, pad[0] : pad[0] + h, pad[1] : pad[1] + w] = x32
+  k32 = np.asarray(k, np.float32)[:, :, 0]
+  outs = []
+  for fused in (True, False):
+    acc = np.zeros(shape, np.float32)
+    for i in range(kh):
+      for j in range(kw):
+        win = xp[:, i : i + h, j : j + w]
+        if fused:  # the float64 product is exact, so one rounding but for a rare double one
+          acc = (win.astype(np.float64) * k32[i, j] + acc).astype(np.float32)
+        else:
+          acc = acc + win * k32[i, j]
+    outs.append(np.asarray(jnp.asarray(acc).astype(dtype), np.float32))
+  assert np.array_equal(got, outs[0]) or np.array_equal(got, outs[1]), np.abs(got - outs[0]).max()
+
+
 def test_native_negative_pads_crop():
   """``native.depthwise`` reads x as zero outside, and negative leading pads crop."""
   native.available() or pytest.skip(native.unavailable_reason())

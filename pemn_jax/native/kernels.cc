@@ -872,8 +872,8 @@ ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 
 // pemn_matmul_amx: c = a @ op(b) in bfloat16 (a (M, K), op(b) (K, N): b itself, or b (N, K)
 // transposed when trans_b), the float32 sums of exact bfloat16 products rounded once, to
-// nearest even, as XLA's bfloat16 dot with a float32 result and its convert give (the sums'
-// order differs, so the float32 values may differ in the last bits). K and N multiples of 32.
+// nearest even, as XLA's bfloat16 dot with a float32 result and its convert give (to the bit
+// on every shape tested: XLA:CPU runs that dot on AMX tiles too). K and N multiples of 32.
 // A library's GEMM writes the float32 product and XLA's convert then reads it again: here each
 // 32-row block of c is summed in the tile registers, stored to a 32 KB buffer in L1 and rounded
 // from there, so only a and the bfloat16 c cross memory (a third of the bytes; c is written

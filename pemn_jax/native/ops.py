@@ -565,9 +565,10 @@ def amx_usable(a, b, trans_b: bool = False) -> bool:
 
 def matmul_amx(a, b, trans_b: bool = False):
   """``a @ op(b)`` in bfloat16 (``op(b)``: ``b``, or ``b.T`` when ``trans_b``) on AMX tiles:
-  the float32 sums of the exact bfloat16 products, rounded once (what XLA's bfloat16 dot with
-  a float32 result, then a convert, computes; the summation order differs). ``a``'s rows are
-  split over the 'data' shards of the current mesh, ``b`` replicated."""
+  the float32 sums of the exact bfloat16 products, rounded once: what XLA's bfloat16 dot with
+  a float32 result, then a convert, computes (to the bit on every shape tested: XLA:CPU's dot
+  runs on AMX tiles too), without the float32 product in memory. ``a``'s rows are split over
+  the 'data' shards of the current mesh, ``b`` replicated."""
   if not amx_available():
     raise RuntimeError('pemn_matmul_amx is unavailable: the kernels were not built for AMX-BF16')
 
