@@ -17,10 +17,11 @@
 // XLA lowers both to per-tap reductions over the whole batch that stream memory several times;
 // here every input is read once. Both work on channel blocks (VL channels each) that share a
 // 64-byte cache line (one block of float32, two of bfloat16), each block in turn zero-padded into
-// a small local buffer that stays in L1. The forward's work item is one image's line of blocks,
-// its KH*KW taps held in registers and kQ outputs' accumulators kept in flight; the kernel
-// gradient's item is a line of blocks over a group of images, its KH*KW sums held in registers
-// while kKgradQ outputs' cotangents at a time meet the padded pixels they touch.
+// a small local buffer that stays in L1. The forward's work item is an image's blocks (all of
+// them unless the batch is small), its KH*KW taps held in registers and kQ outputs'
+// accumulators kept in flight; the kernel gradient's item is a line of blocks over a group of
+// images, its KH*KW sums held in registers while kKgradQ outputs' cotangents at a time meet the
+// padded pixels they touch.
 // Work items are spread over XLA's intra-op thread pool.
 //
 // GELU -> BatchNorm in training (ConvMixer's "GELU, BN" after every conv), on x viewed as rows
@@ -219,7 +220,7 @@ void PadBlock(const Geometry& g, const T* x, int64_t img, int64_t c0, int lanes,
 
 constexpr int kQ = 8;  // outputs of a row computed together by FwdItem
 
-// Channel blocks [cb0, cb1) of image `img` (kLineBlocks<T> of them, fewer at the end).
+// Channel blocks [cb0, cb1) of image `img` (whole cache lines of them: see DwFwd).
 // KH, KW > 0: compile-time taps (fully unrolled, accumulators in registers); 0: runtime.
 template <int KH, int KW, typename T>
 void FwdItem(const Geometry& g, const T* x, const float* k, T* y, int64_t img, int64_t cb0,
@@ -395,7 +396,15 @@ ffi::Error DwFwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> k
     const T* xp = In<T>(x);
     T* yp = Out<T>(y);
     Dispatch(g.kh, g.kw, [&]<int KH, int KW>() {
-      const int64_t per = kLineBlocks<T>, groups = (blocks + per - 1) / per;
+      // An item is an image's channel blocks, all of them where the batch gives every thread
+      // several items: the blocks after the first then find the pixels' cache lines in L2 (the
+      // first block's pass brought them in), which a one-line item leaves to the next item,
+      // maybe on the other thread. Small batches split each image into fewer lines per item.
+      const int64_t lines = (blocks + kLineBlocks<T> - 1) / kLineBlocks<T>;
+      const int64_t want = 4 * (pool.num_threads() + 1);
+      const int64_t splits = std::clamp<int64_t>((want + g.n - 1) / g.n, 1, lines);
+      const int64_t per = (lines + splits - 1) / splits * kLineBlocks<T>;
+      const int64_t groups = (blocks + per - 1) / per;
       ParallelFor(pool, g.n * groups, [&](int64_t item) {
         const int64_t cb0 = (item % groups) * per;
         FwdItem<KH, KW>(g, xp, kp, yp, item / groups, cb0, std::min(blocks, cb0 + per));
