@@ -129,14 +129,17 @@ def test_depthwise_kernel_grad_sums_each_group_in_image_row_column_order(dtype, 
     ((2, 7, 7, 16), (3, 3)),
     ((3, 5, 12, 24), (3, 5)),
     ((1, 9, 9, 8), (9, 9)),
+    ((16, 4, 9, 48), (3, 3)),
   ],
-  ids=['5x5-c40', '3x3', '3x5-runtime', '9x9'],
+  ids=['5x5-c40', '3x3', '3x5-runtime', '9x9', 'batch16-c48'],
 )
 def test_depthwise_forward_sums_each_output_in_tap_order(dtype, shape, ksize):
   """The forward's outputs take their taps in the order (kernel row, kernel column), however
-  many outputs of a row the kernel computes at once: each equals the one-tap-at-a-time float32
-  loop to the bit (widths that leave a column tail, a partial channel block, the runtime tap
-  count and 81 taps), then rounded to the dtype."""
+  many outputs of a row the kernel computes at once and however the channels are split into
+  work items: each equals the one-tap-at-a-time float32 loop to the bit (widths that leave a
+  column tail, a partial channel block, the runtime tap count, 81 taps; small batches, whose
+  images are split into items by cache lines, and a batch of 16, whose items are whole images),
+  then rounded to the dtype."""
   native.available() or pytest.skip(native.unavailable_reason())
   kh, kw = ksize
   pad = (kh // 2, kw // 2)
