@@ -256,42 +256,6 @@ def test_native_kernels_read_and_write_bf16_exactly():
   np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want.astype(BF16), F32))
 
 
-@cpu_only
-@pytest.mark.slow
-def test_gemm_under_data_parallel_mesh(pemn_cli):
-  """Under the training loop's mesh (2 devices), dot_bf16's library GEMM (the weight gradient)
-  runs per batch shard, psum-ed, and equals the XLA formulation's values and gradients."""
-  _need_gemm()
-  import textwrap
-
-  code = textwrap.dedent(
-    """
-      import jax, jax.numpy as jnp, numpy as np
-      from pemn_jax import ops, steps
-      mesh, rep, batch = steps.mesh_and_shardings()
-      x = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
-      w = jax.random.normal(jax.random.key(1), (32, 16)).astype(jnp.bfloat16)
-      loss = lambda x, w: jnp.sum(ops.dot_bf16(x, w).astype(jnp.float32) ** 2)
-      out = {}
-      for spec in ('auto', 'depthwise'):
-        f = jax.jit(steps.in_mesh(jax.value_and_grad(loss, (0, 1)), mesh, spec),
-                    in_shardings=(batch, rep))
-        calls = f.lower(x, w).as_text().count('pemn_gemm_bf16')
-        out[spec] = (calls, f(jax.device_put(x, batch), jax.device_put(w, rep)))
-      diff = max(
-        float(np.max(np.abs(np.float32(a) - np.float32(b))) / np.max(np.abs(np.float32(b))))
-        for a, b in zip(jax.tree.leaves(out['auto'][1]), jax.tree.leaves(out['depthwise'][1]))
-      )
-      print(jax.device_count(), out['auto'][0], out['depthwise'][0], diff)
-  """
-  )
-  proc = pemn_cli.python('-c', code, devices=2, timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  devices, calls, calls_xla, diff = proc.stdout.split()
-  assert (devices, calls, calls_xla) == ('2', '1', '0')
-  assert float(diff) < 1e-2
-
-
 # ---- bf16 products on AMX tiles (native feature 'amx'; where the CPU has AMX-BF16) ---------
 
 
@@ -383,26 +347,30 @@ def test_amx_needs_the_tile_state(monkeypatch):
 
 @cpu_only
 @pytest.mark.slow
-def test_amx_under_data_parallel_mesh(pemn_cli):
-  """Under the training loop's mesh (2 devices) the AMX products run per batch shard (no
-  gather), and the loss and gradients equal the formulation without them."""
-  _need_amx()
+@pytest.mark.parametrize('kernel', ['gemm', 'amx'])
+def test_bf16_product_kernels_under_data_parallel_mesh(pemn_cli, kernel):
+  """Under the training loop's mesh (2 devices), dot_bf16's native products run per batch
+  shard with no gather: the library GEMM (the weight gradient, psum-ed) and the AMX kernel
+  (forward and input gradient; a width of 16 keeps it out of the GEMM case); the loss and
+  gradients equal the XLA formulation's."""
+  (_need_gemm if kernel == 'gemm' else _need_amx)()
   import textwrap
 
+  target, width = {'gemm': ('pemn_gemm_bf16', 16), 'amx': ('pemn_matmul_amx', 64)}[kernel]
   code = textwrap.dedent(
-    """
+    f"""
       import jax, jax.numpy as jnp, numpy as np
       from pemn_jax import ops, steps
       mesh, rep, batch = steps.mesh_and_shardings()
       x = jax.random.normal(jax.random.key(0), (64, 32)).astype(jnp.bfloat16)
-      w = jax.random.normal(jax.random.key(1), (32, 64)).astype(jnp.bfloat16)
+      w = jax.random.normal(jax.random.key(1), (32, {width})).astype(jnp.bfloat16)
       loss = lambda x, w: jnp.sum(ops.dot_bf16(x, w).astype(jnp.float32) ** 2)
-      out = {}
+      out = {{}}
       for spec in ('auto', 'depthwise'):
         f = jax.jit(steps.in_mesh(jax.value_and_grad(loss, (0, 1)), mesh, spec),
                     in_shardings=(batch, rep))
         text = f.lower(x, w).compile().as_text()
-        out[spec] = (text.count('pemn_matmul_amx'), 'all-gather' in text,
+        out[spec] = (text.count('{target}'), 'all-gather' in text,
                      f(jax.device_put(x, batch), jax.device_put(w, rep)))
       diff = max(
         float(np.max(np.abs(np.float32(a) - np.float32(b))) / np.max(np.abs(np.float32(b))))
