@@ -891,7 +891,10 @@ ffi::Error GemmBf16(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
 // repacked once per call into AMX's pair-interleaved layout. TDPBF16PS reads bfloat16
 // denormals as zero and flushes denormal sums (as XLA:CPU's threads do).
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-constexpr bool kAmxBuilt = true;
+#define PEMN_AMX 1
+#endif
+
+#ifdef PEMN_AMX
 
 struct alignas(64) TileConfig {
   uint8_t palette, start_row, reserved[14];
@@ -994,13 +997,12 @@ bool AmxPermitted() {
   return ok;
 }
 #else
-constexpr bool kAmxBuilt = false;
 bool AmxPermitted() { return false; }
 #endif
 
 ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                      ffi::Result<ffi::AnyBuffer> c, int64_t trans_b) {
-  if (!kAmxBuilt || !AmxPermitted()) {
+  if (!AmxPermitted()) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition,
                       "pemn_matmul_amx: no AMX-BF16 (not built for it, or refused by the OS)");
   }
@@ -1021,7 +1023,7 @@ ffi::Error MatmulAmx(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "pemn_matmul_amx: K and N must be multiples of 32");
   }
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#ifdef PEMN_AMX
   std::vector<uint16_t> packed(k * n);
   PackAmx(static_cast<const uint16_t*>(b.untyped_data()), trans_b != 0, k, n, packed.data());
   const auto* ap = static_cast<const uint16_t*>(a.untyped_data());

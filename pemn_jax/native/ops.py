@@ -553,14 +553,10 @@ def amx_usable(a, b, trans_b: bool = False) -> bool:
   """Whether ``matmul_amx(a, b, trans_b)`` applies: ``'amx'`` enabled and ``amx_available()``,
   2-D bfloat16 operands on the CPU backend, the contracted and the output width multiples of
   32, and one device or a mesh that splits ``a``'s rows over ``'data'``."""
-  if a.dtype != jnp.bfloat16 or b.dtype != jnp.bfloat16 or a.ndim != 2 or b.ndim != 2:
-    return False
-  if jax.default_backend() != 'cpu' or not enabled('amx') or not amx_available():
+  if a.dtype != jnp.bfloat16 or a.ndim != 2 or b.ndim != 2 or not amx_available():
     return False
   n = b.shape[0] if trans_b else b.shape[1]
-  if a.shape[1] % 32 or n % 32:
-    return False
-  return jax.device_count() == 1 or _data_mesh(a.shape[0]) is not None
+  return a.shape[1] % 32 == 0 and n % 32 == 0 and usable(a, b, feature='amx')
 
 
 def matmul_amx(a, b, trans_b: bool = False):
