@@ -74,6 +74,7 @@ def machine() -> dict:
   d = jax.devices()[0]
   available = native.available()
   gemm = native.build._state.get('gemm') if native.gemm_available() else None
+  backed = {'gemm': gemm is not None, 'amx': native.amx_available()}
   return {
     'cpu_model': model,
     'nproc': os.cpu_count(),
@@ -91,13 +92,7 @@ def machine() -> dict:
       'reason': native.unavailable_reason(),
       # 'gemm' is on only with a bf16 GEMM library behind it (oneDNN or MKL: gemm_library),
       # 'amx' only on a CPU with AMX-BF16 (amx_available).
-      'enabled': [
-        f
-        for f in native.FEATURES
-        if native.enabled(f)
-        and (f != 'gemm' or gemm is not None)
-        and (f != 'amx' or native.amx_available())
-      ]
+      'enabled': [f for f in native.FEATURES if native.enabled(f) and backed.get(f, True)]
       if available
       else [],
     },
