@@ -68,25 +68,47 @@ def test_native_kernel_grad_groups(batch):
   chex.assert_trees_all_close(dk, vjp_ref(cot)[0], rtol=1e-5, atol=1e-4)
 
 
-def _sequential_kernel_grad(x, g, pad, kh, kw, groups, fused):
-  """Each group's ``dk`` summed one term at a time in (image, row, column) order, in float32:
-  each step one rounding of ``acc + x * g`` (``fused``, an FMA) or two (product, then sum)."""
+def _padded(x, pad, kh, kw):
+  """``x`` (NHWC, float32) zero-padded for a same-size ``kh`` x ``kw`` window: ``pad`` leading."""
   n, h, w, c = x.shape
-  xp = np.zeros((n, g.shape[1] + kh - 1, g.shape[2] + kw - 1, c), np.float32)
-  rows, cols = min(h, xp.shape[1] - pad[0]), min(w, xp.shape[2] - pad[1])
-  xp[:, pad[0] : pad[0] + rows, pad[1] : pad[1] + cols] = x[:, :rows, :cols]
-  out = np.zeros((groups, kh, kw, c), np.float32)
-  per = n // groups
-  for img in range(n):
+  xp = np.zeros((n, h + kh - 1, w + kw - 1, c), np.float32)
+  xp[:, pad[0] : pad[0] + h, pad[1] : pad[1] + w] = x
+  return xp
+
+
+def _accumulate(acc, a, b, fused):
+  """``acc + a * b`` in float32: one rounding (``fused``, an FMA: the float64 product is exact,
+  so one rounding but for a rare double one) or two (product, then sum)."""
+  if fused:
+    return (np.asarray(a, np.float64) * b + acc).astype(np.float32)
+  return acc + a * b
+
+
+def _sequential_kernel_grad(x, g, pad, kh, kw, groups, fused):
+  """Each group's ``dk`` summed one term at a time in (image, row, column) order, in float32
+  (``_accumulate``); the cotangent ``g`` has ``x``'s size."""
+  xp = _padded(x, pad, kh, kw)
+  out = np.zeros((groups, kh, kw, x.shape[-1]), np.float32)
+  per = x.shape[0] // groups
+  for img in range(x.shape[0]):
     acc = out[img // per]
     for r in range(g.shape[1]):
       for s in range(g.shape[2]):
-        win, cot = xp[img, r : r + kh, s : s + kw], g[img, r, s]
-        if fused:  # the float64 product is exact, so one rounding but for a rare double one
-          acc[...] = (win.astype(np.float64) * cot + acc).astype(np.float32)
-        else:
-          acc[...] = acc + win * cot
+        acc[...] = _accumulate(acc, xp[img, r : r + kh, s : s + kw], g[img, r, s], fused)
   return out
+
+
+def _sequential_depthwise(x, k, pad, fused):
+  """The same-size depthwise conv of ``x`` with ``k`` (kh, kw, C), one tap at a time in
+  (kernel row, kernel column) order, in float32 (``_accumulate``)."""
+  kh, kw = k.shape[:2]
+  n, h, w, c = x.shape
+  xp = _padded(x, pad, kh, kw)
+  acc = np.zeros(x.shape, np.float32)
+  for i in range(kh):
+    for j in range(kw):
+      acc = _accumulate(acc, xp[:, i : i + h, j : j + w], k[i, j], fused)
+  return acc
 
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
@@ -147,22 +169,11 @@ def test_depthwise_forward_sums_each_output_in_tap_order(dtype, shape, ksize):
   x = jnp.asarray(rng.standard_normal(shape), jnp.float32).astype(dtype)
   k = jnp.asarray(rng.standard_normal((kh, kw, 1, shape[-1])), jnp.float32)
   got = np.asarray(jax.jit(lambda x, k: native.depthwise(x, k, pad, shape[1:3]))(x, k), np.float32)
-  x32 = np.asarray(x.astype(jnp.float32))
-  n, h, w, c = shape
-  xp = np.zeros((n, h + kh - 1, w + kw - 1, c), np.float32)
-  xp[:, pad[0] : pad[0] + h, pad[1] : pad[1] + w] = x32
-  k32 = np.asarray(k, np.float32)[:, :, 0]
-  outs = []
-  for fused in (True, False):
-    acc = np.zeros(shape, np.float32)
-    for i in range(kh):
-      for j in range(kw):
-        win = xp[:, i : i + h, j : j + w]
-        if fused:  # the float64 product is exact, so one rounding but for a rare double one
-          acc = (win.astype(np.float64) * k32[i, j] + acc).astype(np.float32)
-        else:
-          acc = acc + win * k32[i, j]
-    outs.append(np.asarray(jnp.asarray(acc).astype(dtype), np.float32))
+  x32, k32 = np.asarray(x.astype(jnp.float32)), np.asarray(k, np.float32)[:, :, 0]
+  outs = [
+    np.asarray(jnp.asarray(_sequential_depthwise(x32, k32, pad, f)).astype(dtype), np.float32)
+    for f in (True, False)
+  ]
   assert np.array_equal(got, outs[0]) or np.array_equal(got, outs[1]), np.abs(got - outs[0]).max()
 
 
