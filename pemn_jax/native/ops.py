@@ -521,11 +521,7 @@ def gemm_usable(x) -> bool:
   enabled, ``gemm_available()`` (MKL or oneDNN found, a CPU with AMX-BF16 or AVX512-BF16),
   bfloat16 ``x`` on the CPU backend, one device or a mesh that splits its rows over
   ``'data'``."""
-  if x.dtype != jnp.bfloat16 or x.ndim != 2 or jax.default_backend() != 'cpu':
-    return False
-  if not enabled('gemm') or not gemm_available():
-    return False
-  return jax.device_count() == 1 or _data_mesh(x.shape[0]) is not None
+  return x.dtype == jnp.bfloat16 and x.ndim == 2 and gemm_available() and usable(x, feature='gemm')
 
 
 def matmul_bf16_dw(x, g):
